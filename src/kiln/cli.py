@@ -1,0 +1,177 @@
+"""`kiln` command line: a table of subcommands, each a plain stage function taking a `Config`.
+
+    kiln <command> [RECIPE] [--section.key VALUE ...]
+
+RECIPE (first argument, optional) is a built-in recipe name or a YAML path; it
+defaults to the run directory's saved config when `--run_dir` names an existing
+run, else to `tiny`. Dotted options override single fields. Parsing and `--help`
+come from jsonargparse over the typed dataclasses in `kiln.config`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import typing
+from collections.abc import Callable
+from pathlib import Path
+
+from kiln.config import Config, ConfigError, from_dict, recipe_path, unknown_key_message
+
+
+def _cmd_run(cfg: Config) -> None:
+    from kiln.pipeline import run_all
+    run_all(cfg)
+
+
+def _cmd_data(cfg: Config) -> None:
+    from kiln.pipeline import run_stage
+    run_stage(cfg, "data")
+
+
+def _cmd_tokenizer(cfg: Config) -> None:
+    from kiln.pipeline import run_stage
+    run_stage(cfg, "tokenizer")
+
+
+def _cmd_tokenize(cfg: Config) -> None:
+    from kiln.pipeline import run_stage
+    run_stage(cfg, "tokenize")
+
+
+def _cmd_pretrain(cfg: Config) -> None:
+    from kiln.pipeline import run_stage
+    run_stage(cfg, "pretrain")
+
+
+def _cmd_eval(cfg: Config) -> None:
+    from kiln.pipeline import run_stage
+    run_stage(cfg, "eval")
+
+
+def _cmd_generate(cfg: Config) -> None:
+    from kiln.infer.run import run_generate
+    run_generate(cfg)
+
+
+def _cmd_report(cfg: Config) -> None:
+    from kiln.pipeline import run_stage
+    run_stage(cfg, "report")
+
+
+COMMANDS: dict[str, tuple[Callable[[Config], None], str]] = {
+    "run": (_cmd_run, "every stage in order, skipping those already done with the same config"),
+    "data": (_cmd_data, "read, normalise, dedup and split raw text into data/{train,val,test}"),
+    "tokenizer": (_cmd_tokenizer, "train a byte-level BPE tokenizer on data/train"),
+    "tokenize": (_cmd_tokenize, "encode the splits into tokens/{train,val} Parquet shards"),
+    "pretrain": (_cmd_pretrain, "train the model; --resume continues from the newest checkpoint"),
+    "eval": (_cmd_eval, "loss, perplexity, bits per byte and samples of the final checkpoint"),
+    "generate": (_cmd_generate, "sample text from a checkpoint with KV-cache decoding"),
+    "report": (_cmd_report, "write report.md and the loss plot from the run's artifacts"),
+}
+
+
+def _usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = ["usage: kiln <command> [RECIPE] [--section.key VALUE ...]", "", "commands:"]
+    lines += [f"  {name:<{width}}  {text}" for name, (_, text) in COMMANDS.items()]
+    lines += ["", "RECIPE: a built-in recipe name (tiny, gpt2-small, ...) or a path to a YAML file.",
+              "Run `kiln <command> --help` for every option of a command."]
+    return "\n".join(lines)
+
+
+def _build_parser(command: str):
+    from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)
+    parser = ArgumentParser(
+        prog=f"kiln {command} [RECIPE]", usage=f"kiln {command} [RECIPE] [--section.key VALUE ...]",
+        description=COMMANDS[command][1] + ". RECIPE is a built-in name or a .yaml path (default: tiny, "
+        "or the saved config of an existing --run_dir).",
+        exit_on_error=True, default_meta=False)
+    parser.add_argument("--config", action=ActionConfigFile, help="Read options from a YAML file (like RECIPE).")
+    parser.add_argument("--resume", action="store_true", help="Same as --train.resume true.")
+    parser.add_class_arguments(Config, nested_key=None, fail_untyped=True, sub_configs=True)
+    return parser
+
+
+def _check_keys(args: list[str]) -> None:
+    """Name unknown dotted keys with the valid ones (jsonargparse only says 'unrecognized')."""
+    for arg in args:
+        if not arg.startswith("--") or arg in ("--help", "--config", "--resume", "--print_config"):
+            continue
+        key = arg[2:].split("=", 1)[0]
+        if key.startswith("print_config"):
+            continue
+        cls: typing.Any = Config
+        prefix = ""
+        for part in key.split("."):
+            names = {f.name: f for f in dataclasses.fields(cls)}
+            if part not in names:
+                raise ConfigError(unknown_key_message(prefix + part, list(names), prefix))
+            hint = typing.get_type_hints(cls)[part]
+            if not dataclasses.is_dataclass(hint):
+                break
+            cls, prefix = hint, f"{prefix}{part}."
+
+
+def parse(command: str, argv: list[str]) -> Config:
+    """Turn `[RECIPE] [--key value ...]` into a validated Config."""
+    argv = list(argv)
+    recipe = argv.pop(0) if argv and not argv[0].startswith("-") else None
+    if any(a in ("-h", "--help") for a in argv):
+        _build_parser(command).parse_args(["--help"])
+    _check_keys(argv)
+    base = _base_config(recipe, argv)
+    parser = _build_parser(command)
+    ns = parser.parse_args(["--config", str(base), *argv])
+    values = ns.as_dict()
+    resume = values.pop("resume", False)
+    values.pop("config", None)
+    values.pop("__path__", None)
+    cfg = from_dict(Config, values)
+    if resume:
+        cfg.train.resume = True
+    return cfg.validate()
+
+
+def _base_config(recipe: str | None, argv: list[str]) -> Path:
+    if recipe is not None:
+        return recipe_path(recipe)
+    run_dir = _option_value(argv, "--run_dir")
+    if run_dir and (Path(run_dir) / "config.yaml").is_file():
+        return Path(run_dir) / "config.yaml"
+    return recipe_path("tiny")
+
+
+def _option_value(argv: list[str], name: str) -> str | None:
+    for i, a in enumerate(argv):
+        if a == name and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith(name + "="):
+            return a.split("=", 1)[1]
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"kiln: unknown command `{command}`\n\n{_usage()}", file=sys.stderr)
+        return 2
+    try:
+        cfg = parse(command, rest)
+        COMMANDS[command][0](cfg)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"kiln {command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\nkiln {command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
