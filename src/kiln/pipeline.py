@@ -1,1 +1,137 @@
-"""Stages in order, and the rule that a stage finished with the same config is not run again."""
+"""Stages in order, and the rule that a stage finished with the same config is not run again.
+
+A stage's fingerprint is the config sections it depends on (its own and every upstream one),
+so changing `data.*` redoes data and everything after it, while changing `eval.*` redoes only
+eval and the report.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from kiln.config import Config, dump_yaml
+from kiln.rundir import RunDir, clear_done, is_done, mark_done
+
+
+def _data(cfg: Config):
+    from kiln.data import run_data
+    return run_data(cfg)
+
+
+def _tokenizer(cfg: Config):
+    from kiln.tokenizer import run_tokenizer
+    return run_tokenizer(cfg)
+
+
+def _tokenize(cfg: Config):
+    from kiln.tokenizer import run_tokenize
+    return run_tokenize(cfg)
+
+
+def _pretrain(cfg: Config):
+    from kiln.train.pretrain import run_pretrain
+    return run_pretrain(cfg)
+
+
+def _eval(cfg: Config):
+    from kiln.eval.evaluate import run_eval
+    return run_eval(cfg)
+
+
+def _report(cfg: Config):
+    from kiln.report.report import write_report
+    return write_report(cfg)
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    run: Callable[[Config], object]
+    sections: tuple[str, ...]   # config sections the output depends on
+    output: Callable[[RunDir], Path]
+    always: bool = False        # cheap and derived from the others: rerun every time
+
+
+# `train` settings that change how a run is watched, not what it produces.
+_TRAIN_VOLATILE = ("resume", "eval_every", "sample_every", "sample_prompts", "log_every", "checkpoint_every",
+                   "keep_checkpoints", "device", "threads")
+
+STAGES: tuple[Stage, ...] = (
+    Stage("data", _data, ("data",), lambda rd: rd.data),
+    Stage("tokenizer", _tokenizer, ("data", "tokenizer"), lambda rd: rd.tokenizer),
+    Stage("tokenize", _tokenize, ("data", "tokenizer", "tokenize"), lambda rd: rd.tokens),
+    Stage("pretrain", _pretrain, ("data", "tokenizer", "tokenize", "model", "train"), lambda rd: rd.checkpoints),
+    Stage("eval", _eval, ("data", "tokenizer", "tokenize", "model", "train", "eval"), lambda rd: rd.eval),
+    Stage("report", _report, (), lambda rd: rd.root, always=True),
+)
+
+
+def fingerprint(cfg: Config, stage: Stage) -> dict:
+    fp = {s: dataclasses.asdict(getattr(cfg, s)) for s in stage.sections}
+    if "train" in fp:
+        for k in _TRAIN_VOLATILE:
+            fp["train"].pop(k, None)
+    return fp
+
+
+def run_stage(cfg: Config, name: str) -> object:
+    """Run one stage unconditionally and mark it done (what `kiln <stage>` does)."""
+    stage = next(s for s in STAGES if s.name == name)
+    rd = RunDir(cfg.run_path)
+    rd.root.mkdir(parents=True, exist_ok=True)
+    out = stage.output(rd)
+    if not stage.always:
+        clear_done(out)
+    t0 = time.perf_counter()
+    result = stage.run(cfg)
+    _record_time(rd, name, time.perf_counter() - t0)
+    if not stage.always:
+        mark_done(out, fingerprint(cfg, stage))
+    return result
+
+
+def run_all(cfg: Config) -> None:
+    """Every stage in order; a stage already done with the same fingerprint is skipped."""
+    rd = RunDir(cfg.run_path)
+    rd.root.mkdir(parents=True, exist_ok=True)
+    dump_yaml(cfg, rd.root / "config.yaml")
+    t0 = time.perf_counter()
+    print(f"kiln run `{cfg.name}` -> {rd.root}")
+    for stage in STAGES:
+        out = stage.output(rd)
+        if not stage.always and is_done(out, fingerprint(cfg, stage)):
+            print(f"== {stage.name}: already done with this config, skipped")
+            continue
+        print(f"== {stage.name}")
+        if stage.name == "pretrain":
+            # An interrupted training run continues from its newest checkpoint, if that was made
+            # from the same data, tokenizer and model; otherwise training starts over.
+            cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, resume=_can_resume(cfg, rd)))
+        run_stage(cfg, stage.name)
+    total = time.perf_counter() - t0
+    print(f"kiln run finished in {total:.0f}s ({total / 60:.1f} min); report: {rd.report}")
+
+
+def _can_resume(cfg: Config, rd: RunDir) -> bool:
+    from kiln.train.checkpoint import checkpoint_config, latest_checkpoint
+    last = latest_checkpoint(rd.checkpoints)
+    if last is None:
+        return False
+    saved = checkpoint_config(last)
+    same_inputs = all(getattr(saved, s) == getattr(cfg, s) for s in ("data", "tokenizer", "tokenize"))
+    model = dataclasses.replace(cfg.model, vocab_size=cfg.model.vocab_size or saved.model.vocab_size).resolved()
+    return same_inputs and model == saved.model
+
+
+def _record_time(rd: RunDir, stage: str, seconds: float) -> None:
+    path = rd.root / "timings.json"
+    timings = json.loads(path.read_text()) if path.exists() else {}
+    timings[stage] = round(seconds, 2)
+    order = [s.name for s in STAGES]
+    timings = {k: timings[k] for k in sorted(timings, key=lambda k: order.index(k) if k in order else 99)}
+    path.write_text(json.dumps(timings, indent=2) + "\n")

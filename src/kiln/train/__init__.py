@@ -1,0 +1,1 @@
+"""Training: the packed loader, optimizer and schedule, checkpoints, the pretraining loop."""

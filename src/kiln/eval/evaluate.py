@@ -1,0 +1,114 @@
+"""Evaluation of a checkpoint: loss, perplexity, bits per byte, train/val gap, baselines, samples.
+
+Bits per byte divides the summed loss (in bits) by the UTF-8 bytes the scored tokens stand for,
+so models with different tokenizers compare fairly. Targets that are special tokens (EOS between
+documents) stand for no bytes and are left out of both sums.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+from kiln.config import Config
+from kiln.rundir import RunDir, write_json_atomic
+from kiln.train.checkpoint import load_model, resolve_checkpoint
+from kiln.train.loader import PackedLoader
+from kiln.train.runtime import autocast, pick_device, use_bf16
+
+
+@torch.no_grad()
+def score(model: torch.nn.Module, loader: PackedLoader, batches: int, token_bytes: torch.Tensor,
+          device: torch.device, bf16: bool) -> dict[str, float]:
+    """Loss per token (all targets), loss per byte-bearing token, and bits per byte."""
+    nats = torch.zeros((), dtype=torch.float64, device=device)
+    nats_bytes = torch.zeros((), dtype=torch.float64, device=device)
+    n_tokens = n_bytes = 0
+    token_bytes = token_bytes.to(device)
+    it = iter(loader)
+    for _ in range(batches):
+        x, y = (t.to(device) for t in next(it))
+        with autocast(device, bf16):
+            losses = model(x, y, reduction="none").float()  # (B, T)
+        nb = token_bytes[y]  # (B, T) bytes each target token stands for
+        nats += losses.sum()
+        nats_bytes += (losses * (nb > 0)).sum()
+        n_tokens += y.numel()
+        n_bytes += int(nb.sum())
+    loss = (nats / n_tokens).item()
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": n_tokens, "bytes": n_bytes,
+            "bits_per_byte": (nats_bytes / (math.log(2) * max(n_bytes, 1))).item()}
+
+
+def unigram_loss(train_files: list[Path], val_files: list[Path], vocab_size: int, eos_id: int) -> float:
+    """Cross-entropy (nats/token) of validation tokens under the training set's unigram distribution
+    (add-one smoothed), counting the EOS separators the loader inserts: what a model that ignores
+    context entirely can reach."""
+    counts = _token_counts(train_files, vocab_size, eos_id) + 1.0
+    logp = np.log(counts / counts.sum())
+    val = _token_counts(val_files, vocab_size, eos_id)
+    return float(-(val * logp).sum() / val.sum())
+
+
+def _token_counts(files: list[Path], vocab_size: int, eos_id: int) -> np.ndarray:
+    counts = np.zeros(vocab_size, dtype=np.float64)
+    for f in files:
+        col = pq.read_table(f, columns=["ids"]).column("ids")
+        for chunk in col.chunks:
+            flat = chunk.values.to_numpy(zero_copy_only=False)
+            counts += np.bincount(flat, minlength=vocab_size)[:vocab_size]
+            counts[eos_id] += len(chunk)
+    return counts
+
+
+def run_eval(cfg: Config) -> dict:
+    from kiln.infer.generate import generate
+    from kiln.tokenizer import Tokenizer
+
+    rd = RunDir(cfg.run_path)
+    ckpt = resolve_checkpoint(rd.checkpoints, "latest")
+    device = pick_device(cfg.train.device)
+    bf16 = use_bf16(cfg.train.precision, device)
+    model, ckpt_cfg = load_model(ckpt, device)
+    tok = Tokenizer.from_file(rd.tokenizer_file())
+    seq, bs = ckpt_cfg.model.max_seq_len, cfg.eval.batch_size
+    token_bytes = torch.as_tensor(tok.token_bytes(), dtype=torch.long)
+    t0 = time.perf_counter()
+
+    val = PackedLoader(rd.token_files("val"), seq, bs, tok.eos_id, shuffle=False)
+    batches = val.rows_per_epoch // bs
+    if cfg.eval.max_batches:
+        batches = min(batches, cfg.eval.max_batches)
+    if batches == 0:
+        raise ValueError(f"the validation split in {rd.tokens / 'val'} holds fewer than {bs} rows of {seq} tokens; "
+                         "raise data.val_fraction or lower eval.batch_size")
+    result = {"checkpoint": str(ckpt), "step": int(ckpt.name.split("_")[-1]), "val": score(model, val, batches, token_bytes, device, bf16)}
+    # The same number of training tokens, in the loader's fixed order, for the train/val gap.
+    train = PackedLoader(rd.token_files("train"), seq, bs, tok.eos_id, shuffle=False)
+    result["train"] = score(model, train, min(batches, train.rows_per_epoch // bs), token_bytes, device, bf16)
+    result["train_val_gap"] = result["val"]["loss"] - result["train"]["loss"]
+    result["unigram_baseline_loss"] = unigram_loss(rd.token_files("train"), rd.token_files("val"), tok.vocab_size, tok.eos_id)
+    result["uniform_baseline_loss"] = math.log(tok.vocab_size)
+
+    samples = []
+    for i, prompt in enumerate(cfg.eval.prompts):
+        ids = generate(model, tok.encode(prompt, add_bos=True), max_new_tokens=cfg.eval.max_new_tokens,
+                       temperature=cfg.eval.temperature, top_k=cfg.eval.top_k, stop_ids=(tok.eos_id,), seed=i)
+        samples.append({"prompt": prompt, "completion": tok.decode(ids)})
+    result["seconds"] = time.perf_counter() - t0
+
+    rd.eval.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(rd.eval / "metrics.json", result)
+    write_json_atomic(rd.eval / "samples.json", samples)
+    v = result["val"]
+    print(f"eval ({result['step']} steps): val loss {v['loss']:.4f}, ppl {v['perplexity']:.2f}, "
+          f"{v['bits_per_byte']:.3f} bits/byte over {v['tokens']} tokens; train loss {result['train']['loss']:.4f} "
+          f"(gap {result['train_val_gap']:+.4f}); unigram baseline {result['unigram_baseline_loss']:.4f}")
+    for s in samples:
+        print(f"--- {s['prompt']!r}\n{s['prompt']}{s['completion']}")
+    return result

@@ -1,0 +1,63 @@
+import subprocess
+import sys
+
+import pytest
+
+from kiln.cli import COMMANDS, main, parse
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_every_subcommand_help_runs(command):
+    out = subprocess.run([sys.executable, "-m", "kiln", command, "--help"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "--train.lr" in out.stdout and "Peak learning rate" in out.stdout
+
+
+def test_top_level_help_lists_commands(capsys):
+    assert main(["--help"]) == 0
+    text = capsys.readouterr().out
+    assert all(name in text for name in COMMANDS)
+
+
+def test_overrides_apply_over_recipe():
+    cfg = parse("run", ["tiny", "--train.lr", "1e-3", "--model.depth=2", "--data.sources", "[a.txt, b.jsonl]"])
+    assert cfg.train.lr == 1e-3 and cfg.model.depth == 2 and cfg.data.sources == ["a.txt", "b.jsonl"]
+    assert cfg.train.max_steps == 600  # from the recipe
+
+
+def test_resume_flag():
+    assert parse("pretrain", ["--resume"]).train.resume is True
+
+
+def test_bad_override_names_the_key(capsys):
+    assert main(["run", "--train.lrr", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "train.lrr" in err and "train.lr" in err
+
+
+def test_bad_value_names_the_key(capsys):
+    assert main(["run", "--model.depth", "0"]) == 2
+    assert "model.depth" in capsys.readouterr().err
+
+
+def test_unknown_recipe(capsys):
+    assert main(["run", "no-such-recipe"]) == 2
+    assert "tiny" in capsys.readouterr().err
+
+
+def test_recipe_path(tmp_path):
+    p = tmp_path / "mine.yaml"
+    p.write_text("name: mine\nmodel: {depth: 2}\n")
+    cfg = parse("run", [str(p)])
+    assert cfg.name == "mine" and cfg.model.depth == 2
+
+
+def test_run_dir_config_is_the_default_base(tmp_path):
+    from kiln.config import dump_yaml, load_recipe
+    run = tmp_path / "r"
+    run.mkdir()
+    cfg = load_recipe("tiny")
+    cfg.model.depth = 2
+    cfg.run_dir = str(run)
+    dump_yaml(cfg, run / "config.yaml")
+    assert parse("generate", ["--run_dir", str(run)]).model.depth == 2

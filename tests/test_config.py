@@ -1,0 +1,61 @@
+import pytest
+
+from kiln.config import (Config, ConfigError, ModelConfig, TrainConfig, grad_accum_steps, load_recipe,
+                         recipe_names, resolve_train)
+
+
+@pytest.mark.parametrize("name", recipe_names())
+def test_every_recipe_loads_and_validates(name):
+    cfg = load_recipe(name)
+    assert cfg.name == name
+    m = cfg.model.resolved()
+    assert m.n_heads * m.head_dim == m.d_model
+    resolve_train(cfg.train, cfg.model)
+
+
+def test_builtin_recipes_present():
+    assert {"tiny", "gpt2-small"} <= set(recipe_names())
+
+
+def test_gpt2_small_is_124m_class():
+    import dataclasses
+    cfg = load_recipe("gpt2-small")
+    m = dataclasses.replace(cfg.model, vocab_size=cfg.tokenizer.vocab_size).resolved()
+    assert (m.d_model, m.depth, m.n_heads, m.max_seq_len) == (768, 12, 12, 1024)
+    # Count without allocating: embeddings (tied) + per-layer attention and SwiGLU + norms.
+    per_layer = 4 * m.d_model ** 2 + 3 * m.d_model * m.ffn_hidden + 2 * m.d_model
+    n = m.vocab_size * m.d_model + m.depth * per_layer + m.d_model
+    assert 115e6 < n < 135e6
+    assert grad_accum_steps(cfg.train, cfg.model) == 16
+
+
+def test_depth_dial_derives_width_heads_ffn():
+    m = ModelConfig(depth=6).resolved()
+    assert m.d_model == 384 and m.n_heads == 6 and m.n_kv_heads == 6
+    assert m.ffn_hidden % 64 == 0 and m.ffn_hidden >= 8 * 384 / 3
+
+
+def test_explicit_values_win_over_derived():
+    m = ModelConfig(depth=6, d_model=512, n_heads=8, n_kv_heads=2, ffn_hidden=1000).resolved()
+    assert (m.d_model, m.n_heads, m.n_kv_heads, m.ffn_hidden) == (512, 8, 2, 1000)
+
+
+def test_unknown_key_names_key_and_suggests():
+    with pytest.raises(ConfigError, match=r"train\.lrr.*Did you mean `train\.lr`"):
+        load_recipe("tiny", {"train": {"lrr": 1.0}})
+
+
+def test_bad_values_fail_at_load_with_key():
+    with pytest.raises(ConfigError, match="model.n_kv_heads"):
+        load_recipe("tiny", {"model": {"n_kv_heads": 3}})
+    with pytest.raises(ConfigError, match="train.schedule"):
+        load_recipe("tiny", {"train": {"schedule": "exp"}})
+    with pytest.raises(ConfigError, match="train.max_steps"):
+        load_recipe("tiny", {"train": {"max_steps": "many"}})
+
+
+def test_batch_tokens_must_divide():
+    with pytest.raises(ConfigError, match="batch_tokens"):
+        resolve_train(TrainConfig(micro_batch_size=4, batch_tokens=1000), ModelConfig(max_seq_len=64))
+    t = resolve_train(TrainConfig(micro_batch_size=4, batch_tokens=4 * 64 * 3), ModelConfig(max_seq_len=64))
+    assert t.batch_tokens == 768 and grad_accum_steps(t, ModelConfig(max_seq_len=64)) == 3
