@@ -1,0 +1,152 @@
+"""Counting every record, and the `report.json` + summary lines made from the counts.
+
+The invariant the report proves: records_in = kept + sum(dropped) + quarantined.
+Each record is counted once, where its fate is decided; per-step in/out figures
+are derived from those counts, so they cannot disagree with the totals.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+from typing import Any
+
+from kiln.data.dedup import SPLITS
+from kiln.data.readers import FileTask
+from kiln.data.records import Doc, Drop, Quarantined
+
+STEPS = ("read", "normalize", "length_filter", "exact_dedup", "split")
+KNOWN_REASONS = ("empty", "too_short", "too_long", "duplicate")
+LIST_MAX = 100
+"""Quarantined records (and files with decode warnings) listed by name; the counts are always exact."""
+
+
+@dataclasses.dataclass
+class SourceCounts:
+    files: int = 0
+    input_bytes: int = 0
+    records_in: int = 0
+    kept: int = 0
+    dropped: int = 0
+    quarantined: int = 0
+
+
+class Tally:
+    def __init__(self) -> None:
+        self.records_in = 0
+        self.kept = 0
+        self.quarantined = 0
+        self.drops: Counter[tuple[str, str]] = Counter()     # (step, reason) -> records
+        self.flags: Counter[str] = Counter()                  # decode_replaced, normalized
+        self.quarantine: list[dict[str, Any]] = []            # first LIST_MAX entries
+        self.decode_replaced_files: list[str] = []            # first LIST_MAX entries
+        self.sources: dict[str, SourceCounts] = {}
+        self.files = 0
+        self.input_bytes = 0
+
+    def _source(self, task: FileTask) -> SourceCounts:
+        return self.sources.setdefault(task.source, SourceCounts())
+
+    def file(self, task: FileTask, size: int) -> None:
+        self.files += 1
+        self.input_bytes += size
+        self._source(task).files += 1
+        self._source(task).input_bytes += size
+
+    def record_in(self, task: FileTask) -> None:
+        self.records_in += 1
+        self._source(task).records_in += 1
+
+    def drop(self, task: FileTask, drop: Drop) -> None:
+        self.drops[drop.step, drop.reason] += 1
+        self._source(task).dropped += 1
+
+    def quarantine_one(self, task: FileTask, bad: Quarantined) -> None:
+        self.quarantined += 1
+        self._source(task).quarantined += 1
+        if len(self.quarantine) < LIST_MAX:
+            self.quarantine.append({"file": bad.file, "line": bad.line, "reason": bad.reason, "source": task.source})
+
+    def flags_of(self, doc: Doc) -> None:
+        self.flags.update(doc.flags)
+        if "decode_replaced" in doc.flags and len(self.decode_replaced_files) < LIST_MAX:
+            self.decode_replaced_files.append(f"{doc.source}:{doc.meta['path']}")
+
+    def keep(self, task: FileTask) -> None:
+        self.kept += 1
+        self._source(task).kept += 1
+
+    def dropped_by_reason(self) -> dict[str, int]:
+        out = dict.fromkeys(KNOWN_REASONS, 0)
+        for (_, reason), n in sorted(self.drops.items()):
+            out[reason] = out.get(reason, 0) + n
+        return out
+
+    def check(self) -> None:
+        total = self.kept + sum(self.drops.values()) + self.quarantined
+        assert self.records_in == total, f"accounting broken: in {self.records_in} != {total}"
+
+
+def build_report(t: Tally, splits: dict[str, dict[str, int]], *, enabled: dict[str, bool],
+                 elapsed_s: float, workers: int, max_docs_reached: bool) -> dict[str, Any]:
+    """The report.json dict. `splits`: split -> {docs, bytes, shards}; `enabled`: step -> bool."""
+    t.check()
+    return {
+        "records_in": t.records_in,
+        "kept": t.kept,
+        "dropped": t.dropped_by_reason(),
+        "quarantined": t.quarantined,
+        "accounting": "records_in = kept + sum(dropped) + quarantined",
+        "steps": _steps(t, splits, enabled),
+        "splits": splits,
+        "sources": {name: dataclasses.asdict(c) for name, c in t.sources.items()},
+        "quarantine": t.quarantine,
+        "quarantine_listed": len(t.quarantine),
+        "warnings": {"decode_replaced": {"count": t.flags["decode_replaced"], "files": t.decode_replaced_files}},
+        "files": t.files,
+        "input_bytes": t.input_bytes,
+        "max_docs_reached": max_docs_reached,
+        "workers": workers,
+        "elapsed_s": round(elapsed_s, 3),
+        "throughput_mb_s": round(t.input_bytes / 1e6 / max(elapsed_s, 1e-9), 2),
+    }
+
+
+def _steps(t: Tally, splits: dict[str, dict[str, int]], enabled: dict[str, bool]) -> list[dict[str, Any]]:
+    """Per-step in / out / dropped-by-reason, chained: each step's `in` is the previous step's `out`."""
+    rows, n = [], t.records_in
+    for step in STEPS[:-1]:
+        dropped = {reason: c for (s, reason), c in sorted(t.drops.items()) if s == step}
+        row: dict[str, Any] = {"step": step, "enabled": enabled.get(step, True), "in": n}
+        n -= sum(dropped.values())
+        if step == "read":
+            row["quarantined"] = t.quarantined
+            n -= t.quarantined
+        if step == "normalize":
+            row["changed"] = t.flags["normalized"]
+        rows.append({**row, "out": n, "dropped": dropped})
+    assert n == t.kept, (n, t.kept)
+    rows.append({"step": "split", "enabled": True, "in": n, "out": {s: splits[s]["docs"] for s in SPLITS}})
+    return rows
+
+
+def summary_lines(r: dict[str, Any]) -> list[str]:
+    """One short line per step for the terminal."""
+    lines = []
+    for row in r["steps"]:
+        name = f"  {row['step']:<14}"
+        if row["step"] == "split":
+            parts = [f"{s} {v['docs']} docs {v['bytes'] / 1e6:.1f} MB in {v['shards']} shards"
+                     for s, v in r["splits"].items()]
+            lines.append(name + ", ".join(parts))
+            continue
+        if not row["enabled"]:
+            lines.append(name + "off")
+            continue
+        extra = [f"{k} {v}" for k, v in row["dropped"].items()]
+        if "quarantined" in row:
+            extra.append(f"quarantined {row['quarantined']}")
+        if "changed" in row:
+            extra.append(f"changed {row['changed']}")
+        lines.append(f"{name}{row['in']} -> {row['out']}" + (f"  ({', '.join(extra)})" if extra else ""))
+    return lines

@@ -1,0 +1,120 @@
+"""Turn `data.sources` into the sorted list of files to read.
+
+A source is a built-in name (`python-stdlib`), a file, a directory (every
+supported file under it, recursively) or a glob (`data/**/*.jsonl`). Files are
+sorted by path within each source and sources keep their given order, so the
+document order (and with it dedup's "first seen" and every output byte) is the
+same on every run. A source that matches nothing is a configuration error:
+better to stop before reading than to train on less data than asked for.
+"""
+
+from __future__ import annotations
+
+import glob
+import itertools
+import os
+import sysconfig
+from pathlib import Path
+
+from kiln.config import ConfigError
+from kiln.data.readers import FORMATS, FileTask, format_of
+
+# Third-party code lives under these inside the stdlib folder; it is not the standard library.
+STDLIB_EXCLUDED_DIRS = {"site-packages", "dist-packages", "__pycache__"}
+GLOB_CHARS = "*?["
+
+
+def resolve_sources(sources: list[str]) -> list[FileTask]:
+    """Every file of every source, in deterministic order; ConfigError for a source that matches nothing."""
+    tasks: list[FileTask] = []
+    for i, source in enumerate(sources):
+        tasks += _resolve(source, f"data.sources[{i}]")
+    return tasks
+
+
+def _resolve(source: str, key: str) -> list[FileTask]:
+    if source in BUILTIN:
+        return BUILTIN[source](source)
+    path = Path(source).expanduser()
+    if path.is_file():
+        if format_of(path.name) is None:
+            raise ConfigError(f"{key}: `{source}` has an unsupported extension; supported: {_supported()}")
+        return [FileTask(str(path), path.name, source)]
+    if path.is_dir():
+        return _directory(path, source, key)
+    if any(c in source for c in GLOB_CHARS):
+        return _glob(source, key)
+    raise ConfigError(_missing_message(source, key, path))
+
+
+def _python_stdlib(source: str) -> list[FileTask]:
+    """The .py files of this interpreter's standard library (not site-packages): code on every machine."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    rels = _walk(root, exts=(".py",), skip_dirs=STDLIB_EXCLUDED_DIRS)
+    if not rels:
+        raise ConfigError(f"`{source}`: no .py files under {root}; this Python ships without its stdlib sources "
+                          "(some minimal images strip them): give files or directories in data.sources instead")
+    return [FileTask(str(root / rel), rel, source) for rel in rels]
+
+
+BUILTIN = {"python-stdlib": _python_stdlib}
+
+
+def _directory(root: Path, source: str, key: str) -> list[FileTask]:
+    rels = _walk(root, exts=tuple(FORMATS), skip_dirs=set())
+    if not rels:
+        found = sorted(p.name for p in root.iterdir())
+        raise ConfigError(f"{key}: directory `{source}` holds no files with a supported extension "
+                          f"({_supported()}); its top level has: {_listing(found)}")
+    return [FileTask(str(root / rel), rel, source) for rel in rels]
+
+
+def _walk(root: Path, exts: tuple[str, ...], skip_dirs: set[str]) -> list[str]:
+    """Relative POSIX paths of files under `root` with one of `exts`, sorted."""
+    rels = []
+    # followlinks=False: a symlinked directory loop cannot hang the walk. Symlinked *files* are listed
+    # (a dangling one then reads as an unreadable file, quarantined, rather than vanishing silently).
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if d not in skip_dirs]
+        base = Path(dirpath).relative_to(root)
+        rels += [(base / f).as_posix() for f in filenames if f.lower().endswith(exts)]
+    return sorted(rels)
+
+
+def _glob(pattern: str, key: str) -> list[FileTask]:
+    matches = sorted(glob.glob(os.path.expanduser(pattern), recursive=True))
+    files = [m for m in matches if not os.path.isdir(m) and format_of(m)]
+    if not files:
+        what = f"only unsupported files or folders: {_listing(matches)}" if matches else "nothing"
+        raise ConfigError(f"{key}: glob `{pattern}` matched {what} (from {os.getcwd()}); "
+                          f"supported extensions: {_supported()}")
+    root = _glob_root(pattern)
+    return [FileTask(m, os.path.relpath(m, root), pattern) for m in files]
+
+
+def _glob_root(pattern: str) -> str:
+    """The folder before the first glob character: `data/**/*.jsonl` -> `data`."""
+    parts = Path(os.path.expanduser(pattern)).parts
+    fixed = list(itertools.takewhile(lambda part: not any(c in part for c in GLOB_CHARS), parts))
+    return str(Path(*fixed)) if fixed else "."
+
+
+def _missing_message(source: str, key: str, path: Path) -> str:
+    parent = path.parent
+    if parent.is_dir():
+        where = f"{parent}/ has: {_listing(sorted(p.name for p in parent.iterdir()))}"
+    else:
+        where = f"{parent}/ does not exist either"
+    return (f"{key}: `{source}` does not exist (not a file, directory, glob match, or built-in source: "
+            f"{', '.join(BUILTIN)}); {where} (cwd: {os.getcwd()})")
+
+
+def _supported() -> str:
+    return " ".join(FORMATS)
+
+
+def _listing(names: list[str], limit: int = 10) -> str:
+    if not names:
+        return "nothing"
+    more = f" ... ({len(names) - limit} more)" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
