@@ -101,7 +101,7 @@ def _data_section(data: dict | None) -> list[str]:
     if not data:
         return []
     out = ["## Data", ""]
-    for key in ("documents_in", "kept", "quarantined"):
+    for key in ("records_in", "kept", "quarantined"):
         if key in data:
             out.append(f"- {key.replace('_', ' ')}: {data[key]:,}")
     dropped = data.get("dropped") or {}

@@ -26,9 +26,8 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
-from safetensors.torch import load_file, save_file
-
 from kiln.config import Config, ModelConfig, from_dict
+from kiln.model.hf import load_weights, save_weights
 from kiln.rundir import fsync_dir, write_text_atomic
 
 COMPLETE = "COMPLETE"
@@ -56,14 +55,6 @@ def latest_checkpoint(root: Path) -> Path | None:
     return done[-1] if done else None
 
 
-def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Weights to save: a tied head shares storage with the embedding, so it is dropped (as HF does)."""
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    if "lm_head.weight" in state and state["lm_head.weight"].data_ptr() == state["model.embed_tokens.weight"].data_ptr():
-        del state["lm_head.weight"]
-    return state
-
-
 def save_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     state: dict[str, Any], config: Config, keep: int) -> Path:
     root.mkdir(parents=True, exist_ok=True)
@@ -72,7 +63,7 @@ def save_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizer: to
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    save_file(model_state(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    save_weights(model, tmp / "model.safetensors", metadata={"format": "pt", "step": str(step)})
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(_torch_rng(), tmp / "rng.pt")
     (tmp / "state.json").write_text(json.dumps({**state, **_host_rng()}), encoding="utf-8")
@@ -104,24 +95,13 @@ def load_checkpoint(ckpt: Path, model: torch.nn.Module, optimizer: torch.optim.O
     """Restore weights, optimizer and every RNG; return state.json (step, loader position, ...)."""
     if not (ckpt / COMPLETE).exists():
         raise FileNotFoundError(f"{ckpt} is not a complete checkpoint (no {COMPLETE} marker)")
-    load_weights(ckpt, model)
+    load_weights(model, ckpt / "model.safetensors")
     if optimizer is not None:
         optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location=device, weights_only=True))
     _set_torch_rng(torch.load(ckpt / "rng.pt", weights_only=True))
     state = json.loads((ckpt / "state.json").read_text(encoding="utf-8"))
     _set_host_rng(state)
     return state
-
-
-def load_weights(ckpt: Path, model: torch.nn.Module) -> None:
-    weights = load_file(str(ckpt / "model.safetensors"), device="cpu")
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    tied = "lm_head.weight" in missing and getattr(model, "lm_head", None) is not None and \
-        model.lm_head.weight is model.model.embed_tokens.weight
-    missing = [k for k in missing if not (tied and k == "lm_head.weight")]
-    if missing or unexpected:
-        raise ValueError(f"{ckpt / 'model.safetensors'} does not match the model: "
-                         f"missing {missing[:5]}, unexpected {unexpected[:5]}")
 
 
 def checkpoint_config(ckpt: Path) -> Config:
@@ -134,7 +114,7 @@ def load_model(ckpt: Path, device: torch.device) -> tuple[torch.nn.Module, Confi
     from kiln.model.llama import Transformer
     cfg = checkpoint_config(ckpt)
     model = Transformer(cfg.model)
-    load_weights(ckpt, model)
+    load_weights(model, ckpt / "model.safetensors")
     return model.to(device).eval(), cfg
 
 

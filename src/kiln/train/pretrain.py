@@ -56,10 +56,11 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches
 
 
 @torch.no_grad()
-def validation_loss(model: torch.nn.Module, loader: PackedLoader, batches: int, device: torch.device,
-                    bf16: bool) -> float:
-    """Mean loss over the first `batches` batches of the fixed (unshuffled) validation order."""
+def validation_loss(model: torch.nn.Module, loader: PackedLoader, start: dict, batches: int,
+                    device: torch.device, bf16: bool) -> float:
+    """Mean loss over `batches` batches of the fixed (unshuffled) validation order from `start`."""
     model.eval()
+    loader.load_state_dict(start)  # the same batches every time
     it = iter(loader)
     total = torch.zeros((), device=device)
     for _ in range(batches):
@@ -89,6 +90,7 @@ def run_pretrain(cfg: Config) -> dict:
     optimizer = build_optimizer(model, t, device)
     train_loader = PackedLoader(rd.token_files("train"), m.max_seq_len, t.micro_batch_size, tok.eos_id, seed=t.seed)
     val_loader = PackedLoader(rd.token_files("val"), m.max_seq_len, t.micro_batch_size, tok.eos_id, shuffle=False)
+    val_start = val_loader.state_dict()
     val_batches = max(1, min(t.eval_batches, val_loader.rows_per_epoch // t.micro_batch_size))
 
     start_step, tokens_seen, elapsed_before = 0, 0, 0.0
@@ -138,10 +140,12 @@ def run_pretrain(cfg: Config) -> dict:
                           "tokens": tokens_seen, "tok_per_s": tok_s, "elapsed_s": elapsed}
                 if peak:
                     record["mfu"] = flops_per_token * tok_s / peak
+                if device.type == "cuda":  # allocator bookkeeping on the host: no sync
+                    record["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
                 eta = (now - t0) / (done - start_step) * (t.max_steps - done)
                 print(_log_line(record, t.max_steps, eta), flush=True)
             if (t.eval_every and done % t.eval_every == 0) or done == t.max_steps:
-                final_val = validation_loss(fwd, val_loader, val_batches, device, bf16)
+                final_val = validation_loss(fwd, val_loader, val_start, val_batches, device, bf16)
                 record = {**record, "step": done, "val_loss": final_val}
                 print(f"step {done}: val loss {final_val:.4f} (ppl {math.exp(min(final_val, 50)):.1f})", flush=True)
             if t.sample_every and done % t.sample_every == 0:

@@ -1,0 +1,257 @@
+"""Decoder-only transformer in the Hugging Face Llama layout (Llama-3 family).
+
+Architecture only: parallelism, compile, mixed precision and LoRA are applied
+from outside. Parameter names match `transformers`' LlamaForCausalLM exactly
+(`model.layers.N.self_attn.q_proj.weight`, ...) so export is a copy; with
+`qk_norm` the extra `self_attn.{q,k}_norm.weight` match Qwen3ForCausalLM.
+
+Shape legend (suffixes such as `x_BTD`):
+    B  batch                      D  d_model (residual width)
+    T  new tokens in this forward F  SwiGLU hidden width
+    S  keys attended: cached + new (S == T without a cache)
+    H  query heads                K  key/value heads (H % K == 0)
+    E  head_dim                   V  vocabulary
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kiln.config import ModelConfig
+
+if TYPE_CHECKING:
+    from kiln.infer.kv_cache import KVCache
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in fp32 and cast back to the input dtype.
+
+    HF's LlamaRMSNorm rounds to the input dtype *before* the gain; we apply the
+    gain in fp32 and round once. Identical in fp32, at most 1 ulp apart in bf16,
+    and the output dtype never silently widens to the gain's dtype.
+    """
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x.float(), (x.size(-1),), self.weight.float(), self.eps).type_as(x)
+
+
+def rope_tables(seq_len: int, head_dim: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin (seq_len, E) in fp32, HF layout: the E/2 frequencies repeated twice (pairs i and i + E/2)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
+    angles_TE2 = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=device), inv_freq)
+    angles_TE = torch.cat((angles_TE2, angles_TE2), dim=-1)
+    return angles_TE.cos(), angles_TE.sin()
+
+
+def apply_rope(x_BHTE: torch.Tensor, cos_TE: torch.Tensor, sin_TE: torch.Tensor) -> torch.Tensor:
+    """Rotate with HF's `rotate_half` convention (not the interleaved pairs of the original Llama code)."""
+    cos, sin = cos_TE.to(x_BHTE.dtype), sin_TE.to(x_BHTE.dtype)  # like HF: tables rounded to the compute dtype
+    x1, x2 = x_BHTE.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return x_BHTE * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx  # which slot of a KVCache this layer writes
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+
+    def forward(self, x_BTD, cos_TE, sin_TE, cache: KVCache | None, mask_TS: torch.Tensor | None):
+        B, T, _ = x_BTD.shape
+        q_BTHE = self.q_proj(x_BTD).view(B, T, self.n_heads, self.head_dim)
+        k_BTKE = self.k_proj(x_BTD).view(B, T, self.n_kv_heads, self.head_dim)
+        v_BKTE = self.v_proj(x_BTD).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None:  # Qwen3 order: per-head norm, then RoPE
+            q_BTHE, k_BTKE = self.q_norm(q_BTHE), self.k_norm(k_BTKE)
+        q_BHTE = apply_rope(q_BTHE.transpose(1, 2), cos_TE, sin_TE)
+        k_BKSE = apply_rope(k_BTKE.transpose(1, 2), cos_TE, sin_TE)
+        v_BKSE = v_BKTE
+        if cache is not None:
+            k_BKSE, v_BKSE = cache.update(self.layer_idx, k_BKSE, v_BKSE)
+        # No mask and S == T: plain causal (training, prefill). No mask and S > T: one new
+        # query that may see every cached key. Otherwise mask_TS carries the offset.
+        # (is_causal with S != T would align the triangle top-left: wrong for a cache.)
+        is_causal = mask_TS is None and k_BKSE.size(2) == T
+        # enable_gqa lets the flash kernel share K heads across query groups without
+        # materialising repeat_interleave copies of K and V.
+        y_BHTE = F.scaled_dot_product_attention(q_BHTE, k_BKSE, v_BKSE, attn_mask=mask_TS,
+                                                is_causal=is_causal, enable_gqa=True)
+        return self.o_proj(y_BHTE.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.d_model, cfg.ffn_hidden, bias=False)
+        self.up_proj = nn.Linear(cfg.d_model, cfg.ffn_hidden, bias=False)
+        self.down_proj = nn.Linear(cfg.ffn_hidden, cfg.d_model, bias=False)
+
+    def forward(self, x_BTD):
+        return self.down_proj(F.silu(self.gate_proj(x_BTD)) * self.up_proj(x_BTD))
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        # Declaration order = HF's, so state_dict() lists keys in the same order.
+        self.self_attn = Attention(cfg, layer_idx)
+        self.mlp = MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
+
+    def forward(self, x_BTD, cos_TE, sin_TE, cache, mask_TS):
+        x_BTD = x_BTD + self.self_attn(self.input_layernorm(x_BTD), cos_TE, sin_TE, cache, mask_TS)
+        return x_BTD + self.mlp(self.post_attention_layernorm(x_BTD))
+
+
+class Backbone(nn.Module):
+    """Everything under the `model.` prefix of HF's LlamaForCausalLM: embedding, blocks, final norm."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.depth))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+
+    def forward(self, input_ids_BT, cos_TE, sin_TE, cache=None, mask_TS=None) -> torch.Tensor:
+        x_BTD = self.embed_tokens(input_ids_BT)
+        for layer in self.layers:
+            x_BTD = layer(x_BTD, cos_TE, sin_TE, cache, mask_TS)
+        return self.norm(x_BTD)
+
+
+class Transformer(nn.Module):
+    """Llama-layout causal LM. `Transformer(cfg)` builds and initialises; see `from_config` for meta-device builds."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        cfg = cfg.resolved()
+        if cfg.vocab_size is None:
+            raise ValueError("model.vocab_size is not set: train the tokenizer first (it fills it in) "
+                             "or set model.vocab_size explicitly")
+        self.cfg = cfg
+        self.model = Backbone(cfg)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.tie_weights()
+        # Non-persistent: recomputed by init_weights, never saved (HF recomputes its own).
+        self.register_buffer("rope_cos", torch.empty(cfg.max_seq_len, cfg.head_dim), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(cfg.max_seq_len, cfg.head_dim), persistent=False)
+        self.init_weights()
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig, device: torch.device | str | None = None) -> Transformer:
+        """Build on the meta device, allocate directly on `device` (default CPU), then `init_weights()`.
+
+        Skips the wasted default init and the CPU copy of a model headed for a GPU. Draws differ
+        from `Transformer(cfg)` under the same seed (nn.Linear's own init consumes RNG there);
+        each path is deterministic on its own.
+        """
+        with torch.device("meta"):
+            model = cls(cfg)
+        model.to_empty(device=device or "cpu")
+        model.tie_weights()
+        model.init_weights()
+        return model
+
+    def tie_weights(self) -> None:
+        """With tie_embeddings, make lm_head.weight the very Parameter model.embed_tokens.weight
+        (one tensor, two names in state_dict). `to_empty()` unties them (it makes a new Parameter
+        per module): call this again after it."""
+        if self.cfg.tie_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """(Re)initialise every parameter and buffer; the only place init happens.
+
+        - model.embed_tokens.weight: N(0, init_std) (this is also lm_head.weight when tied)
+        - self_attn.{q,k,v}_proj.weight, mlp.{gate,up}_proj.weight: N(0, init_std)
+        - self_attn.o_proj.weight, mlp.down_proj.weight: N(0, init_std / sqrt(2 * n_layers)):
+          these write into the residual stream, 2 per layer; scaling keeps its variance at init
+          independent of depth (GPT-2)
+        - lm_head.weight (untied only): N(0, init_std)
+        - every RMSNorm gain (input_layernorm, post_attention_layernorm, q_norm, k_norm, model.norm): 1
+        - rope_cos, rope_sin buffers: recomputed (after `to_empty()` they hold garbage)
+        """
+        assert self.lm_head.weight is self.model.embed_tokens.weight or not self.cfg.tie_embeddings, \
+            "tied embeddings came apart (to_empty() does that): call tie_weights() first"
+        std = self.cfg.init_std
+        out_std = std / math.sqrt(2 * self.cfg.depth)
+        nn.init.normal_(self.model.embed_tokens.weight, 0.0, std)
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear) and module.weight is not self.model.embed_tokens.weight:
+                is_out = name.endswith(("o_proj", "down_proj"))
+                nn.init.normal_(module.weight, 0.0, out_std if is_out else std)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+        cos, sin = rope_tables(self.cfg.max_seq_len, self.cfg.head_dim, self.cfg.rope_theta, self.rope_cos.device)
+        self.rope_cos.copy_(cos)
+        self.rope_sin.copy_(sin)
+
+    def forward(self, input_ids_BT: torch.Tensor, targets_BT: torch.Tensor | None = None,
+                cache: KVCache | None = None, reduction: str = "mean") -> torch.Tensor:
+        """Logits (B, T, V) in fp32 when `targets_BT` is None, else the fp32 cross-entropy.
+
+        reduction: "mean" (scalar over non-ignored tokens; NaN if all are ignored), "sum", or
+        "none" ((B, T), 0 where the target is -100). With a `cache`, the T tokens sit at
+        positions cache.pos .. cache.pos + T - 1 and the cache advances by T.
+        """
+        B, T = input_ids_BT.shape
+        pos = 0 if cache is None else cache.pos  # a Python int: no host sync
+        if pos + T > self.cfg.max_seq_len:
+            raise ValueError(f"sequence of {pos + T} tokens exceeds model.max_seq_len={self.cfg.max_seq_len}")
+        mask_TS = None
+        if pos > 0 and T > 1:  # several new queries after a cached prefix: query i sits at pos + i
+            q_pos_T1 = torch.arange(pos, pos + T, device=input_ids_BT.device)[:, None]
+            mask_TS = torch.arange(pos + T, device=input_ids_BT.device)[None, :] <= q_pos_T1
+        h_BTD = self.model(input_ids_BT, self.rope_cos[pos:pos + T], self.rope_sin[pos:pos + T], cache, mask_TS)
+        if cache is not None:
+            cache.advance(T)  # once per forward, after every layer has written its slot
+        logits_BTV = self.lm_head(h_BTD).float()
+        if targets_BT is None:
+            return logits_BTV
+        if reduction not in ("mean", "sum", "none"):
+            raise ValueError(f"reduction={reduction!r}: use 'mean', 'sum' or 'none'")
+        loss = F.cross_entropy(logits_BTV.view(B * T, -1), targets_BT.reshape(B * T),
+                               ignore_index=-100, reduction=reduction)
+        return loss.view(B, T) if reduction == "none" else loss
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Parameter count, a tied matrix once. non_embedding drops the token-embedding table
+        (when tied, that is also the output head; when untied, lm_head stays counted)."""
+        n = sum(p.numel() for p in self.parameters())  # parameters() yields a shared tensor once
+        return n - self.model.embed_tokens.weight.numel() if non_embedding else n
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token (forward + backward), the PaLM / nanoGPT MFU estimate:
+
+            6 * N_matmul + 12 * n_layers * n_heads * head_dim * seq_len
+
+        N_matmul counts every matmul weight, lm_head included even when tied (the output matmul
+        happens either way); the embedding lookup and norm gains do no matmul. The second term is
+        QK^T and attention-times-V over the full seq_len (causal masking is not discounted).
+        """
+        n_matmul = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
+        c = self.cfg
+        return 6.0 * n_matmul + 12.0 * c.depth * c.n_heads * c.head_dim * seq_len
