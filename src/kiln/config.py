@@ -94,7 +94,8 @@ class TokenizeConfig:
     """Tokenize stage: encode the train/val splits into Parquet token shards."""
 
     workers: int = 0
-    """Processes encoding shards in parallel; 0 = one per CPU core."""
+    """Processes encoding shards in parallel; 0 = automatic (tokenizers already encodes on several threads,
+    so one process per 4 cores, capped by the shard count)."""
     batch_docs: int = 1000
     """Documents encoded per batch (bounds memory per worker)."""
 

@@ -1,0 +1,26 @@
+"""Shared fixtures: a micro run prepared once per session."""
+
+import shutil
+
+import pytest
+
+from micro import micro_config
+
+
+@pytest.fixture(scope="session")
+def prepared_run(tmp_path_factory):
+    """A run directory with data, tokenizer and tokens done (shared; copy it before writing)."""
+    from kiln.pipeline import run_stage
+    root = tmp_path_factory.mktemp("prepared") / "run"
+    cfg = micro_config(root)
+    for stage in ("data", "tokenizer", "tokenize"):
+        run_stage(cfg, stage)
+    return root
+
+
+@pytest.fixture
+def micro_run(prepared_run, tmp_path):
+    """A private copy of the prepared run directory, ready for `pretrain`."""
+    dst = tmp_path / "run"
+    shutil.copytree(prepared_run, dst)
+    return dst

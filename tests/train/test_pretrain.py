@@ -1,0 +1,75 @@
+import json
+import shutil
+
+import torch
+from safetensors.torch import load_file
+
+from micro import micro_config
+from kiln.pipeline import run_stage
+from kiln.train.checkpoint import COMPLETE, complete_checkpoints, latest_checkpoint
+
+
+def _losses(run):
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r.get("loss"), r.get("grad_norm"), r.get("lr"), r.get("val_loss")) for r in rows]
+
+
+def _weights(ckpt):
+    return load_file(str(ckpt / "model.safetensors"))
+
+
+def test_pretrain_writes_metrics_and_checkpoints(micro_run):
+    summary = run_stage(micro_config(micro_run), "pretrain")
+    ckpts = complete_checkpoints(micro_run / "checkpoints")
+    assert [c.name for c in ckpts] == ["step_0000003", "step_0000006"]
+    assert all((c / f).exists() for c in ckpts for f in ("model.safetensors", "optimizer.pt", "state.json", "config.yaml"))
+    rows = _losses(micro_run)
+    assert [r[0] for r in rows if r[1] is not None] == [1, 2, 3, 4, 5, 6]
+    assert [r[0] for r in rows if r[4] is not None] == [3, 6]
+    assert summary["final_val_loss"] is not None
+
+
+def test_resume_is_bitwise_identical(micro_run, tmp_path):
+    other = tmp_path / "other"
+    shutil.copytree(micro_run, other)
+    run_stage(micro_config(micro_run), "pretrain")  # uninterrupted: 6 steps
+
+    # Interrupted after step 3: the checkpoint at 3 is the last thing that survived.
+    run_stage(micro_config(other, train={"max_steps": 6}), "pretrain")
+    shutil.rmtree(other / "checkpoints" / "step_0000006")
+    run_stage(micro_config(other, train={"resume": True}), "pretrain")
+
+    assert _losses(micro_run) == _losses(other)
+    a, b = _weights(micro_run / "checkpoints/step_0000006"), _weights(other / "checkpoints/step_0000006")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    opt_a = torch.load(micro_run / "checkpoints/step_0000006/optimizer.pt", weights_only=True)
+    opt_b = torch.load(other / "checkpoints/step_0000006/optimizer.pt", weights_only=True)
+    for sa, sb in zip(opt_a["state"].values(), opt_b["state"].values()):
+        assert torch.equal(sa["exp_avg"], sb["exp_avg"]) and torch.equal(sa["exp_avg_sq"], sb["exp_avg_sq"])
+
+
+def test_half_written_checkpoint_is_skipped(micro_run):
+    run_stage(micro_config(micro_run, train={"max_steps": 3}), "pretrain")
+    good = latest_checkpoint(micro_run / "checkpoints")
+    # A crash mid-write: a later step directory with weights but no COMPLETE marker, and a temp dir.
+    broken = micro_run / "checkpoints" / "step_0000005"
+    shutil.copytree(good, broken)
+    (broken / COMPLETE).unlink()
+    (broken / "optimizer.pt").write_bytes(b"truncated")
+    (micro_run / "checkpoints" / ".tmp-step_0000006-99999").mkdir()
+    assert latest_checkpoint(micro_run / "checkpoints") == good
+    run_stage(micro_config(micro_run, train={"max_steps": 6, "resume": True}), "pretrain")
+    assert latest_checkpoint(micro_run / "checkpoints").name == "step_0000006"
+    assert not (micro_run / "checkpoints" / ".tmp-step_0000006-99999").exists()
+    steps = [r[0] for r in _losses(micro_run) if r[1] is not None]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_gradient_accumulation_matches_large_batch(micro_run, tmp_path):
+    """Two micro-batches of 2 accumulate to the same update as one micro-batch of 4 (fp32 tolerance)."""
+    other = tmp_path / "other"
+    shutil.copytree(micro_run, other)
+    run_stage(micro_config(micro_run, train={"max_steps": 2, "micro_batch_size": 4}), "pretrain")
+    run_stage(micro_config(other, train={"max_steps": 2, "micro_batch_size": 2, "batch_tokens": 4 * 32}), "pretrain")
+    a, b = _losses(micro_run), _losses(other)
+    assert [r[1] for r in a if r[1]] == __import__("pytest").approx([r[1] for r in b if r[1]], rel=1e-5)
