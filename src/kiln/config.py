@@ -125,7 +125,7 @@ class ModelConfig:
     ffn_multiple_of: int = 64
     """Round the derived FFN width up to a multiple of this (matmul efficiency)."""
     vocab_size: int | None = None
-    """Embedding rows (derived: the trained tokenizer's vocabulary size)."""
+    """Embedding rows (derived: the trained tokenizer's vocabulary size rounded up to a multiple of 64)."""
     max_seq_len: int = 256
     """Context length: the training sequence length and the longest generation context."""
     rope_theta: float = 10000.0
@@ -144,7 +144,7 @@ class ModelConfig:
         d_model = self.d_model or self.depth * self.aspect_ratio
         n_heads = self.n_heads or max(1, d_model // self.head_dim)
         n_kv_heads = self.n_kv_heads or n_heads
-        ffn = self.ffn_hidden or _round_up(int(8 * d_model / 3), self.ffn_multiple_of)
+        ffn = self.ffn_hidden or round_up(int(8 * d_model / 3), self.ffn_multiple_of)
         return dataclasses.replace(self, d_model=d_model, n_heads=n_heads, n_kv_heads=n_kv_heads, ffn_hidden=ffn)
 
     def validate(self) -> None:
@@ -491,5 +491,5 @@ def _non_negative(key: str, value: int | float) -> None:
         raise ConfigError(f"{key}={value} must be >= 0")
 
 
-def _round_up(x: int, multiple: int) -> int:
+def round_up(x: int, multiple: int) -> int:
     return multiple * math.ceil(x / multiple)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from kiln.config import Config, grad_accum_steps, resolve_train
+from kiln.config import Config, grad_accum_steps, resolve_train, round_up
 from kiln.rundir import RunDir
 from kiln.train import checkpoint as ckpt_io
 from kiln.train.loader import PackedLoader
@@ -26,8 +26,11 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 
 
 def resolved_config(cfg: Config, vocab_size: int, world_size: int = 1) -> Config:
-    """The run's config with the model and training values derived from the size dial filled in."""
-    model = dataclasses.replace(cfg.model, vocab_size=cfg.model.vocab_size or vocab_size).resolved()
+    """The run's config with the model and training values derived from the size dial filled in.
+
+    The embedding gets the tokenizer's vocabulary rounded up to a multiple of 64: matmuls with a
+    ragged dimension run markedly slower on tensor cores, and the spare rows are never targets."""
+    model = dataclasses.replace(cfg.model, vocab_size=cfg.model.vocab_size or round_up(vocab_size, 64)).resolved()
     return dataclasses.replace(cfg, model=model, train=resolve_train(cfg.train, model, world_size))
 
 
