@@ -90,9 +90,11 @@ class Attention(nn.Module):
         # (is_causal with S != T would align the triangle top-left: wrong for a cache.)
         is_causal = mask_TS is None and k_BKSE.size(2) == T
         # enable_gqa lets the flash kernel share K heads across query groups without
-        # materialising repeat_interleave copies of K and V.
+        # materialising repeat_interleave copies of K and V. Only set when K < H: with the
+        # flag, SDPA skips backends without GQA support (cuDNN) even for plain MHA.
         y_BHTE = F.scaled_dot_product_attention(q_BHTE, k_BKSE, v_BKSE, attn_mask=mask_TS,
-                                                is_causal=is_causal, enable_gqa=True)
+                                                is_causal=is_causal,
+                                                enable_gqa=self.n_kv_heads != self.n_heads)
         return self.o_proj(y_BHTE.transpose(1, 2).reshape(B, T, -1))
 
 
