@@ -8,15 +8,29 @@ import pyarrow.parquet as pq
 import pytest
 import zstandard
 
-from kiln.config import Config, ConfigError, DataConfig
+from kiln.config import Config, ConfigError, DataConfig, NearDedupConfig
 from kiln.data import run_data
 from kiln.rundir import RunDir
 
-TIMING_KEYS = ("elapsed_s", "throughput_mb_s", "workers")
+TIMING_KEYS = ("elapsed_s", "throughput_mb_s", "docs_per_s", "workers")
+
+
+def untimed(report):
+    """The report without wall-clock figures (which differ run to run)."""
+    out = {k: v for k, v in report.items() if k not in TIMING_KEYS}
+    out["steps"] = [{k: v for k, v in row.items() if k != "measured"} for row in report["steps"]]
+    return out
+
+
+BASIC_STEPS = ["fix_unicode", "normalize", "length_filter"]
+"""The steps these tests are about: accounting, outputs and reruns (filters are tested in test_data_filters)."""
 
 
 def config(tmp_path, sources, **data):
+    """A config running only BASIC_STEPS + exact dedup unless `steps` / `near_dedup` are given."""
     data.setdefault("workers", 1)
+    data.setdefault("steps", BASIC_STEPS)
+    data.setdefault("near_dedup", NearDedupConfig(enabled=False))
     return Config(run_dir=str(tmp_path / "run"), data=DataConfig(sources=[str(s) for s in sources], **data))
 
 
@@ -93,7 +107,8 @@ def test_steps_chain_in_to_out(tmp_path):
     write_mixed_corpus(tmp_path / "in")
     r = run_data(config(tmp_path, [tmp_path / "in"], min_chars=5, max_doc_chars=100))
     steps = {s["step"]: s for s in r["steps"]}
-    assert list(steps) == ["read", "normalize", "length_filter", "exact_dedup", "split"]
+    assert list(steps) == ["read", *BASIC_STEPS, "exact_dedup", "near_dedup", "split"]
+    assert not steps["near_dedup"]["enabled"] and steps["near_dedup"]["in"] == steps["near_dedup"]["out"]
     assert steps["read"]["in"] == r["records_in"]
     for a, b in zip(r["steps"], r["steps"][1:]):
         assert b["in"] == a["out"]
@@ -162,7 +177,7 @@ def test_normalize_off_keeps_text_as_read(tmp_path):
     cfg = config(tmp_path, [tmp_path / "x.jsonl"], normalize=False, val_fraction=0.0, test_fraction=0.0)
     r = run_data(cfg)
     assert [x["text"] for x in rows(cfg.run_path, "train")] == ["a  \r\nb\n\n\n\n\nc"]
-    assert r["steps"][1] == {"step": "normalize", "enabled": False, "in": 1, "changed": 0, "out": 1, "dropped": {}}
+    assert r["steps"][2] == {"step": "normalize", "enabled": False, "in": 1, "changed": 0, "out": 1, "dropped": {}}
 
 
 def test_max_docs_caps_records_in_order(tmp_path):
@@ -219,7 +234,7 @@ def test_workers_1_and_2_give_byte_identical_outputs(tmp_path):
                      min_chars=5, max_doc_chars=100, val_fraction=0.2, test_fraction=0.1)
         r = run_data(cfg)
         assert r["workers"] == workers
-        reports.append({k: v for k, v in r.items() if k not in TIMING_KEYS})
+        reports.append(untimed(r))
         files = sorted((cfg.run_path / "data").glob("*/*.parquet"))
         outputs.append({f.relative_to(cfg.run_path).as_posix(): f.read_bytes() for f in files})
     assert reports[0] == reports[1]

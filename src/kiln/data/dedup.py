@@ -14,7 +14,7 @@ import dataclasses
 
 import xxhash
 
-from kiln.data.records import Doc, Drop
+from kiln.data.records import ALL_KINDS, Doc, Drop
 
 SPLITS = ("train", "val", "test")
 
@@ -44,6 +44,7 @@ class ExactDedup:
     """
 
     name: str = "exact_dedup"
+    kinds: tuple[str, ...] = ALL_KINDS
     seen: set[int] = dataclasses.field(default_factory=set)
 
     def __call__(self, doc: Doc) -> Doc | Drop:

@@ -1,4 +1,4 @@
-"""Text normalisation and the length filter: the per-document steps run inside the reader workers.
+"""Unicode repair, text normalisation and the length filter: the first per-document steps.
 
 Normalisation is deliberately light because the default corpus is code: leading
 indentation and tabs inside lines are never touched, only things that carry no
@@ -12,7 +12,9 @@ import dataclasses
 import re
 import unicodedata
 
-from kiln.data.records import Doc, Drop
+import ftfy
+
+from kiln.data.records import ALL_KINDS, Doc, Drop
 
 MAX_BLANK_LINES = 2
 """Longer runs of blank lines shrink to this many. Two, not one: PEP 8 puts two blank lines between
@@ -36,6 +38,7 @@ class Normalize:
     """Rewrites the text (see `normalize_text`); never drops. Flags the documents it changed."""
 
     name: str = "normalize"
+    kinds: tuple[str, ...] = ALL_KINDS
 
     def __call__(self, doc: Doc) -> Doc:
         text = normalize_text(doc.text)
@@ -51,6 +54,7 @@ class LengthFilter:
     min_chars: int
     max_chars: int
     name: str = "length_filter"
+    kinds: tuple[str, ...] = ALL_KINDS
 
     def __call__(self, doc: Doc) -> Doc | Drop:
         n = len(doc.text)
@@ -61,3 +65,29 @@ class LengthFilter:
         if n > self.max_chars:
             return Drop(self.name, "too_long")
         return doc
+
+
+FTFY_CONSERVATIVE = dict(
+    fix_encoding=True, restore_byte_a0=True, replace_lossy_sequences=True, decode_inconsistent_utf8=True,
+    fix_c1_controls=True, unescape_html=False, remove_terminal_escapes=False, fix_latin_ligatures=False,
+    fix_character_width=False, uncurl_quotes=False, fix_line_breaks=False, fix_surrogates=True,
+    remove_control_chars=False, normalization=None, explain=False)
+"""Repair mojibake (`cafÃ©` -> `café`) and nothing else: quotes, full-width forms, ligatures, HTML
+entities, terminal escapes and control characters are content here (code and docs use them on purpose).
+NFC is left to `normalize`."""
+
+
+@dataclasses.dataclass
+class FixUnicode:
+    """ftfy's mojibake repair with conservative settings; never drops. Flags the documents it changed."""
+
+    name: str = "fix_unicode"
+    kinds: tuple[str, ...] = ALL_KINDS
+
+    def __call__(self, doc: Doc) -> Doc:
+        if doc.text.isascii():   # mojibake needs non-ASCII characters: skip ftfy (~6 MB/s) for most code
+            return doc
+        text = ftfy.fix_text(doc.text, **FTFY_CONSERVATIVE)
+        if text == doc.text:
+            return doc
+        return dataclasses.replace(doc, text=text, flags=doc.flags + ("unicode_fixed",))

@@ -47,6 +47,8 @@ class FileTask:
     rel: str
     """Path relative to the source root: the `path` in each document's meta."""
     source: str
+    kind: str = "prose"
+    """`prose` or `code`: which per-document rules apply (see `sources.content_type`)."""
 
 
 def format_of(name: str) -> str | None:

@@ -1,135 +1,180 @@
-"""The data stage: sources -> read -> normalize -> length filter -> exact dedup -> split -> Parquet + report.
+"""The data stage driver: sources -> file tasks (per-document steps) -> dedup across files -> split -> Parquet.
 
-Reading, normalising and length-filtering are per file and run in a process
-pool (`data.workers`); `imap` over the sorted file list hands results back in
-file order, so the output is byte-identical whatever the worker count. Dedup
-(which needs everything seen so far) and the split run in the parent, which
-streams kept documents into shard writers.
+1. Every input file is one task, run in a process pool (`data.workers`): read,
+   then the per-document steps (`steps.build_steps`); the outcome of every
+   record is saved under `data/_work/<config hash>/` with a completion marker
+   (`tasks.py`), so a killed run redoes only unfinished files.
+2. The parent walks the task results in file order and accounts every record;
+   kept documents go through exact dedup (128-bit text hash) and MinHash LSH
+   near-dedup (union-find over all files; the first document of each cluster
+   is kept), which need everything seen so far.
+3. Survivors are split by document-id hash and streamed into shard writers.
+Results are consumed in file order whatever the worker count, so the output
+is byte-identical for any `workers` and for an interrupted-then-resumed run.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
+import hashlib
+import json
 import multiprocessing
 import os
 import shutil
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+import pyarrow.parquet as pq
 from tqdm import tqdm
 
+import kiln
 from kiln.config import Config, ConfigError, DataConfig
-from kiln.data.dedup import SPLITS, ExactDedup, doc_id, split_of
-from kiln.data.normalize import LengthFilter, Normalize
-from kiln.data.readers import FileTask, read_file
-from kiln.data.records import Doc, Drop, Quarantined, Record, Step, run_steps
+from kiln.data.dedup import SPLITS, doc_id, split_of
+from kiln.data.minhash import NearDedup
+from kiln.data.readers import FileTask
+from kiln.data.records import Doc, Drop, Quarantined, StepStats
 from kiln.data.report import Tally, build_report, summary_lines
 from kiln.data.sources import resolve_sources
+from kiln.data.steps import build_steps, enabled, prepare
+from kiln.data.tasks import DROPPED, KEPT, QUARANTINED, TaskSpec, run_task, task_paths
 from kiln.data.writer import ShardWriter
 from kiln.rundir import RunDir, clear_done, write_json_atomic
 
-
-@dataclass
-class FileResult:
-    size: int
-    """Bytes on disk (compressed size for .gz / .zst): the throughput figure's numerator."""
-    records: list[Record]
+ACCOUNT_COLUMNS = ["status", "step", "reason", "snippet", "meta", "line", "file", "flags", "hash_hi", "hash_lo", "bands"]
 
 
 def run_data(cfg: Config) -> dict:
     """Build `data/{train,val,test}/part-NNNNN.parquet` and `data/report.json`; return the report.
 
-    Replaces any earlier output of the stage. Raises ConfigError (a ValueError) only for unusable
-    configuration, e.g. a source that matches nothing; bad input is quarantined and counted instead.
+    Replaces any earlier output of the stage (finished file tasks of an interrupted run with the same
+    config are reused). Raises ConfigError (a ValueError) only for unusable configuration; bad input
+    is quarantined and counted instead.
     """
     d = cfg.data
     _check(d)
-    tasks = resolve_sources(d.sources)   # before deleting anything: a typo must not cost the old output
+    tasks = resolve_sources(d.sources, d.code_sources, d.prose_sources)   # before deleting anything
     out = RunDir(cfg.run_path).data
-    _clean(out)
+    work = _prepare_out(out, d)
     workers = _n_workers(d.workers, len(tasks))
-    print(f"data: {len(tasks)} files from {', '.join(d.sources)}; {workers} worker(s) -> {out}", flush=True)
+    kinds = sorted({t.kind for t in tasks})
+    print(f"data: {len(tasks)} files ({'/'.join(kinds)}) from {', '.join(d.sources)}; {workers} worker(s) -> {out}",
+          flush=True)
 
     start = time.perf_counter()
-    tally = Tally()
-    parent_steps: list[Step] = [ExactDedup()] if d.dedup else []
-    writers = {split: ShardWriter(out / split, d.shard_docs) for split in SPLITS}
-    for task, record in _records(tasks, d, workers, tally):
-        _route(task, record, tally, parent_steps, writers, d)
-    for w in writers.values():
-        w.close()
+    steps = build_steps(d, prepare(d, work, out))
+    spec = TaskSpec(steps, d.text_key, d.max_docs, d.near_dedup if d.near_dedup.enabled else None, str(work))
+    tally, stats = Tally(), StepStats()
+    taken = _account(_task_results(tasks, spec, workers), d, tally, stats)
+    splits = _write(taken, d, tally, out)
     elapsed = time.perf_counter() - start
 
-    splits = {s: {"docs": w.docs, "bytes": w.bytes, "shards": w.shards} for s, w in writers.items()}
+    on = {**enabled(d), "exact_dedup": d.dedup, "near_dedup": d.near_dedup.enabled}
     report = build_report(
-        tally, splits, elapsed_s=elapsed, workers=workers,
-        enabled={"normalize": d.normalize, "exact_dedup": d.dedup},
+        tally, splits, steps=["read", *d.steps, "exact_dedup", "near_dedup"], enabled=on, stats=stats,
+        elapsed_s=elapsed, workers=workers,
         max_docs_reached=d.max_docs is not None and tally.records_in >= d.max_docs)
     write_json_atomic(out / "report.json", report)
+    shutil.rmtree(out / "_work", ignore_errors=True)   # done: the splits and _SUCCESS take over
     _print_summary(report, out)
     return report
 
 
-def process_file(task: FileTask, steps: list[Step], text_key: str, limit: int | None) -> FileResult:
-    """Read one file and pass each document through `steps` (runs in a worker process)."""
-    try:
-        size = os.stat(task.path).st_size
-    except OSError:
-        size = 0   # read_file quarantines it and says why
-    records = [run_steps(r, steps) if isinstance(r, Doc) else r for r in read_file(task, text_key, limit)]
-    return FileResult(size, records)
+@dataclasses.dataclass
+class Taken:
+    """One task's records that count (up to max_docs) and what the parent decided for its kept rows."""
+
+    index: int
+    task: FileTask
+    work_dir: str
+    n: int
+    verdict: dict[int, str]
+    """Row -> `keep`, `duplicate` or `near_duplicate`, for rows the workers kept."""
 
 
-def _route(task: FileTask, record: Record, tally: Tally, parent_steps: list[Step],
-           writers: dict[str, ShardWriter], d: DataConfig) -> None:
-    """Count one record where its fate is decided; write it to its split if kept."""
-    if isinstance(record, Quarantined):
-        tally.quarantine_one(task, record)
-        return
-    if isinstance(record, Drop):
-        tally.drop(task, record)
-        return
-    tally.flags_of(record)
-    kept = run_steps(record, parent_steps)
-    if isinstance(kept, Drop):
-        tally.drop(task, kept)
-        return
-    did = doc_id(kept.text)
-    writers[split_of(did, d.val_fraction, d.test_fraction)].add(kept, did, len(kept.text.encode("utf-8")))
-    tally.keep(task)
-
-
-def _records(tasks: list[FileTask], d: DataConfig, workers: int, tally: Tally) -> Iterator[tuple[FileTask, Record]]:
-    """Every input record in order, stopping after `max_docs`; counts files and records into `tally`."""
+def _account(results: Iterator[tuple[int, FileTask, dict]], d: DataConfig, tally: Tally,
+             stats: StepStats) -> list[Taken]:
+    """Count every record, run exact and near dedup over kept ones; returns what pass 2 writes."""
     cap = d.max_docs
-    with contextlib.closing(_file_results(tasks, d, workers)) as results:
-        for task, result in results:
+    seen: set[tuple[int, int]] = set()
+    near = NearDedup(d.near_dedup.bands)
+    pending: list[tuple[Taken, int, int]] = []   # (task, row, near index) of exact-unique docs
+    taken: list[Taken] = []
+    with contextlib.closing(results):
+        for index, task, side in results:
             if cap is not None and tally.records_in >= cap:
-                return   # closing the generator terminates the pool: no reading past the cap
-            tally.file(task, result.size)
-            for record in result.records[: None if cap is None else cap - tally.records_in]:
+                break   # closing the generator terminates the pool: no reading past the cap
+            tally.file(task, side["input"]["size"])
+            stats.merge(side["stats"])
+            n = side["records"] if cap is None else min(side["records"], cap - tally.records_in)
+            t = Taken(index, task, side["work_dir"], n, {})
+            taken.append(t)
+            table = pq.read_table(task_paths(t.work_dir, index)[0], columns=ACCOUNT_COLUMNS)
+            for row, r in enumerate(table.slice(0, n).to_pylist()):
                 tally.record_in(task)
-                yield task, record
+                if r["status"] == QUARANTINED:
+                    tally.quarantine_one(task, Quarantined(r["file"], r["line"], r["reason"]))
+                elif r["status"] == DROPPED:
+                    tally.drop(task, Drop(r["step"], r["reason"]), r["snippet"], r["meta"])
+                else:
+                    tally.flags_from(r["flags"], task, r["meta"])
+                    key = (r["hash_hi"], r["hash_lo"])
+                    if d.dedup and key in seen:
+                        t.verdict[row] = "duplicate"
+                        continue
+                    seen.add(key)
+                    i = near.add(_bands(r["bands"])) if d.near_dedup.enabled else -1
+                    pending.append((t, row, i))
+    for t, row, i in pending:
+        t.verdict[row] = "keep" if i < 0 or near.keep(i) else "near_duplicate"
+    return taken
 
 
-def _file_results(tasks: list[FileTask], d: DataConfig, workers: int) -> Iterator[tuple[FileTask, FileResult]]:
-    steps: list[Step] = ([Normalize()] if d.normalize else []) + [LengthFilter(d.min_chars, d.max_doc_chars)]
-    # Each file is capped at max_docs records too, so a quick run never reads a huge file whole.
-    work = functools.partial(process_file, steps=steps, text_key=d.text_key, limit=d.max_docs)
+def _bands(raw: bytes) -> np.ndarray:
+    return np.frombuffer(raw, dtype=np.uint64)
+
+
+def _write(taken: list[Taken], d: DataConfig, tally: Tally, out: Path) -> dict[str, dict[str, int]]:
+    """Pass 2: stream kept texts into the split writers in input order; count dedup drops with examples."""
+    writers = {split: ShardWriter(out / split, d.shard_docs) for split in SPLITS}
+    for t in tqdm(taken, unit="file", desc="data: write", disable=None, leave=False):
+        if not t.verdict:
+            continue
+        path = task_paths(t.work_dir, t.index)[0]
+        table = pq.read_table(path, columns=["text", "meta"]).slice(0, t.n)
+        texts, metas = table.column("text").to_pylist(), table.column("meta").to_pylist()
+        for row, verdict in sorted(t.verdict.items()):
+            text = texts[row]
+            if verdict != "keep":
+                step = "exact_dedup" if verdict == "duplicate" else "near_dedup"
+                tally.drop(t.task, Drop(step, verdict), text[:300], metas[row])
+                continue
+            did = doc_id(text)
+            doc = Doc(text, t.task.source, json.loads(metas[row]))
+            writers[split_of(did, d.val_fraction, d.test_fraction)].add(doc, did, len(text.encode("utf-8")))
+            tally.keep(t.task)
+    for w in writers.values():
+        w.close()
+    return {s: {"docs": w.docs, "bytes": w.bytes, "shards": w.shards} for s, w in writers.items()}
+
+
+def _task_results(tasks: list[FileTask], spec: TaskSpec, workers: int) -> Iterator[tuple[int, FileTask, dict]]:
+    work = functools.partial(run_task, spec=spec)
+    items = list(enumerate(tasks))
     with contextlib.ExitStack() as stack:
         if workers == 1:
-            results = map(work, tasks)   # in-process: same function, same order, easier to debug
+            results = map(work, items)   # in-process: same function, same order, easier to debug
         else:
             # spawn, not fork: forking a process that has threads (tqdm's monitor, a caller's) can deadlock.
             pool = stack.enter_context(multiprocessing.get_context("spawn").Pool(workers))
-            results = pool.imap(work, tasks, chunksize=_chunksize(len(tasks), workers))
-        bar = stack.enter_context(tqdm(total=len(tasks), unit="file", desc="data", disable=None, leave=False))
-        for task, result in zip(tasks, results):
+            results = pool.imap(work, items, chunksize=_chunksize(len(tasks), workers))
+        bar = stack.enter_context(tqdm(total=len(tasks), unit="file", desc="data: files", disable=None, leave=False))
+        for (index, task), side in zip(items, results):
             bar.update()
-            yield task, result
+            yield index, task, {**side, "work_dir": spec.work_dir}
 
 
 def _chunksize(n_tasks: int, workers: int) -> int:
@@ -152,14 +197,27 @@ def _check(d: DataConfig) -> None:
         raise ConfigError("data.text_key is empty: name the field holding the text in .jsonl / .parquet inputs")
 
 
-def _clean(out: Path) -> None:
-    """Remove the previous output of this stage so a rerun leaves nothing stale behind."""
+def fingerprint(d: DataConfig) -> str:
+    """Hash of everything that changes a task's result (not `workers`, not `resume`)."""
+    cfg = {k: v for k, v in dataclasses.asdict(d).items() if k not in ("workers", "resume")}
+    blob = json.dumps({"kiln": kiln.__version__, "data": cfg}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _prepare_out(out: Path, d: DataConfig) -> Path:
+    """Remove the previous output; keep finished tasks of an interrupted run with this config. Returns the work dir."""
     clear_done(out)   # the old _SUCCESS must not vouch for a half-written new output
     for split in SPLITS:
         if (out / split).exists():
             shutil.rmtree(out / split)
     (out / "report.json").unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
+    work = out / "_work" / fingerprint(d)
+    if (out / "_work").exists():
+        for old in (out / "_work").iterdir():
+            if old != work or not d.resume:
+                shutil.rmtree(old, ignore_errors=True)
+    work.mkdir(parents=True, exist_ok=True)
+    return work
 
 
 def _print_summary(r: dict, out: Path) -> None:

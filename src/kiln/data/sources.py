@@ -10,6 +10,7 @@ better to stop before reading than to train on less data than asked for.
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import itertools
 import os
@@ -24,12 +25,29 @@ STDLIB_EXCLUDED_DIRS = {"site-packages", "dist-packages", "__pycache__"}
 GLOB_CHARS = "*?["
 
 
-def resolve_sources(sources: list[str]) -> list[FileTask]:
-    """Every file of every source, in deterministic order; ConfigError for a source that matches nothing."""
+def resolve_sources(sources: list[str], code_sources: list[str] = (), prose_sources: list[str] = ()) -> list[FileTask]:
+    """Every file of every source, in deterministic order, each with its content type (`kind`).
+
+    ConfigError for a source that matches nothing, or a code/prose source that is not in `sources`.
+    """
+    for key, listed in (("data.code_sources", code_sources), ("data.prose_sources", prose_sources)):
+        for i, name in enumerate(listed):
+            if name not in sources:
+                raise ConfigError(f"{key}[{i}]=`{name}` is not one of data.sources ({', '.join(sources)})")
     tasks: list[FileTask] = []
     for i, source in enumerate(sources):
-        tasks += _resolve(source, f"data.sources[{i}]")
+        tasks += [dataclasses.replace(t, kind=content_type(t, code_sources, prose_sources))
+                  for t in _resolve(source, f"data.sources[{i}]")]
     return tasks
+
+
+def content_type(task: FileTask, code_sources, prose_sources) -> str:
+    """`code` for listed code sources, built-in code sources and code file extensions; else `prose`."""
+    if task.source in prose_sources:
+        return "prose"
+    if task.source in code_sources or task.source in CODE_BUILTINS or task.path.lower().endswith(CODE_EXTS):
+        return "code"
+    return "prose"
 
 
 def _resolve(source: str, key: str) -> list[FileTask]:
@@ -58,6 +76,8 @@ def _python_stdlib(source: str) -> list[FileTask]:
 
 
 BUILTIN = {"python-stdlib": _python_stdlib}
+CODE_BUILTINS = {"python-stdlib"}
+CODE_EXTS = (".py",)
 
 
 def _directory(root: Path, source: str, key: str) -> list[FileTask]:
