@@ -108,7 +108,7 @@ def test_rerun_keeps_done_shards_and_redoes_the_rest(tmp_path, trained):
 def test_new_tokenizer_redoes_every_shard(tmp_path, trained):
     cfg = fresh_run(tmp_path, trained)
     run_tokenize(cfg)
-    run_tokenizer(make_config(cfg.run_path, vocab_size=400))
+    run_tokenizer(make_config(cfg.run_path, vocab_size=400, vocab_multiple=1))
     meta = run_tokenize(cfg)
     assert meta["shards_encoded"] == 6 and meta["vocab_size"] == 400
     assert max(max(ids, default=0) for t in read_tokens(cfg).values() for ids in t.column("ids").to_pylist()) < 400

@@ -176,6 +176,28 @@ def test_rerun_removes_previous_outputs_and_missing_data_fails(tmp_path):
         run_tokenizer(make_config(tmp_path / "empty"))
 
 
+def test_vocab_rounding_pattern_and_min_frequency(tmp_path):
+    from kiln.config import ConfigError
+    run = make_run(tmp_path / "a", n_train=200, n_val=20, n_test=0)
+    report = run_tokenizer(make_config(run, vocab_size=300, vocab_multiple=128))
+    assert (report["vocab_size_requested"], report["vocab_size_rounded"], report["vocab_size"]) == (300, 384, 384)
+    assert report["vocab_is_multiple"] and report["pattern"] == "gpt4"
+    tok = Tokenizer.from_file(RunDir(run).tokenizer)
+    pieces = lambda t, s: [t.decode([i]) for i in t.encode(s)]          # noqa: E731
+    assert all(len(p) <= 3 for p in pieces(tok, "1234567") if p.isdigit())
+    run_tokenizer(make_config(run, vocab_size=384, pattern="gpt4-digits"))
+    digits = Tokenizer.from_file(RunDir(run).tokenizer)
+    assert pieces(digits, "1234567") == list("1234567")
+    # min_frequency: a pair must occur that often, so a high bar learns fewer merges from the same text.
+    few = run_tokenizer(make_config(run, vocab_size=4096, min_frequency=200))
+    many = run_tokenizer(make_config(run, vocab_size=4096, min_frequency=2))
+    assert few["vocab_size"] < many["vocab_size"] <= 4096
+    with pytest.raises(ConfigError, match="pattern"):
+        make_config(run, pattern="(unclosed").validate()
+    with pytest.raises(ConfigError, match="vocab_multiple"):
+        make_config(run, vocab_multiple=0).validate()
+
+
 def test_sample_is_spread_over_the_whole_split(tmp_path):
     import pyarrow.parquet as pq
     from kiln.tokenizer.train import SampleStats, iter_texts
@@ -187,3 +209,48 @@ def test_sample_is_spread_over_the_whole_split(tmp_path):
     per_shard = [len(kept & set(pq.read_table(f).column("text").to_pylist())) for f in files]
     assert all(18 <= n <= 32 for n in per_shard), per_shard
     assert sum(len(b) for b in iter_texts(files)) == 400                   # no budget: everything
+
+
+# ---------------------------------------------------------------- byte fallback: round-trip properties
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+ANY_CHAR = st.characters(min_codepoint=0, max_codepoint=0x10FFFF, categories=None)   # surrogates and controls too
+PROPERTY = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@PROPERTY
+@given(st.binary(max_size=200))
+def test_roundtrip_arbitrary_bytes(tok, data):
+    assert tok.decode_bytes(tok.encode_bytes(data)) == data
+
+
+@PROPERTY
+@given(st.text(alphabet=ANY_CHAR, max_size=80))
+def test_roundtrip_any_python_str_including_lone_surrogates(tok, text):
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text
+    assert tok.decode_batch([ids]) == [text] and tok.encode_batch([text, "x"])[0] == ids
+    assert not set(ids) & set(tok.special_ids.values())
+
+
+@PROPERTY
+@given(st.text(alphabet=st.characters(codec="utf-8", categories=["Cc", "Cf", "Zs", "Zl", "Zp", "Ll", "Nd", "So"]),
+               max_size=80))
+def test_valid_text_matches_tokenizers_and_bytes_api(tok, text):
+    ids = tok.encode(text)
+    assert ids == tok.backend.encode(text, add_special_tokens=False).ids
+    assert tok.encode_bytes(text.encode()) == ids and tok.decode_bytes(ids) == text.encode()
+
+
+def test_lone_surrogates_are_defined_byte_triples(tok):
+    ids = tok.encode("a\ud800b\udfff")
+    assert tok.decode_bytes(ids) == "a\ud800b\udfff".encode("utf-8", errors="surrogatepass")
+    assert tok.decode(ids) == "a\ud800b\udfff"
+    # A surrogate pair held as two code units stays two code units (Python never joins them).
+    assert tok.decode(tok.encode("\ud83d\ude00")) == "\ud83d\ude00" != "😀"
+    # Invalid bytes from encode_bytes decode as bytes exactly, and as text with U+FFFD, never raising.
+    ids = tok.encode_bytes(b"ok \xff\xfe \xe6\x97")
+    assert tok.decode_bytes(ids) == b"ok \xff\xfe \xe6\x97"
+    assert tok.decode(ids) == "ok \ufffd\ufffd \ufffd"

@@ -1,8 +1,8 @@
 """Tokenizer stage: train a byte-level BPE on data/train with `tokenizers`, write an HF-loadable folder.
 
 Pipeline of the trained tokenizer (the Llama-3 / GPT-4 recipe):
-  pre-tokenizer  Split on the cl100k regex (words, 1-3 digit groups, punctuation runs, whitespace)
-                 -> ByteLevel (each byte becomes one of 256 printable characters)
+  pre-tokenizer  Split on `tokenizer.pattern` (default the cl100k regex: words, 1-3 digit groups,
+                 punctuation runs, whitespace; see patterns.py) -> ByteLevel (each byte becomes one of 256 printable characters)
   model          BPE, merges learned here; all 256 bytes are in the initial alphabet, so any
                  string round-trips and nothing is ever unknown
   decoder        ByteLevel
@@ -28,11 +28,10 @@ from tokenizers import Tokenizer as HFTokenizer
 from kiln.config import Config
 from kiln.rundir import RunDir, write_json_atomic
 from kiln.tokenizer.core import Tokenizer
+from kiln.tokenizer.patterns import GPT4, resolve_pattern
 from kiln.tokenizer.special import BOS, CHAT_TEMPLATE, EOS, PAD, special_tokens
 
-# GPT-4 (cl100k) split pattern, as Llama 3 uses it: digits are split into groups of 1-3.
-SPLIT_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+SPLIT_PATTERN = GPT4      # the default pre-tokenisation pattern
 
 EVAL_BYTES = 2_000_000        # text of data/val used to measure compression
 READ_BATCH_DOCS = 1000        # documents per Parquet read batch
@@ -51,20 +50,26 @@ class SampleStats:
     bytes: int = 0
 
 
-def build_tokenizer() -> HFTokenizer:
-    """An untrained byte-level BPE with the kiln pre-tokenizer and decoder."""
+def round_vocab(vocab_size: int, multiple: int) -> int:
+    """vocab_size rounded up to a multiple of `multiple`."""
+    return -(-vocab_size // multiple) * multiple
+
+
+def build_tokenizer(pattern: str = "gpt4") -> HFTokenizer:
+    """An untrained byte-level BPE with the kiln pre-tokenizer (a preset name or regex) and decoder."""
     tok = HFTokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated", invert=False),
+        pre_tokenizers.Split(Regex(resolve_pattern(pattern)), behavior="isolated", invert=False),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
     ])
     tok.decoder = decoders.ByteLevel()
     return tok
 
 
-def train_bpe(texts: Iterator[list[str]], vocab_size: int, min_frequency: int, n_reserved: int) -> HFTokenizer:
+def train_bpe(texts: Iterator[list[str]], vocab_size: int, min_frequency: int, n_reserved: int,
+              pattern: str = "gpt4") -> HFTokenizer:
     """Train on batches of texts; special tokens get ids 0.. in `special_tokens()` order."""
-    tok = build_tokenizer()
+    tok = build_tokenizer(pattern)
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,            # total: special tokens + 256 bytes + merges
         min_frequency=min_frequency,
@@ -135,9 +140,12 @@ def run_tokenizer(cfg: Config) -> dict[str, Any]:
     out.mkdir(parents=True)
 
     stats = SampleStats()
+    vocab_size = round_vocab(tc.vocab_size, tc.vocab_multiple)
+    if vocab_size != tc.vocab_size:
+        print(f"tokenizer: vocab_size {tc.vocab_size} rounded up to {vocab_size}, a multiple of {tc.vocab_multiple}")
     t0 = time.perf_counter()
-    hf_tok = train_bpe(iter_texts(files, tc.max_train_bytes, stats), tc.vocab_size, tc.min_frequency,
-                       tc.n_reserved)
+    hf_tok = train_bpe(iter_texts(files, tc.max_train_bytes, stats), vocab_size, tc.min_frequency,
+                       tc.n_reserved, tc.pattern)
     seconds = time.perf_counter() - t0
     tok_file = out / "tokenizer.json"
     hf_tok.save(str(tok_file))
@@ -147,6 +155,10 @@ def run_tokenizer(cfg: Config) -> dict[str, Any]:
     report: dict[str, Any] = {
         "vocab_size": tok.vocab_size,
         "vocab_size_requested": tc.vocab_size,
+        "vocab_size_rounded": vocab_size,
+        "vocab_multiple": tc.vocab_multiple,
+        "vocab_is_multiple": tok.vocab_size % tc.vocab_multiple == 0,
+        "pattern": tc.pattern,
         "n_special": len(tok.special_ids),
         "special_tokens": tok.special_ids,
         "train_docs": stats.docs,
@@ -158,9 +170,10 @@ def run_tokenizer(cfg: Config) -> dict[str, Any]:
     report.update(measure(tok, rd))
     write_json_atomic(out / "report.json", report)
 
-    if tok.vocab_size < tc.vocab_size:
-        print(f"tokenizer: warning: only {tok.vocab_size} of {tc.vocab_size} tokens learned "
-              f"(too little text for min_frequency={tc.min_frequency})")
+    if tok.vocab_size < vocab_size:
+        print(f"tokenizer: warning: only {tok.vocab_size} of {vocab_size} tokens learned "
+              f"(too little text for min_frequency={tc.min_frequency}); not a multiple of {tc.vocab_multiple}, "
+              "the model pads its embedding")
     if not report["roundtrip_ok"]:
         print(f"tokenizer: WARNING: decode(encode(text)) != text for {report['roundtrip_failures']} "
               "sample documents/probes — see report.json")
