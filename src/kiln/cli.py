@@ -34,6 +34,11 @@ def _cmd_tokenizer(cfg: Config) -> None:
     run_stage(cfg, "tokenizer")
 
 
+def _cmd_tokenizer_eval(cfg: Config) -> None:
+    from kiln.tokenizer.evaluate import run_tokenizer_eval
+    run_tokenizer_eval(cfg)
+
+
 def _cmd_tokenize(cfg: Config) -> None:
     from kiln.pipeline import run_stage
     run_stage(cfg, "tokenize")
@@ -63,6 +68,8 @@ COMMANDS: dict[str, tuple[Callable[[Config], None], str]] = {
     "run": (_cmd_run, "every stage in order, skipping those already done with the same config"),
     "data": (_cmd_data, "read, normalise, dedup and split raw text into data/{train,val,test}"),
     "tokenizer": (_cmd_tokenizer, "train a byte-level BPE tokenizer on data/train"),
+    "tokenizer-eval": (_cmd_tokenizer_eval, "compare the tokenizer with tokenizer.eval_reference files on held-out "
+                       "text (also `kiln tokenizer eval`)"),
     "tokenize": (_cmd_tokenize, "encode the splits into tokens/{train,val} Parquet shards"),
     "pretrain": (_cmd_pretrain, "train the model; --resume continues from the newest checkpoint"),
     "eval": (_cmd_eval, "loss, perplexity, bits per byte and samples of the final checkpoint"),
@@ -158,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
         print(_usage())
         return 0
     command, rest = argv[0], argv[1:]
+    if command == "tokenizer" and rest[:1] == ["eval"]:
+        command, rest = "tokenizer-eval", rest[1:]
     if command not in COMMANDS:
         print(f"kiln: unknown command `{command}`\n\n{_usage()}", file=sys.stderr)
         return 2

@@ -58,6 +58,7 @@ def write_report(cfg: Config) -> Path:
     data = _read_json(rd.data / "report.json")
     tokenizer = _read_json(rd.tokenizer / "report.json")
     tokens = _read_json(rd.tokens / "meta.json")
+    tok_eval = _read_json(rd.tokenizer / "eval.json")
     ev = _read_json(rd.eval / "metrics.json")
     samples = _read_json(rd.eval / "samples.json") or []
     timings = _read_json(rd.root / "timings.json") or {}
@@ -67,7 +68,7 @@ def write_report(cfg: Config) -> Path:
     out = [f"# kiln run `{cfg.name}`", "", f"Run directory: `{rd.root}`", ""]
     out += _summary(ev, timings)
     out += _data_section(data)
-    out += _tokenizer_section(tokenizer, tokens)
+    out += _tokenizer_section(tokenizer, tokens, tok_eval)
     out += _model_section(cfg, metrics)
     out += ["## Training", ""]
     if has_plot:
@@ -114,7 +115,7 @@ def _data_section(data: dict | None) -> list[str]:
     return out + [""]
 
 
-def _tokenizer_section(tok: dict | None, tokens: dict | None) -> list[str]:
+def _tokenizer_section(tok: dict | None, tokens: dict | None, tok_eval: dict | None = None) -> list[str]:
     out = ["## Tokenizer", ""]
     if tok:
         for key in ("vocab_size", "bytes_per_token", "tokens_per_word", "train_bytes", "train_seconds", "roundtrip_ok"):
@@ -127,6 +128,12 @@ def _tokenizer_section(tok: dict | None, tokens: dict | None) -> list[str]:
             out += ["", "| split | documents | tokens | bytes/token |", "|---|---:|---:|---:|"]
             out += [f"| {k} | {v.get('docs', 0):,} | {v['tokens']:,} | {v.get('bytes', 0) / max(v['tokens'], 1):.2f} |"
                     for k, v in splits.items()]
+    if tok_eval:
+        out += ["", f"Compared on {tok_eval['bytes']:,} bytes of the {tok_eval['split']} split (`kiln tokenizer eval`):", "",
+                "| tokenizer | bytes/token | tokens/word | tokens vs kiln | round-trip |", "|---|---:|---:|---:|---|"]
+        out += [f"| {name} | {r.get('bytes_per_token', 0):.3f} | {r.get('tokens_per_word', 0):.3f} | "
+                f"{r.get('tokens_vs_kiln') or 0:.3f} | {'exact' if r.get('roundtrip_failures') == 0 else r.get('roundtrip_failures')} |"
+                for name, r in tok_eval["tokenizers"].items()]
     return out + [""]
 
 

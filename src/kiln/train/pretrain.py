@@ -8,16 +8,22 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 
-from kiln.config import Config, grad_accum_steps, resolve_train, round_up
+from kiln.config import Config, ConfigError, grad_accum_steps, resolve_train, round_up
 from kiln.rundir import RunDir
 from kiln.train import checkpoint as ckpt_io
+from kiln.train import faults
+from kiln.train.distributed import (Dist, any_rank, barrier, full_tensor, grad_sync, init_distributed, mean_over_ranks,
+                                    parallelize, shutdown, uses_autocast)
+from kiln.train.guard import SpikeGuard, step_if_finite
 from kiln.train.loader import PackedLoader
 from kiln.train.optim import build_optimizer, lr_at, set_lr
 from kiln.train.runtime import autocast, configure_torch, peak_flops, pick_device, use_bf16
@@ -36,32 +42,50 @@ def resolved_config(cfg: Config, vocab_size: int, world_size: int = 1) -> Config
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches: Iterator[Batch],
                accum: int, grad_clip: float, device: torch.device, bf16: bool,
-               loss_fn: Callable[[torch.nn.Module, Batch], torch.Tensor] | None = None
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+               loss_fn: Callable[[torch.nn.Module, Batch], torch.Tensor] | None = None,
+               skip_nonfinite: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step over `accum` micro-batches. Returns (mean loss, grad norm) as device tensors:
-    reading them is left to the caller, since `.item()` is a host sync."""
+    reading them is left to the caller, since `.item()` is a host sync.
+
+    Under DDP/FSDP (`model` the wrapper) only the last micro-batch's backward communicates; the loss is
+    this rank's and the norm the global one. A non-finite norm skips the update (see guard.py)."""
     loss_fn = loss_fn or (lambda m, b: m(b[0], b[1]))
     total = torch.zeros((), device=device)
-    for _ in range(accum):
+    for i in range(accum):
         x, y = next(batches)
         batch = (x.to(device, non_blocking=True), y.to(device, non_blocking=True))
-        with autocast(device, bf16):
-            loss = loss_fn(model, batch) / accum
-        loss.backward()
+        with grad_sync(model, enabled=i == accum - 1):
+            with autocast(device, bf16):
+                loss = loss_fn(model, batch) / accum
+            loss.backward()
         total += loss.detach()
+    params = [p for p in model.parameters() if p.grad is not None]
     if grad_clip > 0:
-        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
     else:
-        norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters() if p.grad is not None]))
-    optimizer.step()
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    norm = full_tensor(norm)  # FSDP: a DTensor; full_tensor() all-reduces the shards' norms
+    if skip_nonfinite:
+        # The norm is global (gradients are reduced before it), so every rank takes the same decision;
+        # a NaN/Inf loss always reaches it through its gradient. The local loss joins in one process.
+        finite = torch.isfinite(norm) if _distributed() else torch.isfinite(norm) & torch.isfinite(total)
+        step_if_finite(optimizer, finite)
+    else:
+        optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return total, norm
 
 
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized() \
+        and torch.distributed.get_world_size() > 1
+
+
 @torch.no_grad()
 def validation_loss(model: torch.nn.Module, loader: PackedLoader, start: dict, batches: int,
-                    device: torch.device, bf16: bool) -> float:
-    """Mean loss over `batches` batches of the fixed (unshuffled) validation order from `start`."""
+                    device: torch.device, bf16: bool, d: Dist = Dist()) -> float:
+    """Mean loss over `batches` batches of the fixed (unshuffled) validation order from `start`,
+    averaged over ranks (each rank scores its own rows)."""
     model.eval()
     loader.load_state_dict(start)  # the same batches every time
     it = iter(loader)
@@ -71,103 +95,278 @@ def validation_loss(model: torch.nn.Module, loader: PackedLoader, start: dict, b
         with autocast(device, bf16):
             total += model(x.to(device), y.to(device)).float()
     model.train()
-    return (total / batches).item()
+    return mean_over_ranks(total / batches, d).item()
+
+
+@dataclasses.dataclass
+class TrainState:
+    """Every counter a resume needs besides weights, optimizer, RNGs and the loader (all in one place)."""
+
+    step: int = 0            # optimizer steps taken (the LR schedule position)
+    data_step: int = 0       # optimizer steps' worth of batches drawn (> step after a rollback skipped some)
+    tokens_seen: int = 0     # tokens trained on (skipped batches excluded)
+    elapsed_s: float = 0.0
+    skipped_steps: int = 0   # updates skipped for a non-finite loss / gradient norm
+    rollbacks: int = 0
+    spike: dict = dataclasses.field(default_factory=dict)   # SpikeGuard.state_dict()
+
+    @classmethod
+    def from_checkpoint(cls, state: dict) -> TrainState:
+        names = {f.name for f in dataclasses.fields(cls)}
+        ts = cls(**{k: v for k, v in state.items() if k in names})
+        if "data_step" not in state:   # a checkpoint from before rollbacks existed
+            ts.data_step = ts.step
+        return ts
 
 
 def run_pretrain(cfg: Config) -> dict:
+    t = cfg.train
+    d, device = init_distributed(t.parallel, t.device, t.cpu_offload)
+    try:
+        summary = _pretrain(cfg, d, device)
+    finally:
+        shutdown()
+    if not d.is_main:
+        # Training is over; what follows (stage timings, the _SUCCESS marker, later stages of `kiln run`)
+        # is rank 0's alone: the other ranks leave here rather than write the same files at once.
+        raise SystemExit(0)
+    return summary
+
+
+def _pretrain(cfg: Config, d: Dist, device: torch.device) -> dict:
     from kiln.model.llama import Transformer
     from kiln.tokenizer import Tokenizer
 
+    say = print if d.is_main else _quiet
     rd = RunDir(cfg.run_path)
     rd.require(rd.tokens, "kiln tokenize")
     tok = Tokenizer.from_file(rd.tokenizer_file())
-    cfg = resolved_config(cfg, tok.vocab_size)
+    cfg = resolved_config(cfg, tok.vocab_size, d.world_size)
     m, t = cfg.model, cfg.train
-    device = pick_device(t.device)
     bf16 = use_bf16(t.precision, device)
+    amp = bf16 and uses_autocast(d)
     configure_torch(device, t.threads)
-    accum = grad_accum_steps(t, m)
+    accum = grad_accum_steps(t, m, d.world_size)
+    fingerprint = ckpt_io.data_fingerprint(rd.tokens / "meta.json", rd.tokenizer_file())
 
     torch.manual_seed(t.seed)
-    model = Transformer(m).to(device)
+    model = Transformer(m).to("cpu" if t.cpu_offload else device)
+    wrapped = parallelize(model, d, device, bf16, t.cpu_offload)   # DDP wrapper, or `model` sharded in place
     optimizer = build_optimizer(model, t, device)
-    train_loader = PackedLoader(rd.token_files("train"), m.max_seq_len, t.micro_batch_size, tok.eos_id, seed=t.seed)
-    val_loader = PackedLoader(rd.token_files("val"), m.max_seq_len, t.micro_batch_size, tok.eos_id, shuffle=False)
+    train_loader = PackedLoader(rd.token_files("train"), m.max_seq_len, t.micro_batch_size, tok.eos_id, seed=t.seed,
+                                rank=d.rank, world_size=d.world_size)
+    val_loader = PackedLoader(rd.token_files("val"), m.max_seq_len, t.micro_batch_size, tok.eos_id, shuffle=False,
+                              rank=d.rank, world_size=d.world_size)
     val_start = val_loader.state_dict()
-    val_batches = max(1, min(t.eval_batches, val_loader.rows_per_epoch // t.micro_batch_size))
+    # Each rank scores its share of the eval_batches; with micro-batches of the same size that is the
+    # same set of rows as one process.
+    val_batches = max(1, min(t.eval_batches // d.world_size, val_loader.rows_per_epoch // t.micro_batch_size))
+    guard = SpikeGuard(t.spike_factor, t.spike_patience)
 
-    start_step, tokens_seen, elapsed_before = 0, 0, 0.0
+    ts = TrainState()
     last = ckpt_io.latest_checkpoint(rd.checkpoints) if t.resume else None
     if last is not None:
-        _check_same_model(last, cfg)
-        state = ckpt_io.load_checkpoint(last, model, optimizer, device)
-        train_loader.load_state_dict(state["loader"])
-        start_step, tokens_seen, elapsed_before = state["step"], state["tokens_seen"], state["elapsed_s"]
-        _truncate_metrics(rd.metrics, start_step)
-        print(f"resumed from {last} at step {start_step}")
-    else:
+        _check_resumable(last, cfg, fingerprint)
+        state = ckpt_io.load_checkpoint(last, model, optimizer, device, d)
+        ts = TrainState.from_checkpoint(state)
+        _load_loader(train_loader, state["loader"], t.force_resume, say)
+        if d.is_main:
+            _truncate_metrics(rd.metrics, ts.step)
+        say(f"resumed from {last} at step {ts.step}")
+    elif d.is_main:
         _start_fresh(rd)
+    if ts.spike:
+        guard.load_state_dict(ts.spike)
+    barrier(d)
 
-    n_params = model.num_params()
+    n_params = model.num_params()   # FSDP: a DTensor's numel() is the global one
     flops_per_token = model.flops_per_token(m.max_seq_len)
     peak = peak_flops(device)
-    print(f"model: {n_params / 1e6:.2f}M params ({model.num_params(non_embedding=True) / 1e6:.2f}M non-embedding), "
-          f"d_model {m.d_model}, {m.depth} layers, {m.n_heads} heads ({m.n_kv_heads} kv), ffn {m.ffn_hidden}, "
-          f"vocab {m.vocab_size}, context {m.max_seq_len}")
-    print(f"train: {t.max_steps} steps x {t.batch_tokens} tokens (micro-batch {t.micro_batch_size} x accum {accum}), "
-          f"lr {t.lr:.2e} {t.schedule}, warmup {t.warmup_steps}, device {device}, {'bf16' if bf16 else 'fp32'}"
-          f"{', compiled' if t.compile else ''}")
+    say(f"model: {n_params / 1e6:.2f}M params, d_model {m.d_model}, {m.depth} layers, {m.n_heads} heads "
+        f"({m.n_kv_heads} kv), ffn {m.ffn_hidden}, vocab {m.vocab_size}, context {m.max_seq_len}")
+    say(f"train: {t.max_steps} steps x {t.batch_tokens} tokens (micro-batch {t.micro_batch_size} x accum {accum}"
+        f"{f' x {d.world_size} ranks' if d.world_size > 1 else ''}), lr {t.lr:.2e} {t.schedule}, warmup "
+        f"{t.warmup_steps}, device {device}, {'bf16' if bf16 else 'fp32'}"
+        f"{f', {d.parallel}' if d.parallel != 'none' else ''}{', compiled' if t.compile else ''}")
 
-    fwd = torch.compile(model) if t.compile else model
+    fwd = torch.compile(wrapped) if t.compile else wrapped
+    # DDP's forward hooks are for training: validate on the module inside. FSDP must run its own forward.
+    val_model = (torch.compile(model) if t.compile else model) if d.parallel == "ddp" else fwd
     batches = iter(train_loader)
     tokens_per_step = t.batch_tokens
+    start_step = ts.step
+    skipped = torch.tensor(ts.skipped_steps, device=device)   # counted on the device: no sync per step
     t0 = time.perf_counter()
     window_t0, window_steps = t0, 0
-    metrics = open(rd.metrics, "a", encoding="utf-8")
+    metrics = open(rd.metrics, "a", encoding="utf-8") if d.is_main else None
     final_val = None
+    stop = StopRequest()
+
+    def save(milestone_ok: bool = True) -> Path:
+        ts.elapsed_s = elapsed_before + time.perf_counter() - t0
+        ts.skipped_steps, ts.spike = int(skipped.item()), guard.state_dict()
+        state = {**dataclasses.asdict(ts), "loader": train_loader.state_dict(), "fingerprint": fingerprint}
+        milestone = milestone_ok and t.milestone_every > 0 and ts.step % t.milestone_every == 0
+        return ckpt_io.save_checkpoint(rd.checkpoints, ts.step, model, optimizer, state, cfg, t.keep_checkpoints,
+                                       d, milestone)
+
+    elapsed_before = ts.elapsed_s
+    saved_at = ts.step
     try:
-        for step in range(start_step, t.max_steps):
-            done = step + 1
-            lr = lr_at(step, t)
+        while ts.step < t.max_steps:
+            lr = lr_at(ts.step, t)
             set_lr(optimizer, lr)
-            loss, gnorm = train_step(fwd, optimizer, batches, accum, t.grad_clip, device, bf16)
-            tokens_seen += tokens_per_step
+            loss, gnorm = train_step(fwd, optimizer, batches, accum, t.grad_clip, device, amp,
+                                     faults.loss_fn(ts.data_step), t.skip_nonfinite)
+            if t.skip_nonfinite:
+                skipped += ~torch.isfinite(gnorm)
+            ts.step += 1
+            ts.data_step += 1
+            ts.tokens_seen += tokens_per_step
+            done = ts.step
             window_steps += 1
             record: dict = {}
-            if done % t.log_every == 0 or done == t.max_steps:
+            logging = done % t.log_every == 0 or done == t.max_steps
+            if logging:
                 now = time.perf_counter()
                 tok_s = window_steps * tokens_per_step / (now - window_t0)
                 window_t0, window_steps = now, 0
-                elapsed = elapsed_before + now - t0
-                record = {"step": done, "loss": loss.item(), "lr": lr, "grad_norm": gnorm.item(),
-                          "tokens": tokens_seen, "tok_per_s": tok_s, "elapsed_s": elapsed}
+                record = {"step": done, "loss": mean_over_ranks(loss, d).item(), "lr": lr,
+                          "grad_norm": gnorm.item(), "tokens": ts.tokens_seen, "tok_per_s": tok_s,
+                          "elapsed_s": elapsed_before + now - t0}
                 if peak:
                     record["mfu"] = flops_per_token * tok_s / peak
                 if device.type == "cuda":  # allocator bookkeeping on the host: no sync
                     record["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
+                if t.skip_nonfinite and not math.isfinite(record["grad_norm"]):
+                    record["skipped"] = True
                 eta = (now - t0) / (done - start_step) * (t.max_steps - done)
-                print(_log_line(record, t.max_steps, eta), flush=True)
+                say(_log_line(record, t.max_steps, eta), flush=True)
+                if guard.observe(done, record["loss"]):
+                    # Every rank saw the same (rank-averaged) loss, so every rank rolls back together.
+                    ts = _rollback(rd, ts, guard, t, model, optimizer, device, d, metrics, say)
+                    skipped.fill_(ts.skipped_steps)
+                    save(milestone_ok=False)   # records the new loader position: the skip survives a crash
+                    saved_at = ts.step
+                    continue
             if (t.eval_every and done % t.eval_every == 0) or done == t.max_steps:
-                final_val = validation_loss(fwd, val_loader, val_start, val_batches, device, bf16)
+                final_val = validation_loss(val_model, val_loader, val_start, val_batches, device, amp, d)
                 record = {**record, "step": done, "val_loss": final_val}
-                print(f"step {done}: val loss {final_val:.4f} (ppl {math.exp(min(final_val, 50)):.1f})", flush=True)
-            if t.sample_every and done % t.sample_every == 0:
+                say(f"step {done}: val loss {final_val:.4f} (ppl {math.exp(min(final_val, 50)):.1f})", flush=True)
+            if t.sample_every and done % t.sample_every == 0 and d.parallel != "fsdp" and d.is_main:
                 _print_samples(model, tok, t.sample_prompts, t.seed + done)
-            if record:
+            if record and metrics:
                 metrics.write(json.dumps(record) + "\n")
                 metrics.flush()
             if done % t.checkpoint_every == 0 or done == t.max_steps:
-                state = {"step": done, "tokens_seen": tokens_seen, "loader": train_loader.state_dict(),
-                         "elapsed_s": elapsed_before + time.perf_counter() - t0}
-                ckpt_io.save_checkpoint(rd.checkpoints, done, model, optimizer, state, cfg, t.keep_checkpoints)
+                save()
+                saved_at = done
+            # A signal is acted on at a step boundary; under torchrun the ranks agree at log steps
+            # (a collective, so not every step) and every rank stops at the same step.
+            if (d.world_size == 1 or logging) and any_rank(stop.signum is not None, d, device):
+                if saved_at != done:
+                    save()
+                break
     finally:
-        metrics.close()
+        if metrics:
+            metrics.close()
+        stop.restore()
+    if ts.step < t.max_steps:   # left the loop early: a stop was requested
+        name = signal.Signals(stop.signum).name if stop.signum is not None else "a signal on another rank"
+        say(f"stopped by {name} at step {ts.step}: checkpoint {ckpt_io.latest_checkpoint(rd.checkpoints)}; "
+            "continue with --resume", flush=True)
+        raise SystemExit(128 + (stop.signum or signal.SIGTERM))
     wall = time.perf_counter() - t0
-    summary = {"steps": t.max_steps, "tokens_seen": tokens_seen, "final_val_loss": final_val,
-               "params": n_params, "train_seconds": wall,
-               "checkpoint": str(ckpt_io.latest_checkpoint(rd.checkpoints))}
-    print(f"pretrain done: {t.max_steps - start_step} steps in {wall:.0f}s, val loss {final_val}")
+    summary = {"steps": t.max_steps, "tokens_seen": ts.tokens_seen, "final_val_loss": final_val,
+               "params": n_params, "train_seconds": wall, "skipped_steps": int(skipped.item()),
+               "rollbacks": ts.rollbacks, "checkpoint": str(ckpt_io.latest_checkpoint(rd.checkpoints))}
+    say(f"pretrain done: {t.max_steps - start_step} steps in {wall:.0f}s, val loss {final_val}")
     return summary
+
+
+def _quiet(*args, **kwargs) -> None:
+    """`print` on ranks other than 0."""
+
+
+class StopRequest:
+    """SIGTERM / SIGINT (a cluster's pre-emption, Ctrl-C) ask for a checkpoint at the next step boundary;
+    a second signal of either kind stops at once."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._old = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._old[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None:
+            self.restore()
+            signal.raise_signal(signum)
+            return
+        self.signum = signum
+        print(f"\n{signal.Signals(signum).name}: checkpointing at the end of this step, then stopping "
+              "(send it again to stop at once)", file=sys.stderr, flush=True)
+
+    def restore(self) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old = {}
+
+
+def _rollback(rd: RunDir, ts: TrainState, guard: SpikeGuard, t, model, optimizer, device, d: Dist,
+              metrics, say) -> TrainState:
+    """Restore the newest checkpoint from before the spikes; keep the loader where it is, so the
+    batches drawn since that checkpoint are skipped."""
+    first = guard.first_spike_step
+    target = ckpt_io.latest_before(rd.checkpoints, first)
+    if target is None or ts.rollbacks >= t.max_rollbacks:
+        why = (f"no checkpoint from before step {first} to roll back to (checkpoint more often)"
+               if target is None else f"train.max_rollbacks={t.max_rollbacks} rollbacks already")
+        raise RuntimeError(f"loss spiked above {t.spike_factor} x its running mean for {guard.streak} logged "
+                           f"steps from step {first}, and {why}")
+    state = ckpt_io.load_checkpoint(target, model, optimizer, device, d)
+    back = TrainState.from_checkpoint(state)
+    skipped_batches = ts.data_step - back.data_step
+    event = {"step": back.step, "event": "rollback", "from_step": ts.step, "first_spike_step": first,
+             "skipped_batches": skipped_batches, "data_step": ts.data_step, "checkpoint": target.name}
+    say(f"loss spike: {guard.streak} logged losses above {t.spike_factor} x the running mean from step {first}; "
+        f"rolled back to {target.name} and skipping the {skipped_batches} batches drawn since", flush=True)
+    if d.is_main:
+        gone = ckpt_io.remove_after(rd.checkpoints, back.step)
+        if gone:
+            say(f"removed {len(gone)} checkpoint(s) of the abandoned trajectory: {', '.join(g.name for g in gone)}")
+        metrics.flush()
+        _truncate_metrics(rd.metrics, back.step)
+        metrics.write(json.dumps(event) + "\n")
+        metrics.flush()
+    barrier(d)
+    back.data_step, back.rollbacks = ts.data_step, ts.rollbacks + 1
+    back.elapsed_s = ts.elapsed_s
+    if back.spike:
+        guard.load_state_dict(back.spike)
+    guard.streak, guard.first_spike_step = 0, None
+    return back
+
+
+def _check_resumable(last: Path, cfg: Config, fingerprint: dict) -> None:
+    _check_same_model(last, cfg)
+    saved = ckpt_io.checkpoint_config(last).train
+    if saved.batch_tokens != cfg.train.batch_tokens:
+        raise ConfigError(f"cannot resume from {last}: it was trained with train.batch_tokens={saved.batch_tokens}, "
+                          f"this run has {cfg.train.batch_tokens} (the default follows the process count); "
+                          f"pass --train.batch_tokens {saved.batch_tokens}")
+    ckpt_io.check_fingerprint(last, ckpt_io.read_state(last).get("fingerprint"), fingerprint, cfg.train.force_resume)
+
+
+def _load_loader(loader: PackedLoader, state: dict, force: bool, say) -> None:
+    try:
+        loader.load_state_dict(state)
+    except ValueError as e:
+        if not force:
+            raise ConfigError(str(e)) from e
+        say(f"warning: {e}; --train.force_resume: the loader starts at the beginning of the current data",
+            file=sys.stderr)
 
 
 def _log_line(r: dict, max_steps: int, eta_s: float) -> str:

@@ -1,0 +1,48 @@
+"""Helpers for the tests that run `kiln pretrain` in subprocesses (torchrun, kill, signal tests)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from kiln.config import dump_yaml
+from micro import micro_config
+
+VENV_BIN = Path(sys.executable).parent
+
+
+def recipe(run_dir: Path, **train) -> Path:
+    """The micro recipe for `run_dir` (with train overrides) as a YAML file beside it."""
+    path = run_dir.parent / f"{run_dir.name}.yaml"
+    dump_yaml(micro_config(run_dir, train=train), path)
+    return path
+
+
+def kiln_cmd(run_dir: Path, nproc: int = 1, args: tuple[str, ...] = (), **train) -> list[str]:
+    yaml_path = recipe(run_dir, **train)
+    if nproc == 1:
+        return [sys.executable, "-m", "kiln", "pretrain", str(yaml_path), *args]
+    torchrun = str(VENV_BIN / "torchrun")
+    return [torchrun, "--standalone", f"--nproc_per_node={nproc}", "-m", "kiln", "pretrain", str(yaml_path), *args]
+
+
+def env(**extra: str) -> dict[str, str]:
+    e = {**os.environ, "OMP_NUM_THREADS": "1", **extra}
+    e["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[2] / "src"),
+                                                    e.get("PYTHONPATH")]))
+    return e
+
+
+def run_kiln(run_dir: Path, nproc: int = 1, args: tuple[str, ...] = (), extra_env: dict | None = None,
+             **train) -> subprocess.CompletedProcess:
+    p = subprocess.run(kiln_cmd(run_dir, nproc, args, **train), env=env(**(extra_env or {})),
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, f"exit {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}"
+    return p
+
+
+def metrics(run_dir: Path, keys=("step", "loss", "grad_norm", "lr", "val_loss", "tokens")) -> list[dict]:
+    """metrics.jsonl without the wall-clock fields."""
+    rows = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: r[k] for k in keys if k in r} for r in rows]
