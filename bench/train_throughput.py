@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from reference_gpt2 import GPT2, GPT2Config, optimizer as ref_optimizer  # noqa: E402
 
-from kiln.config import ModelConfig, TrainConfig, load_recipe  # noqa: E402
+from kiln.config import TrainConfig, load_recipe  # noqa: E402
 from kiln.model.llama import Transformer  # noqa: E402
 from kiln.train.optim import build_optimizer  # noqa: E402
 from kiln.train.runtime import peak_flops  # noqa: E402

@@ -1,6 +1,6 @@
 import pytest
 
-from kiln.config import (Config, ConfigError, ModelConfig, TrainConfig, grad_accum_steps, load_recipe,
+from kiln.config import (ConfigError, ModelConfig, TrainConfig, grad_accum_steps, load_recipe,
                          recipe_names, resolve_train)
 
 

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from kiln.config import Config, dump_yaml
+from kiln.config import Config, ConfigError, dump_yaml
 from kiln.rundir import RunDir, clear_done, is_done, mark_done
 
 
@@ -58,8 +59,9 @@ class Stage:
 
 
 # `train` settings that change how a run is watched, not what it produces.
-_TRAIN_VOLATILE = ("resume", "eval_every", "sample_every", "sample_prompts", "log_every", "checkpoint_every",
-                   "keep_checkpoints", "device", "threads")
+_TRAIN_VOLATILE = ("resume", "force_resume", "eval_every", "sample_every", "sample_prompts", "log_every",
+                   "checkpoint_every", "milestone_every", "keep_checkpoints", "device", "threads", "parallel",
+                   "cpu_offload", "prefetch", "pin_memory")
 
 STAGES: tuple[Stage, ...] = (
     Stage("data", _data, ("data",), lambda rd: rd.data),
@@ -89,14 +91,22 @@ def run_stage(cfg: Config, name: str) -> object:
         clear_done(out)
     t0 = time.perf_counter()
     result = stage.run(cfg)
-    _record_time(rd, name, time.perf_counter() - t0)
-    if not stage.always:
-        mark_done(out, fingerprint(cfg, stage))
+    if _rank() == 0:  # under torchrun the other ranks trained too, but only rank 0 writes the run's files
+        _record_time(rd, name, time.perf_counter() - t0)
+        if not stage.always:
+            mark_done(out, fingerprint(cfg, stage))
     return result
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
 
 
 def run_all(cfg: Config) -> None:
     """Every stage in order; a stage already done with the same fingerprint is skipped."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError("`kiln run` runs every stage in one process: run `kiln data`, `kiln tokenizer` and "
+                          "`kiln tokenize` once, then `torchrun --nproc_per_node=N -m kiln pretrain ...`")
     rd = RunDir(cfg.run_path)
     rd.root.mkdir(parents=True, exist_ok=True)
     dump_yaml(cfg, rd.root / "config.yaml")

@@ -48,4 +48,4 @@ def test_unigram_baseline_is_cross_entropy_of_smoothed_counts(tmp_path):
     counts = np.array([2, 4, 1, 0]) + 1.0                           # add-one over vocab 4
     p = counts / counts.sum()
     expected = -(np.log(p[1]) + np.log(p[2]) + np.log(p[0])) / 3
-    assert unigram_loss([train], [val], vocab_size=4, eos_id=0) == pytest.approx(expected)
+    assert unigram_loss([train], [val], vocab_size=4, separators=(0,)) == pytest.approx(expected)

@@ -1,8 +1,9 @@
 """DDP and FSDP2 under torchrun on CPU (gloo, 2 processes) against one process with the same global batch.
 
 Tolerance: losses and gradient norms within rel 1e-5 of one process (fp32; the ranks' partial sums
-are added in another order; observed differences ~1e-7); weights within rtol 1e-4 / atol 1e-6 after 6
-steps. Same layout and rank count: bitwise.
+are added in another order; observed differences ~1e-7); weights within rtol 1e-4 / atol 1e-5 after 6
+steps (1e-5 is 0.3% of one Adam step at lr 3e-3: Adam turns last-bit gradient differences on entries
+with tiny second moments into update differences of that size). Same layout and rank count: bitwise.
 
 Three reference runs are made once per module (6 steps, checkpoints at 3 and 6); every resume test
 copies one, deletes its step-6 checkpoint and resumes from step 3 in another layout.
@@ -72,7 +73,7 @@ def test_two_ranks_match_one_process(refs, layout):
     _close(metrics(run), metrics(single))
     a, b = _weights(run), _weights(single)        # fsdp: the consolidated HF-named copy
     assert a.keys() == b.keys()
-    assert all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in a)
+    assert all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-5) for k in a)
 
 
 def test_fsdp_checkpoint_resumes_bitwise(refs, tmp_path):

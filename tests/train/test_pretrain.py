@@ -1,6 +1,7 @@
 import json
 import shutil
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -29,23 +30,28 @@ def test_pretrain_writes_metrics_and_checkpoints(micro_run):
     assert summary["final_val_loss"] is not None
 
 
-def test_resume_is_bitwise_identical(micro_run, tmp_path):
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_resume_is_bitwise_identical(micro_run, tmp_path, optimizer):
     other = tmp_path / "other"
     shutil.copytree(micro_run, other)
-    run_stage(micro_config(micro_run), "pretrain")  # uninterrupted: 6 steps
+    run_stage(micro_config(micro_run, train={"optimizer": optimizer}), "pretrain")  # uninterrupted: 6 steps
 
     # Interrupted after step 3: the checkpoint at 3 is the last thing that survived.
-    run_stage(micro_config(other, train={"max_steps": 6}), "pretrain")
+    run_stage(micro_config(other, train={"max_steps": 6, "optimizer": optimizer}), "pretrain")
     shutil.rmtree(other / "checkpoints" / "step_0000006")
-    run_stage(micro_config(other, train={"resume": True}), "pretrain")
+    run_stage(micro_config(other, train={"resume": True, "optimizer": optimizer}), "pretrain")
 
     assert _losses(micro_run) == _losses(other)
     a, b = _weights(micro_run / "checkpoints/step_0000006"), _weights(other / "checkpoints/step_0000006")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     opt_a = torch.load(micro_run / "checkpoints/step_0000006/optimizer.pt", weights_only=True)
     opt_b = torch.load(other / "checkpoints/step_0000006/optimizer.pt", weights_only=True)
+    assert opt_a["state"].keys() == opt_b["state"].keys()
     for sa, sb in zip(opt_a["state"].values(), opt_b["state"].values()):
-        assert torch.equal(sa["exp_avg"], sb["exp_avg"]) and torch.equal(sa["exp_avg_sq"], sb["exp_avg_sq"])
+        assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    if optimizer == "muon":  # hidden matrices carry Muon momentum, the rest Adam moments
+        kinds = {frozenset(st) for st in opt_a["state"].values()}
+        assert frozenset({"momentum_buffer"}) in kinds and frozenset({"step", "exp_avg", "exp_avg_sq"}) in kinds
 
 
 def test_half_written_checkpoint_is_skipped(micro_run):

@@ -40,7 +40,7 @@ from kiln.data.records import Doc, Drop, Quarantined, StepStats
 from kiln.data.report import Tally, build_report, summary_lines
 from kiln.data.sources import resolve_sources
 from kiln.data.steps import build_steps, enabled, prepare
-from kiln.data.tasks import DROPPED, KEPT, QUARANTINED, TaskSpec, run_task, task_paths
+from kiln.data.tasks import DROPPED, QUARANTINED, TaskSpec, run_task, task_paths
 from kiln.data.writer import ShardWriter
 from kiln.rundir import RunDir, clear_done, write_json_atomic
 

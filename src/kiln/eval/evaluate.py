@@ -45,24 +45,26 @@ def score(model: torch.nn.Module, loader: PackedLoader, batches: int, token_byte
             "bits_per_byte": (nats_bytes / (math.log(2) * max(n_bytes, 1))).item()}
 
 
-def unigram_loss(train_files: list[Path], val_files: list[Path], vocab_size: int, eos_id: int) -> float:
+def unigram_loss(train_files: list[Path], val_files: list[Path], vocab_size: int,
+                 separators: tuple[int, ...]) -> float:
     """Cross-entropy (nats/token) of validation tokens under the training set's unigram distribution
-    (add-one smoothed), counting the EOS separators the loader inserts: what a model that ignores
-    context entirely can reach."""
-    counts = _token_counts(train_files, vocab_size, eos_id) + 1.0
+    (add-one smoothed), counting the per-document separators the loader inserts (EOS, BOS): what a
+    model that ignores context entirely can reach."""
+    counts = _token_counts(train_files, vocab_size, separators) + 1.0
     logp = np.log(counts / counts.sum())
-    val = _token_counts(val_files, vocab_size, eos_id)
+    val = _token_counts(val_files, vocab_size, separators)
     return float(-(val * logp).sum() / val.sum())
 
 
-def _token_counts(files: list[Path], vocab_size: int, eos_id: int) -> np.ndarray:
+def _token_counts(files: list[Path], vocab_size: int, separators: tuple[int, ...]) -> np.ndarray:
     counts = np.zeros(vocab_size, dtype=np.float64)
     for f in files:
         col = pq.read_table(f, columns=["ids"]).column("ids")
         for chunk in col.chunks:
             flat = chunk.values.to_numpy(zero_copy_only=False)
             counts += np.bincount(flat, minlength=vocab_size)[:vocab_size]
-            counts[eos_id] += len(chunk)
+            for sep in separators:
+                counts[sep] += len(chunk)
     return counts
 
 
@@ -80,7 +82,7 @@ def run_eval(cfg: Config) -> dict:
     token_bytes = torch.as_tensor(tok.token_bytes(), dtype=torch.long)
     t0 = time.perf_counter()
 
-    val = PackedLoader(rd.token_files("val"), seq, bs, tok.eos_id, shuffle=False)
+    val = PackedLoader(rd.token_files("val"), seq, bs, tok.eos_id, shuffle=False, bos_id=tok.bos_id)
     batches = val.rows_per_epoch // bs
     if cfg.eval.max_batches:
         batches = min(batches, cfg.eval.max_batches)
@@ -89,10 +91,11 @@ def run_eval(cfg: Config) -> dict:
                          "raise data.val_fraction or lower eval.batch_size")
     result = {"checkpoint": str(ckpt), "step": int(ckpt.name.split("_")[-1]), "val": score(model, val, batches, token_bytes, device, bf16)}
     # The same number of training tokens, in the loader's fixed order, for the train/val gap.
-    train = PackedLoader(rd.token_files("train"), seq, bs, tok.eos_id, shuffle=False)
+    train = PackedLoader(rd.token_files("train"), seq, bs, tok.eos_id, shuffle=False, bos_id=tok.bos_id)
     result["train"] = score(model, train, min(batches, train.rows_per_epoch // bs), token_bytes, device, bf16)
     result["train_val_gap"] = result["val"]["loss"] - result["train"]["loss"]
-    result["unigram_baseline_loss"] = unigram_loss(rd.token_files("train"), rd.token_files("val"), tok.vocab_size, tok.eos_id)
+    result["unigram_baseline_loss"] = unigram_loss(rd.token_files("train"), rd.token_files("val"), tok.vocab_size,
+                                                   (tok.eos_id, tok.bos_id))
     result["uniform_baseline_loss"] = math.log(tok.vocab_size)
 
     samples = []

@@ -63,7 +63,7 @@ def init_distributed(parallel: str, device_spec: str, cpu_offload: bool = False)
         return Dist(), pick_device(device_spec)
     if not dist.is_available():
         raise ConfigError(f"train.parallel={parallel} needs torch.distributed, which this PyTorch build lacks")
-    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = pick_device(device_spec)
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)  # one GPU per process, whatever train.device named

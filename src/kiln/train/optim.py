@@ -27,7 +27,10 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(model: nn.Module, train: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW; the fused kernel on CUDA (one launch for all parameters instead of one per tensor)."""
+    """AdamW (the fused kernel on CUDA: one launch for all parameters instead of one per tensor), or
+    Muon for hidden matrices with AdamW for the rest."""
+    if train.optimizer == "muon":
+        return build_muon(model, train)
     return torch.optim.AdamW(
         param_groups(model, train.weight_decay),
         lr=train.lr,
@@ -35,6 +38,18 @@ def build_optimizer(model: nn.Module, train: TrainConfig, device: torch.device) 
         eps=train.eps,
         fused=device.type == "cuda",
     )
+
+
+def build_muon(model: nn.Module, train: TrainConfig) -> torch.optim.Optimizer:
+    """Muon groups: 2-D weights inside the blocks. AdamW groups: embeddings / head and norms, no decay.
+    Each group's `lr_ratio` keeps its peak relative to the schedule's (which is `train.lr`)."""
+    from kiln.train.muon import MuonWithAdamW
+    decay, no_decay = param_groups(model, train.weight_decay)
+    adam = {"params": no_decay["params"], "lr": train.lr, "lr_ratio": 1.0, "betas": (train.beta1, train.beta2),
+            "eps": train.eps, "weight_decay": 0.0}
+    muon = {"params": decay["params"], "use_muon": True, "lr": train.muon_lr, "lr_ratio": train.muon_lr / train.lr,
+            "momentum": train.muon_momentum, "weight_decay": train.weight_decay * train.lr / train.muon_lr}
+    return MuonWithAdamW([muon, adam])
 
 
 def lr_at(step: int, train: TrainConfig) -> float:
@@ -58,5 +73,6 @@ def lr_at(step: int, train: TrainConfig) -> float:
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Set the schedule's learning rate; a group with `lr_ratio` (Muon) runs at that multiple of it."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_ratio", 1.0)

@@ -26,7 +26,7 @@ from kiln.train.distributed import (Dist, any_rank, barrier, full_tensor, grad_s
 from kiln.train.guard import SpikeGuard, step_if_finite
 from kiln.train.loader import PackedLoader
 from kiln.train.optim import build_optimizer, lr_at, set_lr
-from kiln.train.runtime import autocast, configure_torch, peak_flops, pick_device, use_bf16
+from kiln.train.runtime import autocast, configure_torch, peak_flops, use_bf16
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -126,10 +126,6 @@ def run_pretrain(cfg: Config) -> dict:
         summary = _pretrain(cfg, d, device)
     finally:
         shutdown()
-    if not d.is_main:
-        # Training is over; what follows (stage timings, the _SUCCESS marker, later stages of `kiln run`)
-        # is rank 0's alone: the other ranks leave here rather than write the same files at once.
-        raise SystemExit(0)
     return summary
 
 
@@ -154,9 +150,10 @@ def _pretrain(cfg: Config, d: Dist, device: torch.device) -> dict:
     wrapped = parallelize(model, d, device, bf16, t.cpu_offload)   # DDP wrapper, or `model` sharded in place
     optimizer = build_optimizer(model, t, device)
     train_loader = PackedLoader(rd.token_files("train"), m.max_seq_len, t.micro_batch_size, tok.eos_id, seed=t.seed,
-                                rank=d.rank, world_size=d.world_size)
+                                rank=d.rank, world_size=d.world_size, packing=t.packing, bos_id=tok.bos_id,
+                                pad_id=tok.pad_id, prefetch=t.prefetch, pin_memory=t.pin_memory and device.type == "cuda")
     val_loader = PackedLoader(rd.token_files("val"), m.max_seq_len, t.micro_batch_size, tok.eos_id, shuffle=False,
-                              rank=d.rank, world_size=d.world_size)
+                              rank=d.rank, world_size=d.world_size, bos_id=tok.bos_id)
     val_start = val_loader.state_dict()
     # Each rank scores its share of the eval_batches; with micro-batches of the same size that is the
     # same set of rows as one process.

@@ -1,0 +1,355 @@
+"""Configuration of the tokenizer, model, training, evaluation and generation stages, and the whole `Config`."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from kiln.config.base import ConfigError, round_up
+from kiln.config.base import non_negative as _non_negative
+from kiln.config.base import positive as _positive
+from kiln.config.data import DataConfig
+
+
+@dataclass
+class TokenizerConfig:
+    """Tokenizer stage: train a byte-level BPE on the training split."""
+
+    vocab_size: int = 4096
+    """Total vocabulary size, special and reserved tokens included."""
+    min_frequency: int = 2
+    """A pair must occur this often to be merged."""
+    n_reserved: int = 16
+    """Spare reserved special tokens `<|reserved_0|>`... kept for later use (e.g. new chat roles)."""
+    max_train_bytes: int = 0
+    """Train on at most this many bytes of text, sampled evenly across the split; 0 = all of it."""
+    vocab_multiple: int = 64
+    """Round vocab_size up to a multiple of this (matmul efficiency; 128 suits tensor cores best); 1 = as given."""
+    pattern: str = "gpt4"
+    """Pre-tokenisation split: `gpt4` (cl100k / Llama 3: digits in groups of 1-3), `gpt4-digits` (every digit
+    alone), `gpt2`, or a regex of your own."""
+    eval_reference: list[str] = field(default_factory=list)
+    """Reference tokenizers for `kiln tokenizer eval`: tokenizer.json paths (or folders holding one), tiktoken
+    BPE files (base64 token + rank per line), or folders with GPT-2's encoder.json + vocab.bpe."""
+
+    def validate(self) -> None:
+        _positive("tokenizer.vocab_multiple", self.vocab_multiple)
+        from kiln.tokenizer.patterns import check_pattern   # lazy: config must not import tokenizers eagerly
+        try:
+            check_pattern(self.pattern)
+        except ValueError as e:
+            raise ConfigError(f"tokenizer.pattern: {e}") from None
+        if self.vocab_size < 256 + 8 + self.n_reserved:
+            raise ConfigError(
+                f"tokenizer.vocab_size={self.vocab_size} is too small: a byte-level BPE needs 256 byte "
+                f"tokens plus {7 + self.n_reserved} special tokens; use at least {256 + 8 + self.n_reserved}")
+        _non_negative("tokenizer.n_reserved", self.n_reserved)
+        _positive("tokenizer.min_frequency", self.min_frequency)
+        _non_negative("tokenizer.max_train_bytes", self.max_train_bytes)
+
+
+@dataclass
+class TokenizeConfig:
+    """Tokenize stage: encode the train/val splits into Parquet token shards."""
+
+    workers: int = 0
+    """Processes encoding shards in parallel; 0 = automatic (tokenizers already encodes on several threads,
+    so one process per 4 cores, capped by the shard count)."""
+    batch_docs: int = 1000
+    """Documents encoded per batch (bounds memory per worker)."""
+
+    def validate(self) -> None:
+        _non_negative("tokenize.workers", self.workers)
+        _positive("tokenize.batch_docs", self.batch_docs)
+
+
+@dataclass
+class ModelConfig:
+    """Decoder-only transformer (Llama layout). `depth` is the one size dial; the rest follows."""
+
+    depth: int = 4
+    """Number of transformer blocks: the size dial. Width, heads and FFN follow from it."""
+    aspect_ratio: int = 64
+    """d_model = depth * aspect_ratio, unless d_model is set."""
+    d_model: int | None = None
+    """Residual stream width (derived from depth when None)."""
+    head_dim: int = 64
+    """Width of one attention head."""
+    n_heads: int | None = None
+    """Query heads (derived: d_model // head_dim)."""
+    n_kv_heads: int | None = None
+    """Key/value heads for grouped-query attention; must divide n_heads (derived: n_heads, i.e. MHA)."""
+    ffn_hidden: int | None = None
+    """SwiGLU hidden width (derived: 8/3 * d_model rounded up to ffn_multiple_of)."""
+    ffn_multiple_of: int = 64
+    """Round the derived FFN width up to a multiple of this (matmul efficiency)."""
+    vocab_size: int | None = None
+    """Embedding rows (derived: the trained tokenizer's vocabulary size rounded up to a multiple of 64)."""
+    max_seq_len: int = 256
+    """Context length: the training sequence length and the longest generation context."""
+    rope_theta: float = 10000.0
+    """RoPE base frequency."""
+    norm_eps: float = 1e-5
+    """RMSNorm epsilon."""
+    tie_embeddings: bool = True
+    """Share the token embedding matrix with the output head."""
+    qk_norm: bool = False
+    """RMSNorm on queries and keys per head before RoPE (stabilises training at scale)."""
+    init_std: float = 0.02
+    """Standard deviation of the normal init of weight matrices (see Transformer.init_weights)."""
+
+    def resolved(self) -> ModelConfig:
+        """A copy with every derived field filled in (vocab_size may stay None until a tokenizer exists)."""
+        d_model = self.d_model or self.depth * self.aspect_ratio
+        n_heads = self.n_heads or max(1, d_model // self.head_dim)
+        n_kv_heads = self.n_kv_heads or n_heads
+        ffn = self.ffn_hidden or round_up(int(8 * d_model / 3), self.ffn_multiple_of)
+        return dataclasses.replace(self, d_model=d_model, n_heads=n_heads, n_kv_heads=n_kv_heads, ffn_hidden=ffn)
+
+    def validate(self) -> None:
+        _positive("model.depth", self.depth)
+        _positive("model.head_dim", self.head_dim)
+        _positive("model.max_seq_len", self.max_seq_len)
+        r = self.resolved()
+        if r.n_heads * r.head_dim != r.d_model:
+            raise ConfigError(
+                f"model: n_heads ({r.n_heads}) * head_dim ({r.head_dim}) = {r.n_heads * r.head_dim} "
+                f"must equal d_model ({r.d_model}); set model.n_heads or model.head_dim to match")
+        if r.n_heads % r.n_kv_heads:
+            raise ConfigError(f"model.n_kv_heads={r.n_kv_heads} must divide n_heads={r.n_heads}")
+        if r.head_dim % 2:
+            raise ConfigError(f"model.head_dim={r.head_dim} must be even for RoPE")
+
+
+@dataclass
+class TrainConfig:
+    """Pretraining: optimizer, schedule, batch, logging, checkpoints."""
+
+    max_steps: int = 1000
+    """Optimizer steps to train for."""
+    micro_batch_size: int = 16
+    """Sequences per forward/backward pass on one device."""
+    batch_tokens: int | None = None
+    """Tokens per optimizer step across all devices; reached by gradient accumulation
+    (derived: micro_batch_size * seq_len * world_size, i.e. no accumulation)."""
+    lr: float | None = None
+    """Peak learning rate (derived from width: 6e-4 * sqrt(768 / d_model))."""
+    min_lr_ratio: float = 0.1
+    """Final learning rate as a fraction of the peak."""
+    warmup_steps: int = 100
+    """Linear warmup from 0 to the peak learning rate."""
+    schedule: Literal["cosine", "linear", "wsd", "constant"] = "cosine"
+    """Decay after warmup: cosine, linear, wsd (warmup-stable-decay) or constant."""
+    decay_frac: float = 0.2
+    """wsd only: share of the steps spent in the final linear decay."""
+    optimizer: Literal["adamw", "muon"] = "adamw"
+    """`adamw`, or `muon`: Muon for the 2-D hidden weights, AdamW (at `lr`) for embeddings, head and norms."""
+    muon_lr: float = 0.02
+    """muon only: peak learning rate of the Muon matrices (follows the same warmup and decay shape as `lr`)."""
+    muon_momentum: float = 0.95
+    """muon only: Nesterov momentum of the Muon matrices."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay, applied to 2-D weight matrices only (not norms or embeddings)."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.95
+    """AdamW beta2."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this; 0 disables clipping."""
+    device: str = "auto"
+    """`auto` (CUDA if available, else CPU), `cpu`, `cuda`, `cuda:N`."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """`bf16` autocast with fp32 master weights, or `fp32`; `auto` = bf16 on CUDA, fp32 on CPU."""
+    compile: bool = False
+    """Compile the model with torch.compile."""
+    threads: int = 0
+    """CPU threads for torch (0 = leave torch's default)."""
+    eval_every: int = 100
+    """Validation loss every N steps (and at the end); 0 = only at the end."""
+    eval_batches: int = 20
+    """Micro-batches of validation data per periodic evaluation (fixed across runs)."""
+    sample_every: int = 0
+    """Generate samples from `sample_prompts` every N steps; 0 = never during training."""
+    sample_prompts: list[str] = field(default_factory=lambda: ["def ", "class "])
+    """Prompts for periodic samples."""
+    checkpoint_every: int = 500
+    """Write a checkpoint every N steps (and always at the end)."""
+    keep_checkpoints: int = 2
+    """Keep the newest N step checkpoints (the final one is always kept)."""
+    log_every: int = 1
+    """Log a metrics line every N steps (reading the loss is a host sync on GPU)."""
+    seed: int = 1337
+    """Seed for init, data order and sampling."""
+    resume: bool = False
+    """Continue from the newest complete checkpoint in the run directory (`--resume`)."""
+    packing: Literal["concat", "bestfit"] = "concat"
+    """How documents fill training rows: `concat` (one stream cut every seq_len tokens, EOS between documents)
+    or `bestfit` (every row starts at a document start with BOS; leftover space is padding the loss ignores)."""
+    prefetch: int = 2
+    """Batches a background thread prepares ahead of the training step (0 = none)."""
+    pin_memory: bool = True
+    """Pinned host memory for batches on CUDA, so the copy to the GPU overlaps compute."""
+    force_resume: bool = False
+    """Resume even when the checkpoint was made from different tokens or a different tokenizer (its data
+    fingerprint differs); the data loader then restarts at the beginning of the new data if it must."""
+    parallel: Literal["none", "ddp", "fsdp"] = "none"
+    """Data parallelism under `torchrun --nproc_per_node=N -m kiln pretrain ...`: `ddp` (replicated weights,
+    all-reduced gradients) or `fsdp` (PyTorch FSDP2 `fully_shard`: weights, gradients and optimizer state
+    sharded; bf16 parameters with fp32 gradient reduction when precision is bf16). `none` = one process.
+    The global batch (`batch_tokens`) is the same at any process count; each rank takes its share."""
+    cpu_offload: bool = False
+    """fsdp only: keep sharded parameters, gradients and optimizer state in CPU memory (slower, less VRAM)."""
+    milestone_every: int = 0
+    """Also keep every checkpoint whose step is a multiple of this, beyond `keep_checkpoints`; 0 = none."""
+    skip_nonfinite: bool = True
+    """Skip the optimizer update of a step whose loss or gradient norm is NaN/Inf (logged as `skipped`)."""
+    spike_factor: float = 0.0
+    """A logged loss above spike_factor x the running mean of earlier logged losses is a spike; 0 = off."""
+    spike_patience: int = 3
+    """This many consecutive logged spikes roll back to the newest checkpoint before them and skip the
+    batches consumed since (logged as a `rollback` event in metrics.jsonl)."""
+    max_rollbacks: int = 3
+    """Stop with an error after this many spike rollbacks in one run (the problem is not transient)."""
+
+    def validate(self) -> None:
+        _positive("train.max_steps", self.max_steps)
+        _positive("train.micro_batch_size", self.micro_batch_size)
+        _non_negative("train.warmup_steps", self.warmup_steps)
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"train.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
+        if not 0 < self.decay_frac <= 1:
+            raise ConfigError(f"train.decay_frac={self.decay_frac} must be in (0, 1]")
+        if self.lr is not None and self.lr <= 0:
+            raise ConfigError(f"train.lr={self.lr} must be > 0")
+        _positive("train.checkpoint_every", self.checkpoint_every)
+        _positive("train.keep_checkpoints", self.keep_checkpoints)
+        _positive("train.log_every", self.log_every)
+        _positive("train.eval_batches", self.eval_batches)
+        _non_negative("train.prefetch", self.prefetch)
+        if self.muon_lr <= 0 or not 0 <= self.muon_momentum < 1:
+            raise ConfigError(f"train.muon_lr={self.muon_lr} must be > 0 and train.muon_momentum="
+                              f"{self.muon_momentum} in [0, 1)")
+        _non_negative("train.milestone_every", self.milestone_every)
+        _non_negative("train.spike_factor", self.spike_factor)
+        if 0 < self.spike_factor <= 1:
+            raise ConfigError(f"train.spike_factor={self.spike_factor} must be > 1 (a multiple of the running "
+                              "mean loss), or 0 to turn spike rollback off")
+        _positive("train.spike_patience", self.spike_patience)
+        _non_negative("train.max_rollbacks", self.max_rollbacks)
+        if self.cpu_offload and self.parallel != "fsdp":
+            raise ConfigError(f"train.cpu_offload=true needs train.parallel=fsdp (got {self.parallel!r})")
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation of the final checkpoint: loss, perplexity, bits per byte, samples."""
+
+    max_batches: int = 0
+    """Validation micro-batches to score; 0 = the whole validation split."""
+    batch_size: int = 16
+    """Sequences per evaluation batch."""
+    prompts: list[str] = field(default_factory=lambda: ["def ", "class ", "import ", "    for i in "])
+    """Prompts for the sample generations in the report."""
+    max_new_tokens: int = 128
+    """Tokens generated per sample."""
+    temperature: float = 0.8
+    """Sampling temperature for the report's samples."""
+    top_k: int | None = 50
+    """Top-k filter for the report's samples (None = off)."""
+
+    def validate(self) -> None:
+        _non_negative("eval.max_batches", self.max_batches)
+        _positive("eval.batch_size", self.batch_size)
+
+
+@dataclass
+class GenerateConfig:
+    """`kiln generate`: sample text from a checkpoint with KV-cache decoding."""
+
+    prompt: str = "def "
+    """Text to continue."""
+    checkpoint: str = "latest"
+    """`latest` (newest complete checkpoint of the run) or a checkpoint directory."""
+    max_new_tokens: int = 200
+    """Stop after this many new tokens."""
+    temperature: float = 0.8
+    """Softmax temperature; 0 = greedy."""
+    top_k: int | None = 50
+    """Keep only the k most likely tokens (None = off)."""
+    top_p: float | None = None
+    """Nucleus sampling: keep the smallest set of tokens with this much probability (None = off)."""
+    stop: list[str] = field(default_factory=list)
+    """Stop when one of these strings is generated (the EOS token always stops)."""
+    seed: int = 0
+    """Sampling seed."""
+    num_samples: int = 1
+    """Independent samples to draw."""
+
+    def validate(self) -> None:
+        _positive("generate.max_new_tokens", self.max_new_tokens)
+        if self.temperature < 0:
+            raise ConfigError(f"generate.temperature={self.temperature} must be >= 0")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ConfigError(f"generate.top_p={self.top_p} must be in (0, 1]")
+        if self.top_k is not None and self.top_k < 1:
+            raise ConfigError(f"generate.top_k={self.top_k} must be >= 1 (or None)")
+
+
+@dataclass
+class Config:
+    """A whole kiln run: every stage's settings."""
+
+    name: str = "tiny"
+    """Run name; the run directory defaults to runs/<name>."""
+    run_dir: str | None = None
+    """Directory holding every artifact of the run (default runs/<name>)."""
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+
+    @property
+    def run_path(self) -> Path:
+        return Path(self.run_dir or f"runs/{self.name}")
+
+    def validate(self) -> Config:
+        for f in dataclasses.fields(self):
+            sub = getattr(self, f.name)
+            if dataclasses.is_dataclass(sub):
+                sub.validate()
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------- derived values
+
+def derived_lr(d_model: int) -> float:
+    """Peak AdamW learning rate from width: 6e-4 at GPT-2 small's 768, scaled by 1/sqrt(width)."""
+    return 6e-4 * math.sqrt(768 / d_model)
+
+
+def resolve_train(train: TrainConfig, model: ModelConfig, world_size: int = 1) -> TrainConfig:
+    """Fill in the derived training values and check the batch divides into micro-batches."""
+    m = model.resolved()
+    tokens_per_micro = train.micro_batch_size * m.max_seq_len * world_size
+    batch_tokens = train.batch_tokens or tokens_per_micro
+    if batch_tokens % tokens_per_micro:
+        raise ConfigError(
+            f"train.batch_tokens={batch_tokens} must be a multiple of micro_batch_size * max_seq_len * world_size"
+            f" = {train.micro_batch_size} * {m.max_seq_len} * {world_size} = {tokens_per_micro}")
+    return dataclasses.replace(train, batch_tokens=batch_tokens, lr=train.lr or derived_lr(m.d_model))
+
+
+def grad_accum_steps(train: TrainConfig, model: ModelConfig, world_size: int = 1) -> int:
+    t = resolve_train(train, model, world_size)
+    return t.batch_tokens // (train.micro_batch_size * model.max_seq_len * world_size)
