@@ -205,3 +205,66 @@ def test_bad_benchmark_file_names_file_and_line(tmp_path):
     (tmp_path / "b.jsonl").write_text('{"q": "fine"}\n{broken\n')
     with pytest.raises(ConfigError, match=r"benchmarks\[0\].*b.jsonl:2"):
         build_index(DecontaminateConfig(benchmarks=[str(tmp_path / "b.jsonl")]), tmp_path / "i.npy")
+
+
+# ---------------------------------------------------------------- fast paths against the plain definitions
+
+
+LANG_SAMPLES = [
+    "", " ", "1234 5678", "THE QUICK BROWN FOX JUMPS OVER THE LAZY DOG", "Der schnelle braune Fuchs springt.",
+    "Le renard brun rapide saute par-dessus le chien paresseux.", "El zorro marrón rápido salta.",
+    "敏捷的棕色狐狸跳过了懒狗。" * 3, "Быстрая коричневая лиса прыгает через ленивую собаку.", "ab",
+    "def f(x):\n    return x ** 2  # square\n", "e\u0301t\u00e9 na\u00efve caf\u00e9 \U0001F600 \ud800",
+]
+
+
+def test_language_id_equals_py3langid():
+    from kiln.data.langid import identifier, reference_identifier
+    fast, ref = identifier(), reference_identifier()
+    texts = LANG_SAMPLES + [GOOD, *PARAGRAPHS, GOOD * 20]
+    for text in texts:
+        assert fast.classify(text) == ref.classify(text), text[:40]
+
+
+def test_gopher_word_counts_equal_the_plain_definitions():
+    import re
+
+    from kiln.data.quality import STOP_WORDS, _letter_words, real_words_of, words_of
+    texts = [GOOD, "x1 2_3 __ 42 \u0663\u0664 x\u00b2 \u00b2 \u2167 caf\u00e9 _a 9b ... -- !!",
+             "The THE tHe be_ to-of AND \u0130 that's", ""]
+    for text in texts:
+        words = words_of(text)
+        real = [w for w in words if not re.match(r"^[^\w\s]+$", w)]
+        assert real_words_of(text) == real
+        assert _letter_words(text, real) == sum(any(ch.isalpha() for ch in w) for w in words)
+        assert sum(map(STOP_WORDS.__contains__, map(str.lower, real))) == sum(w.lower() in STOP_WORDS for w in real)
+
+
+def test_ngram_shares_equal_np_unique_definitions():
+    import numpy as np
+
+    from kiln.data.quality import _dup_ngram_chars, _ngram_chars, _ngram_keys, _top_ngram_chars, _word_ids
+
+    def top_ref(ids, lens, n):
+        keys = _ngram_keys(ids, n)
+        _, first, counts = np.unique(keys, return_index=True, return_counts=True)
+        top = int(np.argmax(counts))
+        return int(_ngram_chars(lens, n)[first[top]]) * int(counts[top])
+
+    def dup_ref(ids, lens, n):
+        keys = _ngram_keys(ids, n)
+        _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+        total, next_free = 0, -1
+        for i in np.flatnonzero(first[inverse] < np.arange(len(keys))).tolist():
+            if i >= next_free:
+                total, next_free = total + int(_ngram_chars(lens, n)[i]), i + n
+        return total
+
+    rng = np.random.default_rng(0)
+    for trial in range(30):
+        words = [str(w) for w in rng.integers(0, 3 + trial, size=int(rng.integers(10, 300)))]
+        ids, lens = _word_ids(words)
+        for n in (2, 3, 4):
+            assert _top_ngram_chars(ids, lens, n) == top_ref(ids, lens, n)
+        for n in range(5, 11):
+            assert _dup_ngram_chars(ids, lens, n) == dup_ref(ids, lens, n)

@@ -11,6 +11,7 @@ import pytest
 
 from kiln.config import ClassifierConfig, Config, ConfigError, DataConfig
 from kiln.data import run_data
+from kiln.data import executors
 from kiln.data import run as data_run
 from test_data_filters import GOOD, PARAGRAPHS
 from test_data_run import rows, untimed
@@ -106,7 +107,7 @@ def test_finished_tasks_are_reused(tmp_path, monkeypatch):
     whole = untimed(run_data(cfg))
     work = cfg.run_path / "data" / "_work" / data_run.fingerprint(cfg.data)
     calls = []
-    real = data_run.run_task
+    real = executors.run_task
 
     def failing(item, spec):
         calls.append(item[0])
@@ -114,12 +115,12 @@ def test_finished_tasks_are_reused(tmp_path, monkeypatch):
             raise KeyboardInterrupt   # a crash in the middle of the run
         return real(item, spec)
 
-    monkeypatch.setattr(data_run, "run_task", failing)
+    monkeypatch.setattr(executors, "run_task", failing)
     with pytest.raises(KeyboardInterrupt):
         run_data(cfg)
     assert sorted(p.name for p in work.glob("*.json")) == [f"task-00000{i}.json" for i in range(3)]
     calls.clear()
-    monkeypatch.setattr(data_run, "run_task", lambda item, spec: (calls.append(item[0]), real(item, spec))[1])
+    monkeypatch.setattr(executors, "run_task", lambda item, spec: (calls.append(item[0]), real(item, spec))[1])
     assert untimed(run_data(cfg)) == whole
     assert calls == list(range(6))   # asked for all, but the first three came from their markers
     assert not (cfg.run_path / "data" / "_work").exists()

@@ -203,7 +203,10 @@ class DataConfig:
     shard_docs: int = 20_000
     """Documents per output Parquet shard."""
     workers: int = 0
-    """Processes for the per-file tasks; 0 = one per CPU core."""
+    """Processes for the per-file tasks; 0 = one per CPU core. With Ray: at least 2x this many tasks in flight."""
+    executor: Literal["local", "ray"] = "local"
+    """Where the per-file tasks run: `local` (a process pool) or `ray` (the cluster named by RAY_ADDRESS, or
+    a local Ray instance; needs `pip install 'llmkiln[ray]'`). The output is the same either way."""
     resume: bool = True
     """Reuse finished per-file tasks of an interrupted run with the same config (data/_work/)."""
 
@@ -217,6 +220,8 @@ class DataConfig:
                 "must each be in [0, 1) and sum to less than 1")
         _positive("data.shard_docs", self.shard_docs)
         _non_negative("data.workers", self.workers)
+        if self.executor not in ("local", "ray"):
+            raise ConfigError(f"data.executor={self.executor!r}: choose 'local' (process pool) or 'ray'")
         for i, name in enumerate(self.steps):
             if name not in DOC_STEPS:
                 raise ConfigError(f"data.steps[{i}]={name!r} is not a step; choose from {', '.join(DOC_STEPS)}")

@@ -1,6 +1,7 @@
 """The data stage driver: sources -> file tasks (per-document steps) -> dedup across files -> split -> Parquet.
 
-1. Every input file is one task, run in a process pool (`data.workers`): read,
+1. Every input file is one task, run in a process pool (`data.workers`) or on Ray
+   (`data.executor`, see `executors.py`): read,
    then the per-document steps (`steps.build_steps`); the outcome of every
    record is saved under `data/_work/<config hash>/` with a completion marker
    (`tasks.py`), so a killed run redoes only unfinished files.
@@ -17,10 +18,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import hashlib
 import json
-import multiprocessing
 import os
 import shutil
 import time
@@ -40,7 +39,8 @@ from kiln.data.records import Doc, Drop, Quarantined, StepStats
 from kiln.data.report import Tally, build_report, summary_lines
 from kiln.data.sources import resolve_sources
 from kiln.data.steps import build_steps, enabled, prepare
-from kiln.data.tasks import DROPPED, QUARANTINED, TaskSpec, run_task, task_paths
+from kiln.data.executors import ray_module, task_results
+from kiln.data.tasks import DROPPED, QUARANTINED, TaskSpec, task_paths
 from kiln.data.writer import ShardWriter
 from kiln.rundir import RunDir, clear_done, write_json_atomic
 
@@ -61,14 +61,14 @@ def run_data(cfg: Config) -> dict:
     work = _prepare_out(out, d)
     workers = _n_workers(d.workers, len(tasks))
     kinds = sorted({t.kind for t in tasks})
-    print(f"data: {len(tasks)} files ({'/'.join(kinds)}) from {', '.join(d.sources)}; {workers} worker(s) -> {out}",
-          flush=True)
+    where = f"{workers} worker(s)" if d.executor == "local" else "Ray (RAY_ADDRESS, or a local instance)"
+    print(f"data: {len(tasks)} files ({'/'.join(kinds)}) from {', '.join(d.sources)}; {where} -> {out}", flush=True)
 
     start = time.perf_counter()
     steps = build_steps(d, prepare(d, work, out))
     spec = TaskSpec(steps, d.text_key, d.max_docs, d.near_dedup if d.near_dedup.enabled else None, str(work))
     tally, stats = Tally(), StepStats()
-    taken = _account(_task_results(tasks, spec, workers), d, tally, stats)
+    taken = _account(task_results(tasks, spec, workers, d.executor), d, tally, stats)
     splits = _write(taken, d, tally, out)
     elapsed = time.perf_counter() - start
 
@@ -161,33 +161,14 @@ def _write(taken: list[Taken], d: DataConfig, tally: Tally, out: Path) -> dict[s
     return {s: {"docs": w.docs, "bytes": w.bytes, "shards": w.shards} for s, w in writers.items()}
 
 
-def _task_results(tasks: list[FileTask], spec: TaskSpec, workers: int) -> Iterator[tuple[int, FileTask, dict]]:
-    work = functools.partial(run_task, spec=spec)
-    items = list(enumerate(tasks))
-    with contextlib.ExitStack() as stack:
-        if workers == 1:
-            results = map(work, items)   # in-process: same function, same order, easier to debug
-        else:
-            # spawn, not fork: forking a process that has threads (tqdm's monitor, a caller's) can deadlock.
-            pool = stack.enter_context(multiprocessing.get_context("spawn").Pool(workers))
-            results = pool.imap(work, items, chunksize=_chunksize(len(tasks), workers))
-        bar = stack.enter_context(tqdm(total=len(tasks), unit="file", desc="data: files", disable=None, leave=False))
-        for (index, task), side in zip(items, results):
-            bar.update()
-            yield index, task, {**side, "work_dir": spec.work_dir}
-
-
-def _chunksize(n_tasks: int, workers: int) -> int:
-    # Small enough to keep both the workers and the progress bar busy, big enough to amortise IPC.
-    return max(1, min(16, n_tasks // (workers * 16)))
-
-
 def _n_workers(requested: int, n_tasks: int) -> int:
     return max(1, min(requested or os.cpu_count() or 1, n_tasks))
 
 
 def _check(d: DataConfig) -> None:
     d.validate()
+    if d.executor == "ray":
+        ray_module()   # missing Ray stops the run before it deletes the previous output
     if d.max_docs is not None and d.max_docs < 0:
         raise ConfigError(f"data.max_docs={d.max_docs} must be >= 0 (or null to read everything)")
     if d.min_chars < 0 or d.max_doc_chars < max(d.min_chars, 1):
@@ -198,8 +179,8 @@ def _check(d: DataConfig) -> None:
 
 
 def fingerprint(d: DataConfig) -> str:
-    """Hash of everything that changes a task's result (not `workers`, not `resume`)."""
-    cfg = {k: v for k, v in dataclasses.asdict(d).items() if k not in ("workers", "resume")}
+    """Hash of everything that changes a task's result (not `workers`, `resume` or `executor`)."""
+    cfg = {k: v for k, v in dataclasses.asdict(d).items() if k not in ("workers", "resume", "executor")}
     blob = json.dumps({"kiln": kiln.__version__, "data": cfg}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
