@@ -167,6 +167,9 @@ class TrainConfig:
     """`bf16` autocast with fp32 master weights, or `fp32`; `auto` = bf16 on CUDA, fp32 on CPU."""
     compile: bool = False
     """Compile the model with torch.compile."""
+    activation_checkpointing: Literal["off", "block", "selective"] = "off"
+    """Trade compute for memory: `block` recomputes each block in backward, `selective` keeps matmul and
+    attention outputs and recomputes the element-wise ops (see kiln/train/memory.py)."""
     threads: int = 0
     """CPU threads for torch (0 = leave torch's default)."""
     eval_every: int = 100

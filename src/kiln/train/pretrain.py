@@ -25,6 +25,7 @@ from kiln.train.distributed import (Dist, any_rank, barrier, full_tensor, grad_s
                                     parallelize, shutdown, uses_autocast)
 from kiln.train.guard import SpikeGuard, step_if_finite
 from kiln.train.loader import PackedLoader
+from kiln.train.memory import apply_activation_checkpointing
 from kiln.train.optim import build_optimizer, lr_at, set_lr
 from kiln.train.runtime import autocast, configure_torch, peak_flops, use_bf16
 
@@ -147,6 +148,7 @@ def _pretrain(cfg: Config, d: Dist, device: torch.device) -> dict:
 
     torch.manual_seed(t.seed)
     model = Transformer(m).to("cpu" if t.cpu_offload else device)
+    apply_activation_checkpointing(model, t.activation_checkpointing)   # before sharding, as torchtitan does
     wrapped = parallelize(model, d, device, bf16, t.cpu_offload)   # DDP wrapper, or `model` sharded in place
     optimizer = build_optimizer(model, t, device)
     train_loader = PackedLoader(rd.token_files("train"), m.max_seq_len, t.micro_batch_size, tok.eos_id, seed=t.seed,
@@ -184,7 +186,8 @@ def _pretrain(cfg: Config, d: Dist, device: torch.device) -> dict:
     say(f"train: {t.max_steps} steps x {t.batch_tokens} tokens (micro-batch {t.micro_batch_size} x accum {accum}"
         f"{f' x {d.world_size} ranks' if d.world_size > 1 else ''}), lr {t.lr:.2e} {t.schedule}, warmup "
         f"{t.warmup_steps}, device {device}, {'bf16' if bf16 else 'fp32'}"
-        f"{f', {d.parallel}' if d.parallel != 'none' else ''}{', compiled' if t.compile else ''}")
+        f"{f', {d.parallel}' if d.parallel != 'none' else ''}{', compiled' if t.compile else ''}"
+        f"{f', activation checkpointing {t.activation_checkpointing}' if t.activation_checkpointing != 'off' else ''}")
 
     fwd = torch.compile(wrapped) if t.compile else wrapped
     # DDP's forward hooks are for training: validate on the module inside. FSDP must run its own forward.

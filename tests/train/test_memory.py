@@ -1,0 +1,57 @@
+"""Activation checkpointing changes memory, never the numbers or the parameter names."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from kiln.config import ModelConfig
+from kiln.model.llama import Transformer
+from kiln.train.memory import apply_activation_checkpointing
+
+
+def _grads(mode):
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(ModelConfig(depth=2, head_dim=16, n_kv_heads=1, max_seq_len=16), vocab_size=64)
+    model = Transformer(cfg)
+    keys = list(model.state_dict())
+    assert apply_activation_checkpointing(model, mode) == (0 if mode == "off" else 2)
+    assert list(model.state_dict()) == keys   # checkpoints and HF export see the same names
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randint(0, 64, (3, 16), generator=g), torch.randint(0, 64, (3, 16), generator=g)
+    loss = model(x, y)
+    loss.backward()
+    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("mode", ["block", "selective"])
+def test_same_loss_and_gradients_as_without(mode):
+    ref_loss, ref = _grads("off")
+    loss, grads = _grads(mode)
+    assert loss == ref_loss
+    for name, g in grads.items():
+        torch.testing.assert_close(g, ref[name], rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_recomputes_in_backward():
+    """With `block`, backward runs each block's forward again: count the attention calls."""
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(ModelConfig(depth=2, head_dim=16, max_seq_len=8), vocab_size=32)
+    calls = {"n": 0}
+
+    def run(mode):
+        model = Transformer(cfg)
+        apply_activation_checkpointing(model, mode)
+        for block in model.model.layers:
+            block.self_attn.register_forward_hook(lambda *a: calls.__setitem__("n", calls["n"] + 1))
+        calls["n"] = 0
+        model(torch.zeros(1, 8, dtype=torch.long), torch.zeros(1, 8, dtype=torch.long)).backward()
+        return calls["n"]
+
+    assert run("off") == 2 and run("block") == 4
+
+
+def test_unknown_mode():
+    cfg = dataclasses.replace(ModelConfig(depth=1, head_dim=16, max_seq_len=8), vocab_size=32)
+    with pytest.raises(ValueError, match="selective"):
+        apply_activation_checkpointing(Transformer(cfg), "everything")
