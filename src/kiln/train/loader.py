@@ -36,11 +36,7 @@ count from 0 at each segment and at each row start (a row may start mid-document
 
 from __future__ import annotations
 
-import atexit
-import bisect
-import queue
 import threading
-import weakref
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -51,6 +47,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
+
+from kiln.train.packing import bestfit_rows, split_pieces, document_mask
+from kiln.train.prefetch import Prefetcher
 
 STATE_VERSION = 2
 IGNORE = -100           # target of a padding position; the model's cross-entropy ignores it
@@ -109,8 +108,8 @@ class PackedLoader:
             self._block_rows = np.zeros(len(self.files), dtype=np.int64)
             target_tokens = padded = 0
             for i in range(len(self.files)):
-                _, lens, cont = _pieces(self._unit_lens(i), seq_len + 1)
-                (_, col), fill = _bestfit_rows(lens, seq_len + 1)
+                _, lens, cont = split_pieces(self._unit_lens(i), seq_len + 1)
+                (_, col), fill = bestfit_rows(lens, seq_len + 1)
                 self._block_rows[i] = len(fill)
                 target_tokens += int(fill.sum()) - len(fill) - int((cont & (col > 0)).sum())
                 padded += int((seq_len + 1 - fill).sum())
@@ -144,7 +143,7 @@ class PackedLoader:
         self._plan_cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self._epoch = 0
         self._position = 0                 # global batches of the current epoch already yielded
-        self._worker: _Prefetcher | None = None
+        self._worker: Prefetcher | None = None
 
     # ------------------------------------------------------------ sizes
 
@@ -178,7 +177,7 @@ class PackedLoader:
         if self.prefetch:
             if self._worker is None or self._worker.next_key != key:
                 self._stop_worker()
-                self._worker = _Prefetcher(self, key)
+                self._worker = Prefetcher(self, key)
             arrays = self._worker.get()
         else:
             arrays = self.arrays_at(*key)
@@ -350,8 +349,8 @@ class PackedLoader:
         stream = self._packed_shard(epoch, shard)
         n = len(self._lens[shard])
         perm = np.random.default_rng([self.seed, epoch, shard, 0]).permutation(n) if self.shuffle else np.arange(n)
-        starts, lens, cont = _pieces(self._unit_lens(shard)[perm], L)
-        (row, col), fill = _bestfit_rows(lens, L)
+        starts, lens, cont = split_pieces(self._unit_lens(shard)[perm], L)
+        (row, col), fill = bestfit_rows(lens, L)
         rows = np.full((len(fill), L), self.pad_id, dtype=np.int32)
         # One flat gather for all pieces: token j of piece p goes from starts[p] + j to row*L + col + j.
         before = np.zeros(len(lens), dtype=np.int64)
@@ -402,65 +401,6 @@ class PackedLoader:
 
 # ---------------------------------------------------------------- document mask
 
-def document_mask(x: np.ndarray, eos_id: int, bos_id: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(positions, segment_ids), int64, of inputs x (B, S): a new segment starts after each EOS and at each BOS."""
-    B, S = x.shape
-    start = np.zeros(x.shape, dtype=bool)
-    start[:, 1:] = x[:, :-1] == eos_id
-    if bos_id is not None:
-        start |= x == bos_id
-    start[:, 0] = True
-    seg = np.cumsum(start, axis=1, dtype=np.int64) - 1                          # (B, S)
-    t = np.broadcast_to(np.arange(S, dtype=np.int64), (B, S))
-    seg_start = np.maximum.accumulate(np.where(start, t, 0), axis=1)
-    return t - seg_start, seg
-
-
-# ---------------------------------------------------------------- packing
-
-def _pieces(units: np.ndarray, L: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Split units (lengths, in stream order) into pieces of at most L tokens overlapping by one token,
-    so that every token of a unit but its first is a target exactly once; (stream starts, lengths,
-    is-continuation). The last piece of a split unit holds at least 2 tokens."""
-    S = L - 1
-    unit_start = np.zeros(len(units), dtype=np.int64)
-    np.cumsum(units[:-1], out=unit_start[1:])
-    # pieces per unit: 1 if u <= L else ceil((u - 1) / S)
-    k = np.where(units <= L, 1, -(-(units - 1) // S))
-    idx = np.repeat(np.arange(len(units)), k)
-    j = np.arange(len(idx)) - np.repeat(np.cumsum(k) - k, k)                  # piece number within its unit
-    starts = unit_start[idx] + j * S
-    lens = np.minimum(units[idx] - j * S, L)
-    return starts, lens, j > 0
-
-
-def _bestfit_rows(lens: np.ndarray, L: int) -> tuple[tuple[np.ndarray, np.ndarray], np.ndarray]:
-    """Best-fit-decreasing: ((row, column) of each piece, tokens per row). The row count depends only
-    on the multiset of lengths, so it is the same in every epoch whatever the document order."""
-    order = np.argsort(-lens, kind="stable")
-    row = np.empty(len(lens), dtype=np.int64)
-    col = np.empty(len(lens), dtype=np.int64)
-    full = order[lens[order] == L]
-    row[full], col[full] = np.arange(len(full)), 0
-    fill = [L] * len(full)
-    free: list[tuple[int, int]] = []          # (free space, row), sorted: best fit = first with space >= n
-    for p in order[len(full):].tolist():
-        n = int(lens[p])
-        i = bisect.bisect_left(free, (n, -1))
-        if i < len(free):
-            space, r = free.pop(i)
-        else:
-            space, r = L, len(fill)
-            fill.append(0)
-        row[p], col[p] = r, fill[r]
-        fill[r] += n
-        if space - n > 0:
-            bisect.insort(free, (space - n, r))
-    return (row, col), np.asarray(fill, dtype=np.int64)
-
-
-# ---------------------------------------------------------------- shards
-
 def _scan_shards(files: list[Path], need_lengths: bool) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
     """Documents and tokens per shard (footer / tokenize metadata when present), and document lengths
     when needed; reads one shard at a time."""
@@ -503,83 +443,3 @@ def _read_shard(f: Path, values: bool = True) -> tuple[np.ndarray, np.ndarray]:
 
 
 # ---------------------------------------------------------------- prefetch
-
-class _Prefetcher:
-    """A daemon thread computing arrays_at(key), arrays_at(next key), ... into a bounded queue.
-
-    Holds the loader only through a weak reference between batches, so an abandoned loader is
-    collected and its thread ends."""
-
-    def __init__(self, loader: PackedLoader, key: tuple[int, int]):
-        self.next_key = key
-        self._n = loader.batches_per_epoch
-        self._q: queue.Queue = queue.Queue(maxsize=loader.prefetch)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=_prefetch_loop, args=(weakref.ref(loader), key, self._q, self._stop),
-                                        daemon=True, name="kiln-loader-prefetch")
-        _LIVE.add((self._thread, self._stop))
-        self._thread.start()
-
-    def get(self):
-        while True:
-            try:
-                key, out = self._q.get(timeout=1.0)
-            except queue.Empty:
-                if not self._thread.is_alive():
-                    raise RuntimeError("the loader's prefetch thread died without an error") from None
-                continue
-            if isinstance(out, BaseException):
-                raise out
-            assert key == self.next_key, (key, self.next_key)
-            e, p = key
-            self.next_key = (e + 1, 0) if p + 1 >= self._n else (e, p + 1)
-            return out
-
-    def stop(self, join: bool = False) -> None:
-        self._stop.set()
-        if join:
-            self._thread.join(timeout=5)
-
-
-_LIVE: set[tuple[threading.Thread, threading.Event]] = set()    # running threads, also of collected loaders
-
-
-@atexit.register
-def _stop_all() -> None:
-    # A daemon thread still inside torch when the interpreter exits can abort the process
-    # ("terminate called without an active exception"): stop and join them first.
-    for thread, stop in list(_LIVE):
-        stop.set()
-    for thread, _ in list(_LIVE):
-        thread.join(timeout=5)
-
-
-def _prefetch_loop(ref: weakref.ref, key: tuple[int, int], q: queue.Queue, stop: threading.Event) -> None:
-    try:
-        _produce(ref, key, q, stop)
-    finally:
-        _LIVE.discard((threading.current_thread(), stop))
-
-
-def _produce(ref: weakref.ref, key: tuple[int, int], q: queue.Queue, stop: threading.Event) -> None:
-    epoch, pos = key
-    while not stop.is_set():
-        loader = ref()
-        if loader is None:
-            return
-        n = loader.batches_per_epoch
-        if pos >= n:
-            epoch, pos = epoch + 1, 0
-        try:
-            item = ((epoch, pos), loader.arrays_at(epoch, pos))
-        except BaseException as e:   # handed to the consumer, raised there
-            item = ((epoch, pos), e)
-        del loader
-        while not stop.is_set():
-            try:
-                q.put(item, timeout=0.2)
-                break
-            except queue.Full:
-                if ref() is None:
-                    return
-        pos += 1
