@@ -15,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kiln.train import loader as loader_mod
+from kiln.train import packing
 from kiln.train.loader import Batch, PackedLoader, document_mask
 
 EOS = 1
@@ -315,7 +316,7 @@ def test_pin_memory_flag_is_harmless_without_cuda(files):
 @given(st.lists(st.integers(1, 40), min_size=1, max_size=60), st.integers(2, 17))
 def test_pieces_and_bestfit_property(units, L):
     units = np.array(units, dtype=np.int64)
-    starts, lens, cont = loader_mod._pieces(units, L)
+    starts, lens, cont = packing.split_pieces(units, L)
     assert cont.sum() == len(lens) - len(units)
     assert (lens >= 1).all() and (lens <= L).all()
     # covered: every stream position, and pieces overlap by exactly one token inside a unit
@@ -323,11 +324,11 @@ def test_pieces_and_bestfit_property(units, L):
     for s, n in zip(starts, lens):
         covered[s:s + n] += 1
     assert (covered >= 1).all()
-    (row, col), fill = loader_mod._bestfit_rows(lens, L)
+    (row, col), fill = packing.bestfit_rows(lens, L)
     assert (fill <= L).all() and fill.sum() == lens.sum()
     for r in range(len(fill)):                                      # pieces of a row tile it without overlap
         mine = np.flatnonzero(row == r)
         spans = sorted(zip(col[mine], lens[mine]))
         assert spans[0][0] == 0 and all(a + n == b for (a, n), (b, _) in zip(spans, spans[1:]))
     # row count depends only on the multiset of lengths
-    assert len(loader_mod._bestfit_rows(lens[::-1].copy(), L)[1]) == len(fill)
+    assert len(packing.bestfit_rows(lens[::-1].copy(), L)[1]) == len(fill)
