@@ -59,3 +59,13 @@ def test_batch_tokens_must_divide():
         resolve_train(TrainConfig(micro_batch_size=4, batch_tokens=1000), ModelConfig(max_seq_len=64))
     t = resolve_train(TrainConfig(micro_batch_size=4, batch_tokens=4 * 64 * 3), ModelConfig(max_seq_len=64))
     assert t.batch_tokens == 768 and grad_accum_steps(t, ModelConfig(max_seq_len=64)) == 3
+
+
+def test_muon_with_fsdp_is_refused_with_the_way_out():
+    with pytest.raises(ConfigError, match="train.parallel ddp"):
+        load_recipe("gpt2-small", {"train": {"parallel": "fsdp"}})
+    load_recipe("gpt2-small", {"train": {"parallel": "fsdp", "optimizer": "adamw"}})
+
+
+def test_gpu_and_cpu_recipes_use_muon():
+    assert load_recipe("gpt2-small").train.optimizer == "muon" and load_recipe("tiny").train.optimizer == "muon"
