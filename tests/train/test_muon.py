@@ -94,3 +94,25 @@ def test_state_dict_round_trip_continues_identically():
 def test_rejects_non_matrix_in_muon_group():
     with pytest.raises(ValueError, match="2-D"):
         MuonWithAdamW([{"params": [torch.nn.Parameter(torch.zeros(3))], "use_muon": True}])
+
+
+def test_found_inf_skips_the_step_exactly_without_reading_the_flag():
+    torch.manual_seed(0)
+    ps = [torch.nn.Parameter(torch.randn(6, 4)), torch.nn.Parameter(torch.randn(4))]
+    opt = MuonWithAdamW([{"params": [ps[0]], "use_muon": True, "lr": 0.02}, {"params": [ps[1]], "lr": 1e-2}])
+    ps[0].grad, ps[1].grad = torch.randn(6, 4), torch.randn(4)
+    opt.step()
+    before = [p.detach().clone() for p in ps]
+    state = copy.deepcopy(opt.state_dict())
+    ps[0].grad, ps[1].grad = torch.full((6, 4), float("nan")), torch.full((4,), float("inf"))
+    opt.found_inf = torch.tensor(1.0)
+    opt.step()
+    del opt.found_inf
+    assert all(torch.equal(a, b) for a, b in zip(ps, before))
+    after = opt.state_dict()["state"]
+    for k, st in state["state"].items():
+        assert all(torch.equal(st[n], after[k][n]) for n in st)
+    opt.found_inf = torch.tensor(0.0)  # a finite step with the flag present is an ordinary step
+    ps[0].grad, ps[1].grad = torch.randn(6, 4), torch.randn(4)
+    opt.step()
+    assert not torch.equal(ps[0], before[0]) and torch.isfinite(ps[0]).all()

@@ -4,7 +4,8 @@ Non-finite skip, without a host sync. The decision "is this step's gradient norm
 the device. A fused AdamW (kiln's optimizer on CUDA) takes it as `found_inf`, the same hook
 torch.amp.GradScaler uses: the kernel leaves parameters, both moments and the step count untouched
 when the flag is set, so a skipped step is exactly a step that never happened, and the CPU never
-waits for the GPU. Other optimizers have no such hook; they read the flag (`bool(finite)`), which on
+waits for the GPU. kiln's Muon honours the same attribute (selecting old or new values on the
+device). Other optimizers have no such hook; they read the flag (`bool(finite)`), which on
 CPU tensors is no device sync at all, and on a GPU is one sync per step (warned about once).
 
 The alternative, `torch.where(finite, new, old)` over every parameter and moment, costs a full copy
@@ -31,7 +32,7 @@ _warned_sync = False
 def step_if_finite(optimizer: torch.optim.Optimizer, finite: torch.Tensor) -> None:
     """optimizer.step(), or nothing at all when `finite` (a 0-dim bool tensor) is False."""
     global _warned_sync
-    if all(g.get("fused") for g in optimizer.param_groups):
+    if getattr(optimizer, "supports_found_inf", False) or all(g.get("fused") for g in optimizer.param_groups):
         optimizer.found_inf = (~finite).float()   # read on the device by the fused kernel
         try:
             optimizer.step()

@@ -57,47 +57,59 @@ class MuonWithAdamW(torch.optim.Optimizer):
                 g.setdefault("eps", 1e-8)
         super().__init__(groups, defaults={"lr": 0.02})
 
+    # Honours `self.found_inf` (a 0-dim device tensor, nonzero = skip) like the fused AdamW kernel, so the
+    # non-finite guard can skip a step without reading the flag on the host.
+    supports_found_inf = True
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        skip = getattr(self, "found_inf", None)
+        keep = None if skip is None else skip == 0   # device bool: select new or old values, no sync
         for group in self.param_groups:
             if group["use_muon"]:
-                self._muon(group)
+                self._muon(group, keep)
             else:
-                self._adamw(group)
+                self._adamw(group, keep)
         return loss
 
-    def _muon(self, group: dict) -> None:
+    def _muon(self, group: dict, keep: torch.Tensor | None) -> None:
         lr, mu = group["lr"], group["momentum"]
         for p in group["params"]:
             if p.grad is None:
                 continue
             buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
-            buf.lerp_(p.grad, 1 - mu)  # buf = mu * buf + (1 - mu) * grad
-            update = p.grad.lerp(buf, mu) if group["nesterov"] else buf
+            new_buf = buf.lerp(p.grad, 1 - mu)  # mu * buf + (1 - mu) * grad
+            update = p.grad.lerp(new_buf, mu) if group["nesterov"] else new_buf
             update = orthogonalize(update, group["ns_steps"])
             # An orthogonal (m x n) update has RMS sqrt(1/max(m,n)); scale tall/wide layers alike.
             scale = max(1.0, p.size(0) / p.size(1)) ** 0.5
-            p.mul_(1 - lr * group["weight_decay"])
-            p.add_(update, alpha=-lr * scale)
+            new_p = p * (1 - lr * group["weight_decay"]) - (lr * scale) * update
+            _assign(buf, new_buf, keep)
+            _assign(p, new_p, keep)
 
-    def _adamw(self, group: dict) -> None:
+    def _adamw(self, group: dict, keep: torch.Tensor | None) -> None:
         lr, (b1, b2), eps = group["lr"], group["betas"], group["eps"]
         for p in group["params"]:
             if p.grad is None:
                 continue
             state = self.state[p]
             if not state:
-                state["step"] = torch.zeros((), dtype=torch.float32)
+                state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
                 state["exp_avg"] = torch.zeros_like(p)
                 state["exp_avg_sq"] = torch.zeros_like(p)
-            state["step"] += 1
-            t = state["step"].item()  # a CPU tensor: no device sync
-            state["exp_avg"].lerp_(p.grad, 1 - b1)
-            state["exp_avg_sq"].mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
-            denom = (state["exp_avg_sq"] / (1 - b2 ** t)).sqrt_().add_(eps)
-            p.mul_(1 - lr * group["weight_decay"])
-            p.addcdiv_(state["exp_avg"], denom, value=-lr / (1 - b1 ** t))
+            t = state["step"] + 1   # a device tensor: the bias corrections need no host value
+            m = state["exp_avg"].lerp(p.grad, 1 - b1)
+            v = state["exp_avg_sq"] * b2 + (1 - b2) * p.grad * p.grad
+            denom = (v / (1 - b2 ** t)).sqrt() + eps
+            new_p = p * (1 - lr * group["weight_decay"]) - (lr / (1 - b1 ** t)) * m / denom
+            for old, new in ((state["step"], t), (state["exp_avg"], m), (state["exp_avg_sq"], v), (p, new_p)):
+                _assign(old, new, keep)
+
+
+def _assign(dst: torch.Tensor, src: torch.Tensor, keep: torch.Tensor | None) -> None:
+    """dst = src, or (keep False) dst unchanged; torch.where never lets the unchosen NaN through."""
+    dst.copy_(src if keep is None else torch.where(keep, src, dst))
