@@ -1,13 +1,21 @@
 """Training throughput: kiln's gpt2-small against the plain GPT-2 reference, same GPU, same run.
 
-    python bench/train_throughput.py [--steps 30] [--warmup 8] [--micro-batch 32] [--variants base,flash,cudnn,mb2x]
+    python bench/train_throughput.py [--steps 30] [--warmup 8] [--micro-batch 32] [--depth 12]
+                                     [--no-reference] [--variants base,fused,liger,autotune,fp8,...]
 
 Every configuration trains on the same random token batches (32 x 1024 by default), one
 optimizer step per micro-batch, bf16 autocast, torch.compile, fused AdamW. Reports tokens/s,
 MFU against the datasheet peak and against a bf16 8192^3 matmul measured in this run, peak
 memory, and the ratio to the reference; the first losses of each kiln variant are compared with
-the base variant so that no speed is bought with a numerics change. Writes
-bench/results/train_throughput.json.
+the base variant so that no speed is bought with a numerics change. Each row is printed and
+bench/results/train_throughput.json rewritten as soon as its variant finishes.
+
+Variants: base; flash / cudnn (SDPA backend forced); mb2x (micro-batch x2); fused (one q/k/v
+and one gate/up matmul per layer from the same parameters); liger (Liger-Kernel's fused linear +
+cross-entropy); autotune (compile mode max-autotune-no-cudagraphs); cudagraphs (max-autotune);
+fp8 / fp8_rowwise (torchao float8 training, lm_head kept in bf16); hd128 (heads of 128);
+vocab32k (a 32,768-token vocabulary). `--depth 28 --no-reference --micro-batch 8` measures the
+~1.2B configuration.
 """
 
 from __future__ import annotations
@@ -19,9 +27,11 @@ import gc
 import json
 import sys
 import time
+import types
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
 from reference_gpt2 import GPT2, GPT2Config, optimizer as ref_optimizer  # noqa: E402
@@ -68,7 +78,7 @@ def run(name: str, model, opt, loss_fn, batches, warmup: int, steps: int, attent
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             opt.zero_grad(set_to_none=True)
-            losses.append(loss.detach())
+            losses.append(loss.detach().clone())  # clone: a CUDA-graph replay reuses the output buffer
         torch.cuda.synchronize()
     dt = time.perf_counter() - t0
     tokens = steps * batches[0][0].numel()
@@ -76,9 +86,88 @@ def run(name: str, model, opt, loss_fn, batches, warmup: int, steps: int, attent
             "losses": [float(v) for v in torch.stack(losses[:warmup]).cpu()]}
 
 
-def kiln_model(seq: int) -> Transformer:
+def kiln_model(seq: int, vocab: int = VOCAB, **overrides) -> Transformer:
     cfg = load_recipe("gpt2-small").model
-    return Transformer(dataclasses.replace(cfg, vocab_size=VOCAB, max_seq_len=seq)).cuda()
+    return Transformer(dataclasses.replace(cfg, vocab_size=vocab, max_seq_len=seq, **overrides)).cuda()
+
+
+def fused_projections(model: Transformer) -> Transformer:
+    """One (D, 3D) matmul for q/k/v and one (D, 2F) for gate/up per layer, from the same parameters."""
+    from kiln.model.llama import apply_rope
+
+    def attn_forward(self, x_BTD, cos_TE, sin_TE, cache, mask_TS):
+        B, T, _ = x_BTD.shape
+        w = torch.cat((self.q_proj.weight, self.k_proj.weight, self.v_proj.weight))
+        q, k, v = F.linear(x_BTD, w).split([self.q_proj.out_features, self.k_proj.out_features,
+                                            self.v_proj.out_features], dim=-1)
+        q = apply_rope(q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2), cos_TE, sin_TE)
+        k = apply_rope(k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2), cos_TE, sin_TE)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+    def mlp_forward(self, x_BTD):
+        gate, up = F.linear(x_BTD, torch.cat((self.gate_proj.weight, self.up_proj.weight))).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+    for layer in model.model.layers:
+        layer.self_attn.forward = types.MethodType(attn_forward, layer.self_attn)
+        layer.mlp.forward = types.MethodType(mlp_forward, layer.mlp)
+    return model
+
+
+def float8(recipe: str):
+    def convert(model: Transformer) -> Transformer:
+        from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+        config = Float8LinearConfig.from_recipe_name(recipe)
+        # lm_head stays bf16: its fp8 error lands directly on the logits (the usual practice).
+        return convert_to_float8_training(model, config=config, module_filter_fn=lambda m, fqn: fqn != "lm_head")
+    return convert
+
+
+def liger_loss(model, x, y):
+    from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
+    m = model._orig_mod if hasattr(model, "_orig_mod") else model
+    T = x.size(1)
+    h = m.model(x, m.rope_cos[:T], m.rope_sin[:T])
+    return LigerFusedLinearCrossEntropyLoss()(m.lm_head.weight, h.flatten(0, 1), y.flatten())
+
+
+@dataclasses.dataclass
+class Variant:
+    attention: str = "default"
+    loss: object = None  # None: the model's own forward(x, y)
+    mult: int = 1  # micro-batch multiplier
+    transform: object = None  # model -> model, applied before compile
+    compile_mode: str | None = None
+    vocab: int = VOCAB
+    overrides: dict = dataclasses.field(default_factory=dict)
+    compile_loss: bool = True  # liger's kernels run outside the compiled graph
+
+
+VARIANTS = {
+    "base": Variant(),
+    "flash": Variant(attention="flash"),
+    "cudnn": Variant(attention="cudnn"),
+    "mb2x": Variant(mult=2),
+    "fused": Variant(transform=fused_projections),
+    "liger": Variant(loss=liger_loss, compile_loss=False),
+    "autotune": Variant(compile_mode="max-autotune-no-cudagraphs"),
+    "cudagraphs": Variant(compile_mode="max-autotune"),
+    "fp8": Variant(transform=float8("tensorwise")),
+    "fp8_rowwise": Variant(transform=float8("rowwise")),
+    "hd128": Variant(overrides={"head_dim": 128}),
+    "vocab32k": Variant(vocab=32768),
+}
+
+
+def run_reference(args, batches) -> dict:
+    torch.manual_seed(0)
+    ref = GPT2(GPT2Config(vocab_size=VOCAB, block_size=args.seq)).cuda()
+    r = run("reference GPT-2", torch.compile(ref), ref_optimizer(ref), lambda m, x, y: m(x, y), batches,
+            args.warmup, args.steps, "default")
+    r["flops_per_token"] = ref.flops_per_token(args.seq)
+    return r
 
 
 def main() -> None:
@@ -87,7 +176,9 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=8)
     ap.add_argument("--micro-batch", type=int, default=32)
     ap.add_argument("--seq", type=int, default=1024)
-    ap.add_argument("--variants", default="base,flash,cudnn,mb2x,cudnn_mb2x")
+    ap.add_argument("--depth", type=int, default=12, help="kiln model depth (12 = gpt2-small; 28 = ~1.2B)")
+    ap.add_argument("--no-reference", action="store_true", help="skip the GPT-2 reference (other sizes)")
+    ap.add_argument("--variants", default="base,fused,liger,autotune,fp8,fp8_rowwise,hd128,vocab32k")
     args = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True
     device = torch.device("cuda")
@@ -97,66 +188,88 @@ def main() -> None:
                for _ in range(args.warmup + args.steps)]
     measured_peak = matmul_peak()
     sheet_peak = peak_flops(device)
-    results = []
-
-    torch.manual_seed(0)
-    ref = GPT2(GPT2Config(vocab_size=VOCAB, block_size=args.seq)).cuda()
-    r = run("reference GPT-2", torch.compile(ref), ref_optimizer(ref), lambda m, x, y: m(x, y), batches,
-            args.warmup, args.steps, "default")
-    r["flops_per_token"] = ref.flops_per_token(args.seq)
-    results.append(r)
-    del ref
-    full = lambda m, x, y: m(x, y)  # noqa: E731
-    variants = {  # name: (attention backend, loss, micro-batch multiplier)
-        "base": ("default", full, 1),
-        "flash": ("flash", full, 1),
-        "cudnn": ("cudnn", full, 1),
-        "mb2x": ("default", full, 2),
-        "cudnn_mb2x": ("cudnn", full, 2),
-    }
-    for v in args.variants.split(","):
-        gc.collect()
-        torch.cuda.empty_cache()
-        torch._dynamo.reset()
-        torch.manual_seed(0)
-        model = kiln_model(args.seq)
-        attention, loss_fn, mult = variants[v]
-        data = batches if mult == 1 else [
-            (torch.cat([a[0] for a in batches[i:i + mult]]), torch.cat([a[1] for a in batches[i:i + mult]]))
-            for i in range(0, len(batches) - mult + 1, mult)]
-        steps = args.steps // mult
-        opt = build_optimizer(model, dataclasses.replace(TrainConfig(), lr=6e-4), device)
-        r = run(f"kiln {v}", torch.compile(model), opt, loss_fn, data, args.warmup // mult or 1, steps, attention)
-        r["flops_per_token"] = model.flops_per_token(args.seq)
-        results.append(r)
-        del model, opt
-
-    base_tps = results[0]["tokens_per_s"]
-    kiln_base = next((r for r in results if r["name"] == "kiln base"), None)
     print(f"GPU {torch.cuda.get_device_name()}, torch {torch.__version__}, measured bf16 matmul peak "
           f"{measured_peak / 1e12:.0f} TFLOP/s, datasheet {sheet_peak / 1e12 if sheet_peak else float('nan'):.0f}")
-    print("| config | tokens/s | x reference | MFU (datasheet) | MFU (measured peak) | peak mem GB | max |dloss| vs kiln base |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
-    for r in results:
+    print("| config | tokens/s | x first row | MFU (datasheet) | MFU (measured peak) | peak mem GB | max |dloss| vs kiln base |")
+    print("|---|---:|---:|---:|---:|---:|---:|", flush=True)
+    results: list[dict] = []
+    report = Report(args, measured_peak, sheet_peak, results)
+    if not args.no_reference:
+        report.add(run_reference(args, batches))
+    for v in args.variants.split(","):
+        try:  # one failing variant (a missing package, a compile error) must not lose the others' rows
+            report.add(run_variant(v, VARIANTS[v], args, batches, device))
+        except Exception as e:  # noqa: BLE001
+            print(f"| kiln {v} | failed: {type(e).__name__}: {str(e).splitlines()[0][:150]} |", flush=True)
+            results.append({"name": f"kiln {v}", "error": f"{type(e).__name__}: {e}"})
+            report.write()
+    print(f"wrote {report.out}")
+
+
+def run_variant(v: str, var: Variant, args, batches, device) -> dict:
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = kiln_model(args.seq, var.vocab, depth=args.depth, **var.overrides)
+    flops_per_token = model.flops_per_token(args.seq)
+    if var.transform is not None:
+        model = var.transform(model)
+    data = batches if var.vocab == VOCAB else [(x % var.vocab, y % var.vocab) for x, y in batches]
+    if var.mult > 1:
+        data = [(torch.cat([a[0] for a in data[i:i + var.mult]]), torch.cat([a[1] for a in data[i:i + var.mult]]))
+                for i in range(0, len(data) - var.mult + 1, var.mult)]
+    opt = build_optimizer(model, dataclasses.replace(TrainConfig(), lr=6e-4), device)
+    if var.loss is None:
+        compiled, loss_fn = torch.compile(model, mode=var.compile_mode), (lambda m, x, y: m(x, y))
+    elif var.compile_loss:
+        compiled, loss_fn = torch.compile(model, mode=var.compile_mode), var.loss
+    else:  # compile the backbone only: the loss runs its own kernels
+        model.model = torch.compile(model.model, mode=var.compile_mode)
+        compiled, loss_fn = model, var.loss
+    t0 = time.perf_counter()
+    r = run(f"kiln {v}", compiled, opt, loss_fn, data, args.warmup // var.mult or 1, args.steps // var.mult,
+            var.attention)
+    r["wall_s_incl_compile"] = time.perf_counter() - t0
+    r["flops_per_token"] = flops_per_token
+    r["same_numerics_as_base"] = var.mult == 1 and var.vocab == VOCAB and not var.overrides
+    return r
+
+
+@dataclasses.dataclass
+class Report:
+    args: argparse.Namespace
+    measured_peak: float
+    sheet_peak: float | None
+    results: list[dict]
+    out: Path = Path(__file__).parent / "results" / "train_throughput.json"
+
+    def add(self, r: dict) -> None:
+        """Derive the ratios, print the row and rewrite the JSON at once (a later crash keeps it)."""
+        ok = [x for x in self.results if "error" not in x]
+        first = ok[0] if ok else r
+        kiln_base = next((x for x in ok + [r] if x["name"] == "kiln base"), None)
         flops = r["flops_per_token"] * r["tokens_per_s"]
-        r["mfu_datasheet"] = flops / sheet_peak if sheet_peak else None
-        r["mfu_measured"] = flops / measured_peak
-        r["ratio_to_reference"] = r["tokens_per_s"] / base_tps
-        same_batches = len(r["losses"]) == len(kiln_base["losses"]) if kiln_base else False
-        dloss = (max(abs(a - b) for a, b in zip(r["losses"], kiln_base["losses"]))
-                 if same_batches and r["name"].startswith("kiln") else None)
+        r["mfu_datasheet"] = flops / self.sheet_peak if self.sheet_peak else None
+        r["mfu_measured"] = flops / self.measured_peak
+        r["ratio_to_first_row"] = r["tokens_per_s"] / first["tokens_per_s"]
+        comparable = kiln_base is not None and r.get("same_numerics_as_base", False)
+        dloss = max(abs(a - b) for a, b in zip(r["losses"], kiln_base["losses"])) if comparable else None
         r["max_loss_diff_vs_kiln_base"] = dloss
         mfu_d = "-" if r["mfu_datasheet"] is None else f"{100 * r['mfu_datasheet']:.1f}%"
         dl = "-" if dloss is None else f"{dloss:.4f}"
-        print(f"| {r['name']} | {r['tokens_per_s']:,.0f} | {r['ratio_to_reference']:.2f} | {mfu_d} | "
-              f"{100 * r['mfu_measured']:.1f}% | {r['peak_mem_gb']:.1f} | {dl} |")
-    out = Path(__file__).parent / "results" / "train_throughput.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                               "date": time.strftime("%Y-%m-%d"), "args": vars(args),
-                               "measured_peak_flops": measured_peak, "datasheet_peak_flops": sheet_peak,
-                               "results": results}, indent=2) + "\n")
-    print(f"wrote {out}")
+        print(f"| {r['name']} | {r['tokens_per_s']:,.0f} | {r['ratio_to_first_row']:.2f} | {mfu_d} | "
+              f"{100 * r['mfu_measured']:.1f}% | {r['peak_mem_gb']:.1f} | {dl} |", flush=True)
+        self.results.append(r)
+        self.write()
+
+    def write(self) -> None:
+        self.out.parent.mkdir(exist_ok=True)
+        self.out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                                        "date": time.strftime("%Y-%m-%d"), "args": vars(self.args),
+                                        "measured_peak_flops": self.measured_peak,
+                                        "datasheet_peak_flops": self.sheet_peak, "results": self.results},
+                                       indent=2) + "\n")
 
 
 if __name__ == "__main__":
