@@ -14,7 +14,8 @@ Variants: base; flash / cudnn (SDPA backend forced); mb2x (micro-batch x2); fuse
 and one gate/up matmul per layer from the same parameters); liger (Liger-Kernel's fused linear +
 cross-entropy); autotune (compile mode max-autotune-no-cudagraphs); cudagraphs (max-autotune);
 fp8 / fp8_rowwise (torchao float8 training, lm_head kept in bf16); hd128 (heads of 128);
-vocab32k (a 32,768-token vocabulary). `--depth 28 --no-reference --micro-batch 8` measures the
+vocab32k (a 32,768-token vocabulary); muon / muon_serial (Muon + AdamW, Newton-Schulz batched
+per shape / one matrix at a time; one optimizer step per micro-batch, the worst case). `--depth 28 --no-reference --micro-batch 8` measures the
 ~1.2B configuration.
 """
 
@@ -38,6 +39,7 @@ from reference_gpt2 import GPT2, GPT2Config, optimizer as ref_optimizer  # noqa:
 
 from kiln.config import TrainConfig, load_recipe  # noqa: E402
 from kiln.model.llama import Transformer  # noqa: E402
+from kiln.train import muon  # noqa: E402
 from kiln.train.optim import build_optimizer  # noqa: E402
 from kiln.train.runtime import peak_flops  # noqa: E402
 
@@ -133,6 +135,13 @@ def liger_loss(model, x, y):
     return LigerFusedLinearCrossEntropyLoss()(m.lm_head.weight, h.flatten(0, 1), y.flatten())
 
 
+batched_orthogonalize = muon.orthogonalize_all
+
+
+def serial_orthogonalize(updates, steps):
+    return [muon.orthogonalize(u, steps) for u in updates]
+
+
 @dataclasses.dataclass
 class Variant:
     attention: str = "default"
@@ -143,6 +152,8 @@ class Variant:
     vocab: int = VOCAB
     overrides: dict = dataclasses.field(default_factory=dict)
     compile_loss: bool = True  # liger's kernels run outside the compiled graph
+    optimizer: str = "adamw"
+    serial_muon: bool = False  # Newton-Schulz one matrix at a time (kiln's first Muon), for comparison
 
 
 VARIANTS = {
@@ -158,6 +169,8 @@ VARIANTS = {
     "fp8_rowwise": Variant(transform=float8("rowwise")),
     "hd128": Variant(overrides={"head_dim": 128}),
     "vocab32k": Variant(vocab=32768),
+    "muon": Variant(optimizer="muon"),
+    "muon_serial": Variant(optimizer="muon", serial_muon=True),
 }
 
 
@@ -219,7 +232,8 @@ def run_variant(v: str, var: Variant, args, batches, device) -> dict:
     if var.mult > 1:
         data = [(torch.cat([a[0] for a in data[i:i + var.mult]]), torch.cat([a[1] for a in data[i:i + var.mult]]))
                 for i in range(0, len(data) - var.mult + 1, var.mult)]
-    opt = build_optimizer(model, dataclasses.replace(TrainConfig(), lr=6e-4), device)
+    opt = build_optimizer(model, dataclasses.replace(TrainConfig(), lr=6e-4, optimizer=var.optimizer), device)
+    muon.orthogonalize_all = serial_orthogonalize if var.serial_muon else batched_orthogonalize
     if var.loss is None:
         compiled, loss_fn = torch.compile(model, mode=var.compile_mode), (lambda m, x, y: m(x, y))
     elif var.compile_loss:

@@ -116,3 +116,15 @@ def test_found_inf_skips_the_step_exactly_without_reading_the_flag():
     ps[0].grad, ps[1].grad = torch.randn(6, 4), torch.randn(4)
     opt.step()
     assert not torch.equal(ps[0], before[0]) and torch.isfinite(ps[0]).all()
+
+
+def test_batched_orthogonalisation_equals_one_matrix_at_a_time(monkeypatch):
+    import kiln.train.muon as muon
+    g = torch.Generator().manual_seed(3)
+    shapes = [(48, 16), (16, 16), (48, 16), (16, 48), (16, 16), (48, 16)]
+    updates = [torch.randn(*s, generator=g) for s in shapes]
+    single = [muon.orthogonalize(u, 5) for u in updates]
+    monkeypatch.setattr(muon, "STACK_ELEMENTS", 48 * 16 * 2)  # forces chunks of two
+    for a, b in zip(muon.orthogonalize_all(updates, 5), single):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
