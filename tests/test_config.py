@@ -69,3 +69,77 @@ def test_muon_with_fsdp_is_refused_with_the_way_out():
 
 def test_gpu_and_cpu_recipes_use_muon():
     assert load_recipe("gpt2-small").train.optimizer == "muon" and load_recipe("tiny").train.optimizer == "muon"
+
+
+# ---------------------------------------------------------------- train.parallel=deepspeed (no DeepSpeed needed)
+
+def _ds(tmp_path, user: dict | None = None, **train):
+    import json
+    over = {"parallel": "deepspeed", "optimizer": "adamw", **train}
+    if user is not None:
+        path = tmp_path / "ds.json"
+        path.write_text(json.dumps(user))
+        over["deepspeed_config"] = str(path)
+    return load_recipe("tiny", {"train": over})
+
+
+def test_deepspeed_config_validates(tmp_path):
+    t = _ds(tmp_path, {"zero_optimization": {"stage": 3, "overlap_comm": True}, "gradient_clipping": "auto"},
+            zero_stage=3).train
+    assert t.parallel == "deepspeed" and t.zero_stage == 3
+    assert _ds(tmp_path).train.zero_stage == 2    # the default
+
+
+def test_deepspeed_refuses_muon_compile_and_bad_stage(tmp_path):
+    with pytest.raises(ConfigError, match="train.optimizer=muon with train.parallel=deepspeed"):
+        _ds(tmp_path, optimizer="muon")
+    with pytest.raises(ConfigError, match="train.compile"):
+        _ds(tmp_path, compile=True)
+    with pytest.raises(ConfigError, match="train.zero_stage=4"):
+        _ds(tmp_path, zero_stage=4)
+    with pytest.raises(ConfigError, match="offload_optimizer"):
+        _ds(tmp_path, cpu_offload=True)
+    with pytest.raises(ConfigError, match="train.deepspeed_config is set but train.parallel='ddp'"):
+        _ds(tmp_path, {}, parallel="ddp")
+    with pytest.raises(ConfigError, match="train.fp8 with train.parallel=deepspeed"):
+        _ds(tmp_path, fp8="tensorwise")
+
+
+def test_fp8_is_a_choice_of_recipe():
+    assert load_recipe("tiny", {"train": {"fp8": "rowwise"}}).train.fp8 == "rowwise"
+    with pytest.raises(ConfigError, match="train.fp8"):
+        load_recipe("tiny", {"train": {"fp8": "e4m3"}})
+
+
+def test_deepspeed_json_contradicting_kiln_names_the_key(tmp_path):
+    with pytest.raises(ConfigError, match=r'"zero_optimization.stage" = 3 contradicts .*train.zero_stage'):
+        _ds(tmp_path, {"zero_optimization": {"stage": 3}})
+    with pytest.raises(ConfigError, match=r'"gradient_clipping" = 0.5 contradicts .*train.grad_clip'):
+        _ds(tmp_path, {"gradient_clipping": 0.5})
+    with pytest.raises(ConfigError, match=r'"optimizer" section .* kiln builds AdamW'):
+        _ds(tmp_path, {"optimizer": {"type": "Adam"}})
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        (tmp_path / "bad.json").write_text("{")
+        load_recipe("tiny", {"train": {"parallel": "deepspeed", "optimizer": "adamw",
+                                       "deepspeed_config": str(tmp_path / "bad.json")}})
+
+
+def test_deepspeed_full_config_merges_batch_precision_and_passes_the_rest(tmp_path):
+    from kiln.train.zero import deepspeed_config
+    t = _ds(tmp_path, {"zero_optimization": {"reduce_bucket_size": 1000}, "train_batch_size": "auto",
+                       "wall_clock_breakdown": True}).train
+    c = deepspeed_config(t, micro_batch=4, accum=2, world_size=8, bf16=True)
+    assert (c["train_batch_size"], c["train_micro_batch_size_per_gpu"], c["gradient_accumulation_steps"]) == (64, 4, 2)
+    assert c["zero_optimization"] == {"reduce_bucket_size": 1000, "stage": 2}
+    assert c["bf16"] == {"enabled": True, "check_grad_overflow": True} and c["wall_clock_breakdown"] is True
+    t = _ds(tmp_path, {"train_micro_batch_size_per_gpu": 8}).train
+    with pytest.raises(ConfigError, match=r'"train_micro_batch_size_per_gpu" = 8 contradicts kiln\'s 4'):
+        deepspeed_config(t, micro_batch=4, accum=2, world_size=8, bf16=False)
+
+
+def test_deepspeed_missing_says_how_to_install(monkeypatch):
+    import sys
+    from kiln.train import zero
+    monkeypatch.setitem(sys.modules, "deepspeed", None)    # import deepspeed -> ImportError
+    with pytest.raises(ConfigError, match=r"pip install 'llmkiln\[deepspeed\]'"):
+        zero.require()

@@ -61,7 +61,8 @@ class Stage:
 # `train` settings that change how a run is watched, not what it produces.
 _TRAIN_VOLATILE = ("resume", "force_resume", "eval_every", "sample_every", "sample_prompts", "log_every",
                    "checkpoint_every", "milestone_every", "keep_checkpoints", "device", "threads", "parallel",
-                   "cpu_offload", "prefetch", "pin_memory", "activation_checkpointing")
+                   "cpu_offload", "prefetch", "pin_memory", "activation_checkpointing", "zero_stage",
+                   "deepspeed_config")
 
 STAGES: tuple[Stage, ...] = (
     Stage("data", _data, ("data",), lambda rd: rd.data),

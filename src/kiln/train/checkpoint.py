@@ -2,10 +2,14 @@
 
     checkpoints/step_0000600/
       model.safetensors   weights under Hugging Face Llama names (lm_head.weight left out when tied); with
-                          parallel=fsdp the consolidated (gathered) copy, so eval/generate/export need no DCP
+                          parallel=fsdp/deepspeed the consolidated (gathered) fp32 copy, so eval/generate/export
+                          need neither DCP nor DeepSpeed
       optimizer.pt        parallel=none/ddp: optimizer.state_dict(), read back with weights_only=True
       dcp/                parallel=fsdp: model + optimizer through torch.distributed.checkpoint, one shard file
                           per rank plus .metadata; loads at any rank count (DCP reshards), also into none/ddp
+      deepspeed/          parallel=deepspeed: engine.save_checkpoint's ZeRO shards (tag `state`) and layout.json
+                          (rank count, stage); loads into deepspeed only, at another rank count or stage through
+                          a universal checkpoint (kiln/train/zero.py)
       rng.pt              torch CPU (and CUDA) generator states of rank 0, weights_only as well
       state.json          step, loader position, data fingerprint, Python and NumPy RNG states, counters
       config.yaml         the resolved config the run was made with
@@ -37,7 +41,7 @@ import yaml
 from kiln.config import Config, ConfigError, ModelConfig, from_dict
 from kiln.model.hf import TIED_KEY, load_weights, save_weights
 from kiln.rundir import fsync_dir, write_text_atomic
-from kiln.train import faults
+from kiln.train import faults, zero
 from kiln.train.distributed import Dist, barrier, broadcast_object
 
 COMPLETE = "COMPLETE"
@@ -71,7 +75,8 @@ def save_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizer: to
                     milestone: bool = False) -> Path:
     """Write checkpoint `step`; under torchrun every rank must call this (rank 0 writes the single files).
 
-    `model` is the Transformer (for fsdp: the sharded one, for ddp: the unwrapped one)."""
+    `model` is the Transformer (for fsdp: the sharded one, for ddp: the unwrapped one), or for deepspeed the
+    engine (which holds the sharded optimizer)."""
     final = step_dir(root, step)
     tmp = None
     if d.is_main:
@@ -83,6 +88,8 @@ def save_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizer: to
     tmp = broadcast_object(tmp, d)
     if d.parallel == "fsdp":
         _save_sharded(tmp, step, model, optimizer, d)
+    elif d.parallel == "deepspeed":
+        zero.save(model, tmp, step, d)
     elif d.is_main:
         save_weights(model, tmp / "model.safetensors", metadata={"format": "pt", "step": str(step)})
         faults.checkpoint_pause()
@@ -98,8 +105,9 @@ def save_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizer: to
         for f in tmp.rglob("*"):
             if f.is_file():
                 _fsync_file(f)
-        if (tmp / "dcp").is_dir():
-            fsync_dir(tmp / "dcp")
+        for sub in sorted(tmp.rglob("*"), reverse=True):   # dcp/, deepspeed/state/, deepspeed/
+            if sub.is_dir():
+                fsync_dir(sub)
         write_text_atomic(tmp / COMPLETE, f"step {step}\n")
         fsync_dir(tmp)
         old = None
@@ -172,7 +180,10 @@ def load_checkpoint(ckpt: Path, model: torch.nn.Module, optimizer: torch.optim.O
     into none/ddp directly and into fsdp through a full state dict that set_state_dict shards."""
     if not (ckpt / COMPLETE).exists():
         raise FileNotFoundError(f"{ckpt} is not a complete checkpoint (no {COMPLETE} marker)")
-    if (ckpt / "dcp").is_dir():
+    check_layout(ckpt, d.parallel)
+    if d.parallel == "deepspeed":
+        zero.load(model, ckpt, d)
+    elif (ckpt / "dcp").is_dir():
         _load_sharded(ckpt / "dcp", model, optimizer)
     elif d.parallel == "fsdp":
         _load_single_into_fsdp(ckpt, model, optimizer, device)
@@ -184,6 +195,24 @@ def load_checkpoint(ckpt: Path, model: torch.nn.Module, optimizer: torch.optim.O
     state = read_state(ckpt)
     _set_host_rng(state)
     return state
+
+
+def check_layout(ckpt: Path, parallel: str, zero_stage: int | None = None) -> None:
+    """DeepSpeed's sharded state loads into a DeepSpeed engine only (ZeRO-3 into ZeRO-3, ZeRO-1/2 into
+    ZeRO-1/2), and only a DeepSpeed checkpoint does."""
+    written_by_deepspeed = (ckpt / "deepspeed").is_dir()
+    if written_by_deepspeed == (parallel == "deepspeed"):
+        if written_by_deepspeed and zero_stage is not None:
+            zero.check_stage(ckpt, zero_stage)
+        return
+    if written_by_deepspeed:
+        raise ConfigError(f"cannot resume from {ckpt} with train.parallel={parallel}: it was written by "
+                          "train.parallel=deepspeed, whose optimizer state is DeepSpeed's sharded format. Resume "
+                          "with --train.parallel deepspeed (any rank count or ZeRO stage), or start a new run "
+                          "from its weights (model.safetensors)")
+    raise ConfigError(f"cannot resume from {ckpt} with train.parallel=deepspeed: it was written by another "
+                      "train.parallel mode, and kiln does not convert optimizer state into DeepSpeed's; resume "
+                      "with the mode that wrote it (none, ddp and fsdp load each other's checkpoints)")
 
 
 def _load_sharded(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> None:

@@ -1,6 +1,6 @@
 """Data parallelism, applied from outside the model (torchtitan's `parallelize.py`).
 
-    torchrun --nproc_per_node=N -m kiln pretrain RECIPE --train.parallel {ddp,fsdp}
+    torchrun --nproc_per_node=N -m kiln pretrain RECIPE --train.parallel {ddp,fsdp,deepspeed}
 
 `init_distributed` reads torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_*) and starts
 the process group: NCCL on CUDA, gloo on CPU. `parallelize` wraps the model:
@@ -11,9 +11,13 @@ the process group: NCCL on CUDA, gloo on CPU. `parallelize` wraps the model:
         the tied head). Parameters, gradients and optimizer state are sharded over the ranks. With bf16
         precision the MixedPrecisionPolicy gathers parameters in bf16 and reduce-scatters gradients in
         fp32 (torch.autocast is then off: the policy is the mixed precision). Optional CPU offload.
+- deepspeed: DeepSpeed ZeRO stage 1/2/3. `parallelize` leaves the model alone; kiln/train/zero.py wraps
+        model and optimizer together in the engine, which then owns accumulation, clipping, bf16 and the
+        sharded checkpoint state (autocast is off: DeepSpeed's bf16 mode is the mixed precision).
 
 Gradient accumulation: `grad_sync(model, False)` around every micro-batch but the last, so only the
-last backward communicates (DDP `no_sync`, FSDP2 `set_requires_gradient_sync`).
+last backward communicates (DDP `no_sync`, FSDP2 `set_requires_gradient_sync`; DeepSpeed's engine counts
+micro-batches itself).
 """
 
 from __future__ import annotations
@@ -59,7 +63,7 @@ def init_distributed(parallel: str, device_spec: str, cpu_offload: bool = False)
     if parallel == "none":
         if world > 1:
             raise ConfigError(f"train.parallel=none but torchrun started {world} processes: set "
-                              "--train.parallel ddp or --train.parallel fsdp")
+                              "--train.parallel ddp, fsdp or deepspeed")
         return Dist(), pick_device(device_spec)
     if not dist.is_available():
         raise ConfigError(f"train.parallel={parallel} needs torch.distributed, which this PyTorch build lacks")
@@ -68,8 +72,13 @@ def init_distributed(parallel: str, device_spec: str, cpu_offload: bool = False)
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)  # one GPU per process, whatever train.device named
         torch.cuda.set_device(device)
+    if parallel == "deepspeed":
+        from kiln.train import zero
+        zero.select_accelerator(device)
+        zero.require()
     if "MASTER_ADDR" not in os.environ:  # not under torchrun: a group of one
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1")
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1",
+                          LOCAL_RANK="0")   # DeepSpeed reads LOCAL_RANK
     if not dist.is_initialized():
         # CPU offload reduces the (CPU) gradient norm across ranks, which NCCL cannot do: gloo for CPU tensors.
         backend = ("cpu:gloo,cuda:nccl" if cpu_offload else "nccl") if device.type == "cuda" else "gloo"
@@ -83,11 +92,12 @@ def shutdown() -> None:
 
 
 def parallelize(model: nn.Module, d: Dist, device: torch.device, bf16: bool, cpu_offload: bool = False) -> nn.Module:
-    """The model to train: `model` itself (none), a DDP wrapper (ddp) or `model`, sharded in place (fsdp).
+    """The model to train: `model` itself (none; deepspeed, whose engine zero.initialize builds around model
+    and optimizer), a DDP wrapper (ddp) or `model`, sharded in place (fsdp).
 
     Build the optimizer afterwards from `model` (FSDP2 replaces parameters with sharded DTensors;
     DDP shares the parameters of `model`, whose names carry no `module.` prefix)."""
-    if d.parallel == "none":
+    if d.parallel in ("none", "deepspeed"):
         return model
     if d.parallel == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -110,8 +120,9 @@ def parallelize(model: nn.Module, d: Dist, device: torch.device, bf16: bool, cpu
 
 
 def uses_autocast(d: Dist) -> bool:
-    """FSDP2's MixedPrecisionPolicy casts parameters itself; autocast on top would only add casts."""
-    return d.parallel != "fsdp"
+    """FSDP2's MixedPrecisionPolicy and DeepSpeed's bf16 mode cast parameters themselves; autocast on top
+    would only add casts."""
+    return d.parallel not in ("fsdp", "deepspeed")
 
 
 @contextlib.contextmanager
@@ -136,7 +147,7 @@ def grad_sync(model: nn.Module, enabled: bool) -> Iterator[None]:
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The Transformer inside a DDP wrapper (FSDP2 shards in place: nothing to unwrap)."""
+    """The Transformer inside a DDP wrapper or a DeepSpeed engine (FSDP2 shards in place: nothing to unwrap)."""
     return model.module if hasattr(model, "module") and isinstance(model.module, nn.Module) else model
 
 

@@ -20,14 +20,15 @@ import torch
 from kiln.config import Config, ConfigError, grad_accum_steps, resolve_train, round_up
 from kiln.rundir import RunDir
 from kiln.train import checkpoint as ckpt_io
-from kiln.train import faults
+from kiln.train import faults, zero
 from kiln.train.distributed import (Dist, any_rank, barrier, full_tensor, grad_sync, init_distributed, mean_over_ranks,
                                     parallelize, shutdown, uses_autocast)
 from kiln.train.guard import SpikeGuard, step_if_finite
 from kiln.train.loader import PackedLoader
+from kiln.train.fp8 import apply_fp8, check_fp8
 from kiln.train.memory import apply_activation_checkpointing
 from kiln.train.optim import build_optimizer, lr_at, set_lr
-from kiln.train.runtime import autocast, configure_torch, peak_flops, use_bf16
+from kiln.train.runtime import autocast, configure_torch, cuda_memory_stats, oom_advice, peak_flops, use_bf16
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -49,7 +50,10 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches
     reading them is left to the caller, since `.item()` is a host sync.
 
     Under DDP/FSDP (`model` the wrapper) only the last micro-batch's backward communicates; the loss is
-    this rank's and the norm the global one. A non-finite norm skips the update (see guard.py)."""
+    this rank's and the norm the global one. A non-finite norm skips the update (see guard.py).
+    A DeepSpeed engine accumulates, clips and skips by itself (zero.train_step)."""
+    if zero.is_engine(model):
+        return zero.train_step(model, batches, accum, device, loss_fn)
     loss_fn = loss_fn or (lambda m, b: m(b[0], b[1]))
     total = torch.zeros((), device=device)
     for i in range(accum):
@@ -148,9 +152,18 @@ def _pretrain(cfg: Config, d: Dist, device: torch.device) -> dict:
 
     torch.manual_seed(t.seed)
     model = Transformer(m).to("cpu" if t.cpu_offload else device)
+    n_params = model.num_params()   # counted before sharding (ZeRO-3 empties the parameters it partitions)
+    flops_per_token = model.flops_per_token(m.max_seq_len)
+    if t.fp8 != "off":   # before compile and sharding (torchao's order); names and checkpoints unchanged
+        check_fp8(t.fp8, device)
+        apply_fp8(model, t.fp8)
     apply_activation_checkpointing(model, t.activation_checkpointing)   # before sharding, as torchtitan does
     wrapped = parallelize(model, d, device, bf16, t.cpu_offload)   # DDP wrapper, or `model` sharded in place
     optimizer = build_optimizer(model, t, device)
+    if d.parallel == "deepspeed":   # the engine wraps model and optimizer together (kiln/train/zero.py)
+        wrapped, optimizer = zero.initialize(model, optimizer, t, t.micro_batch_size, accum, d.world_size, bf16)
+    # What a checkpoint saves and restores: the engine under DeepSpeed (it owns the sharded state).
+    holder = wrapped if d.parallel == "deepspeed" else model
     train_loader = PackedLoader(rd.token_files("train"), m.max_seq_len, t.micro_batch_size, tok.eos_id, seed=t.seed,
                                 rank=d.rank, world_size=d.world_size, packing=t.packing, bos_id=tok.bos_id,
                                 pad_id=tok.pad_id, prefetch=t.prefetch, pin_memory=t.pin_memory and device.type == "cuda")
@@ -166,7 +179,7 @@ def _pretrain(cfg: Config, d: Dist, device: torch.device) -> dict:
     last = ckpt_io.latest_checkpoint(rd.checkpoints) if t.resume else None
     if last is not None:
         _check_resumable(last, cfg, fingerprint)
-        state = ckpt_io.load_checkpoint(last, model, optimizer, device, d)
+        state = ckpt_io.load_checkpoint(last, holder, optimizer, device, d)
         ts = TrainState.from_checkpoint(state)
         _load_loader(train_loader, state["loader"], t.force_resume, say)
         if d.is_main:
@@ -178,21 +191,21 @@ def _pretrain(cfg: Config, d: Dist, device: torch.device) -> dict:
         guard.load_state_dict(ts.spike)
     barrier(d)
 
-    n_params = model.num_params()   # FSDP: a DTensor's numel() is the global one
-    flops_per_token = model.flops_per_token(m.max_seq_len)
     peak = peak_flops(device)
     say(f"model: {n_params / 1e6:.2f}M params, d_model {m.d_model}, {m.depth} layers, {m.n_heads} heads "
         f"({m.n_kv_heads} kv), ffn {m.ffn_hidden}, vocab {m.vocab_size}, context {m.max_seq_len}")
     say(f"train: {t.max_steps} steps x {t.batch_tokens} tokens (micro-batch {t.micro_batch_size} x accum {accum}"
         f"{f' x {d.world_size} ranks' if d.world_size > 1 else ''}), lr {t.lr:.2e} {t.schedule}, warmup "
         f"{t.warmup_steps}, device {device}, {'bf16' if bf16 else 'fp32'}"
-        f"{f', {d.parallel}' if d.parallel != 'none' else ''}{', compiled' if t.compile else ''}"
+        f"{f', {d.parallel}' if d.parallel != 'none' else ''}"
+        f"{f' ZeRO-{t.zero_stage}' if d.parallel == 'deepspeed' else ''}{', compiled' if t.compile else ''}"
         f"{f', activation checkpointing {t.activation_checkpointing}' if t.activation_checkpointing != 'off' else ''}")
 
     fwd = torch.compile(wrapped) if t.compile else wrapped
     # DDP's forward hooks are for training: validate on the module inside. FSDP must run its own forward.
     val_model = (torch.compile(model) if t.compile else model) if d.parallel == "ddp" else fwd
     batches = iter(train_loader)
+    full_weights_here = d.parallel != "fsdp" and not (d.parallel == "deepspeed" and t.zero_stage == 3)  # samples
     tokens_per_step = t.batch_tokens
     start_step = ts.step
     skipped = torch.tensor(ts.skipped_steps, device=device)   # counted on the device: no sync per step
@@ -207,7 +220,7 @@ def _pretrain(cfg: Config, d: Dist, device: torch.device) -> dict:
         ts.skipped_steps, ts.spike = int(skipped.item()), guard.state_dict()
         state = {**dataclasses.asdict(ts), "loader": train_loader.state_dict(), "fingerprint": fingerprint}
         milestone = milestone_ok and t.milestone_every > 0 and ts.step % t.milestone_every == 0
-        return ckpt_io.save_checkpoint(rd.checkpoints, ts.step, model, optimizer, state, cfg, t.keep_checkpoints,
+        return ckpt_io.save_checkpoint(rd.checkpoints, ts.step, holder, optimizer, state, cfg, t.keep_checkpoints,
                                        d, milestone)
 
     elapsed_before = ts.elapsed_s
@@ -236,15 +249,14 @@ def _pretrain(cfg: Config, d: Dist, device: torch.device) -> dict:
                           "elapsed_s": elapsed_before + now - t0}
                 if peak:
                     record["mfu"] = flops_per_token * tok_s / peak
-                if device.type == "cuda":  # allocator bookkeeping on the host: no sync
-                    record["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
+                record.update(cuda_memory_stats(device))  # allocator counters on the host: no sync
                 if t.skip_nonfinite and not math.isfinite(record["grad_norm"]):
                     record["skipped"] = True
                 eta = (now - t0) / (done - start_step) * (t.max_steps - done)
                 say(_log_line(record, t.max_steps, eta), flush=True)
                 if guard.observe(done, record["loss"]):
                     # Every rank saw the same (rank-averaged) loss, so every rank rolls back together.
-                    ts = _rollback(rd, ts, guard, t, model, optimizer, device, d, metrics, say)
+                    ts = _rollback(rd, ts, guard, t, holder, optimizer, device, d, metrics, say)
                     skipped.fill_(ts.skipped_steps)
                     save(milestone_ok=False)   # records the new loader position: the skip survives a crash
                     saved_at = ts.step
@@ -253,7 +265,7 @@ def _pretrain(cfg: Config, d: Dist, device: torch.device) -> dict:
                 final_val = validation_loss(val_model, val_loader, val_start, val_batches, device, amp, d)
                 record = {**record, "step": done, "val_loss": final_val}
                 say(f"step {done}: val loss {final_val:.4f} (ppl {math.exp(min(final_val, 50)):.1f})", flush=True)
-            if t.sample_every and done % t.sample_every == 0 and d.parallel != "fsdp" and d.is_main:
+            if t.sample_every and done % t.sample_every == 0 and full_weights_here and d.is_main:
                 _print_samples(model, tok, t.sample_prompts, t.seed + done)
             if record and metrics:
                 metrics.write(json.dumps(record) + "\n")
@@ -267,6 +279,8 @@ def _pretrain(cfg: Config, d: Dist, device: torch.device) -> dict:
                 if saved_at != done:
                     save()
                 break
+    except torch.OutOfMemoryError as e:   # say which knobs fit the run; the last checkpoint is intact
+        raise RuntimeError(oom_advice(device, t.micro_batch_size, t.activation_checkpointing)) from e
     finally:
         if metrics:
             metrics.close()
@@ -351,6 +365,7 @@ def _rollback(rd: RunDir, ts: TrainState, guard: SpikeGuard, t, model, optimizer
 
 def _check_resumable(last: Path, cfg: Config, fingerprint: dict) -> None:
     _check_same_model(last, cfg)
+    ckpt_io.check_layout(last, cfg.train.parallel, cfg.train.zero_stage)
     saved = ckpt_io.checkpoint_config(last).train
     if saved.batch_tokens != cfg.train.batch_tokens:
         raise ConfigError(f"cannot resume from {last}: it was trained with train.batch_tokens={saved.batch_tokens}, "
@@ -374,6 +389,10 @@ def _log_line(r: dict, max_steps: int, eta_s: float) -> str:
             f"gnorm {r['grad_norm']:.3f} | {r['tok_per_s'] / 1e3:.1f}k tok/s")
     if "mfu" in r:
         line += f" | mfu {100 * r['mfu']:.1f}%"
+    if "peak_mem_gb" in r:
+        line += f" | mem {r['peak_mem_gb']:.1f}GB"
+        if r["alloc_retries"]:  # the allocator emptied its cache to fit: slow, and near an OOM
+            line += f" ({r['alloc_retries']} alloc retries)"
     return line + f" | eta {_fmt_time(eta_s)}"
 
 

@@ -69,3 +69,33 @@ def configure_torch(device: torch.device, threads: int) -> None:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+
+
+def cuda_memory_stats(device: torch.device) -> dict:
+    """Peak allocated / reserved GB since the last reset, and the allocator's retries and OOMs.
+
+    `alloc_retries` > 0 means the caching allocator had to free its cache and retry a cudaMalloc:
+    the run is at the edge of memory and slows down (cudaFree synchronises). A reserved peak well
+    above the allocated one is fragmentation (PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True helps).
+    Reads counters only: no device sync.
+    """
+    if device.type != "cuda":
+        return {}
+    s = torch.cuda.memory_stats(device)
+    return {"peak_mem_gb": s.get("allocated_bytes.all.peak", 0) / 1e9,
+            "peak_reserved_gb": s.get("reserved_bytes.all.peak", 0) / 1e9,
+            "alloc_retries": s.get("num_alloc_retries", 0),
+            "ooms": s.get("num_ooms", 0)}
+
+
+def oom_advice(device: torch.device, micro_batch_size: int, checkpointing: str) -> str:
+    """What to say when a step runs out of GPU memory: the numbers, then the knobs, cheapest first."""
+    total = torch.cuda.get_device_properties(device).total_memory / 1e9
+    peak = torch.cuda.max_memory_allocated(device) / 1e9
+    knobs = [f"a smaller --train.micro_batch_size (now {micro_batch_size}; gradient accumulation keeps "
+             "the global batch)"]
+    if checkpointing != "block":
+        knobs.append("--train.activation_checkpointing block (recomputes activations: ~20% slower, far less memory)")
+    knobs.append("--train.parallel fsdp under torchrun to shard weights and optimizer state over GPUs")
+    return (f"CUDA out of memory on {torch.cuda.get_device_name(device)} ({total:.1f} GB; peak allocated "
+            f"{peak:.1f} GB). Try " + "; or ".join(knobs) + ".")
