@@ -93,7 +93,8 @@ def test_gopher_repetition_reasons():
 
 
 def test_duplicated_ngram_share_matches_datatrove_walk():
-    from kiln.data.quality import _dup_ngram_chars, _word_ids, words_of
+    from kiln.data.quality import _dup_ngram_chars
+    from kiln.data.words import _word_ids, words_of
 
     def walk(words, n):   # datatrove's find_all_duplicate, verbatim logic
         unique, rep, idx = set(), 0, 0
@@ -226,24 +227,11 @@ def test_language_id_equals_py3langid():
         assert fast.classify(text) == ref.classify(text), text[:40]
 
 
-def test_gopher_word_counts_equal_the_plain_definitions():
-    import re
-
-    from kiln.data.quality import STOP_WORDS, _letter_words, real_words_of, words_of
-    texts = [GOOD, "x1 2_3 __ 42 \u0663\u0664 x\u00b2 \u00b2 \u2167 caf\u00e9 _a 9b ... -- !!",
-             "The THE tHe be_ to-of AND \u0130 that's", ""]
-    for text in texts:
-        words = words_of(text)
-        real = [w for w in words if not re.match(r"^[^\w\s]+$", w)]
-        assert real_words_of(text) == real
-        assert _letter_words(text, real) == sum(any(ch.isalpha() for ch in w) for w in words)
-        assert sum(map(STOP_WORDS.__contains__, map(str.lower, real))) == sum(w.lower() in STOP_WORDS for w in real)
-
-
 def test_ngram_shares_equal_np_unique_definitions():
     import numpy as np
 
-    from kiln.data.quality import _dup_ngram_chars, _ngram_chars, _ngram_keys, _top_ngram_chars, _word_ids
+    from kiln.data.quality import _dup_ngram_chars, _ngram_chars, _ngram_keys, _top_ngram_chars
+    from kiln.data.words import _word_ids
 
     def top_ref(ids, lens, n):
         keys = _ngram_keys(ids, n)

@@ -35,19 +35,26 @@ def identifier():
 
     class Identifier(LanguageIdentifier):
         def _raw_score(self, text):
-            visits = _visit_counts(self, text)
-            if visits is None:   # no features: py3langid's own path (uniform / floor scores)
+            found = _visit_counts(self, text)
+            if found is None:   # no features: py3langid's own path (uniform / floor scores)
                 return super()._raw_score(text)
-            return self._sparse_score(visits, self.nb_ptc)
+            features, counts = found
+            # py3langid's `_sparse_score` on the same features in the same order, minus its dict round trip;
+            # the rows are gathered into a reused buffer (a fresh ~0.6 MB array per document costs ~30% more).
+            table = self._ptc32()
+            buf = self.__dict__.get("_kiln_rows")
+            if buf is None or len(buf) < len(features) or buf.shape[1] != table.shape[1]:
+                buf = self._kiln_rows = np.empty((max(len(features), 4096), table.shape[1]), dtype=np.float32)
+            rows = np.take(table, features, axis=0, out=buf[:len(features)], mode="clip")   # features are valid rows
+            return np.log1p(counts.astype(np.float32)) @ rows + self.nb_pc
 
-        def _sparse_score(self, visits, table):
+        def _ptc32(self):
             # The model stores float16; numpy casts the gathered rows to float32 before the product
             # anyway, so a float32 copy made once gives the same numbers ~4x faster (57 MB per process).
-            if table is self.nb_ptc:
-                if self.__dict__.get("_kiln_ptc_of") is not table:
-                    self._kiln_ptc32, self._kiln_ptc_of = table.astype(np.float32), table
-                table = self._kiln_ptc32
-            return super()._sparse_score(visits, table)
+            table = self.nb_ptc
+            if self.__dict__.get("_kiln_ptc_of") is not table:   # `set_languages` swaps the table
+                self._kiln_ptc32, self._kiln_ptc_of = table.astype(np.float32), table
+            return self._kiln_ptc32
 
     return Identifier.from_model_file(MODEL_FILE, norm_probs=True)
 
@@ -60,35 +67,46 @@ def reference_identifier():
 
 def _tables(li) -> tuple[np.ndarray, np.ndarray, int, int]:
     """(row offset of the next state, feature of the next state, both indexed by row offset + byte;
-    the root's row offset; deepest node), cached on the identifier. One gather per byte and step, not two."""
+    the root's row offset; deepest node), cached on the identifier. One gather per byte and step, not two.
+    Built in int32 throughout (~0.1 s; int64 temporaries of 9.8M entries took ~0.7 s per worker)."""
     cached = li.__dict__.get("_kiln_tables")
     if cached is None:
-        nm = np.frombuffer(li.tk_nextmove, dtype=np.dtype(li.tk_nextmove.typecode)).astype(np.int64)
+        nm = np.frombuffer(li.tk_nextmove, dtype=np.dtype(li.tk_nextmove.typecode))
         rowbase = np.asarray(li._rowbase, dtype=np.int64)
-        out = np.asarray(li.tk_output, dtype=np.int64)
-        assert rowbase.max() + 256 < 2**31 and len(rowbase) < 2**31
-        cached = li._kiln_tables = (rowbase[nm].astype(np.int32), out[nm].astype(np.int32), int(rowbase[0]),
-                                   _depth(nm, rowbase))
+        assert rowbase.max() + 256 < 2**31 and len(rowbase) < 2**31 and len(nm) == rowbase.max() + 256
+        rowbase = rowbase.astype(np.int32)
+        out = np.asarray(li.tk_output, dtype=np.int32)
+        cached = li._kiln_tables = (rowbase[nm], out[nm], int(rowbase[0]), _depth(nm, rowbase))
+        assert cached[3] >= 2, "the window walk in _visit_counts takes one step from the root, then more"
     return cached
 
 
 def _depth(nm: np.ndarray, rowbase: np.ndarray) -> int:
-    """Deepest automaton state (BFS from the root): shortest string reaching a node = the node's own string."""
-    n = len(rowbase)
-    depth = np.full(n, -1, dtype=np.int64)
-    depth[0] = 0
-    frontier, d = np.array([0]), 0
+    """Deepest automaton state (BFS from the root): shortest string reaching a node = the node's own string.
+    States sharing a row have the same successors, so each row is expanded once, at its shallowest state;
+    boolean masks dedupe each level (np.unique's sorts cost ~3x)."""
+    rows = nm.reshape(-1, 256)   # (R, 256): next state per row and byte
+    row_of = rowbase >> 8
+    seen_state = np.zeros(len(rowbase), dtype=bool)
+    seen_row = np.zeros(len(rows), dtype=bool)
+    seen_state[0] = True
+    frontier, d = np.zeros(1, dtype=np.intp), 0
     while len(frontier):
-        nxt = nm[(rowbase[frontier][:, None] + np.arange(256)[None, :]).ravel()]
-        nxt = np.unique(nxt[depth[nxt] < 0])
-        d += 1
-        depth[nxt] = d
-        frontier = nxt
-    return int(depth.max())
+        new_rows = np.zeros(len(rows), dtype=bool)
+        new_rows[row_of[frontier]] = True
+        new_rows &= ~seen_row
+        seen_row |= new_rows
+        new_states = np.zeros(len(rowbase), dtype=bool)
+        new_states[rows[new_rows].ravel()] = True
+        new_states &= ~seen_state
+        seen_state |= new_states
+        frontier = np.flatnonzero(new_states)
+        d += len(frontier) > 0
+    return d
 
 
-def _visit_counts(li, data: bytes) -> dict[int, int] | None:
-    """{feature: count} in first-seen order, as py3langid's `visit_counts`; None if no feature."""
+def _visit_counts(li, data: bytes) -> tuple[np.ndarray, np.ndarray] | None:
+    """(features, counts) in first-seen order, as py3langid's `visit_counts`; None if no feature."""
     next_base, next_out, root, w = _tables(li)
     b = np.frombuffer(data, dtype=np.uint8).astype(np.int32)
     n = len(b)
@@ -100,17 +118,31 @@ def _visit_counts(li, data: bytes) -> dict[int, int] | None:
         feats[i] = next_out[base + b[i]]
         base = int(next_base[base + b[i]])
     if n >= w:
+        # the state after window [j, j + w) is the state after byte j + w - 1; two reused buffers, and
+        # take(mode="clip") on indices that are in range by construction, save ~20% over fresh arrays
         m = n - w + 1
-        base = np.full(m, root, dtype=np.int32)
-        for k in range(w - 1):   # the state after window [j, j + w) is the state after byte j + w - 1
-            base = next_base[base + b[k:k + m]]
-        feats[w - 1:] = next_out[base + b[w - 1:]]
-    feats = feats[feats >= 0]
-    if not len(feats):
+        base = next_base[root + b[:m]]
+        idx = np.empty(m, dtype=np.int32)
+        for k in range(1, w - 1):
+            np.add(base, b[k:k + m], out=idx)
+            np.take(next_base, idx, out=base, mode="clip")
+        np.add(base, b[w - 1:], out=idx)
+        np.take(next_out, idx, out=feats[w - 1:], mode="clip")
+    pos = np.flatnonzero(feats >= 0)
+    if not len(pos):
         return None
-    uniq, first, counts = np.unique(feats, return_index=True, return_counts=True)
-    order = np.argsort(first, kind="stable")
-    return dict(zip(uniq[order].tolist(), counts[order].tolist()))
+    return _first_seen_counts(feats[pos], pos)
+
+
+def _first_seen_counts(feats: np.ndarray, pos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Distinct `feats` in order of first position, with counts. One plain sort of (feature, position) packed
+    in an int64 instead of np.unique's stable argsort: ~4x cheaper."""
+    key = np.sort((feats.astype(np.int64) << 32) | pos)
+    feat = key >> 32
+    starts = np.flatnonzero(np.concatenate(([True], feat[1:] != feat[:-1])))
+    counts = np.diff(np.append(starts, len(key)))
+    order = np.argsort(key[starts] & 0xFFFFFFFF)   # first positions are distinct: any sort is stable here
+    return feat[starts][order], counts[order]
 
 
 def detect(text: str) -> tuple[str, float]:
