@@ -246,3 +246,29 @@ def test_unusable_data_config_is_rejected(tmp_path, bad):
     (tmp_path / "a.txt").write_text("text")
     with pytest.raises(ConfigError, match="data."):
         run_data(config(tmp_path, [tmp_path / "a.txt"], **bad))
+
+
+def test_resume_fingerprint_follows_the_benchmark_files(tmp_path):
+    from kiln.config import DecontaminateConfig
+    from kiln.data.run import fingerprint
+    bench = tmp_path / "bench.jsonl"
+    bench.write_text(json.dumps({"q": "one two three four five six seven eight nine ten eleven twelve thirteen"}) + "\n")
+    d = DataConfig(decontaminate=DecontaminateConfig(benchmarks=[str(bench)]))
+    before = fingerprint(d)
+    assert fingerprint(d) == before
+    bench.write_text(bench.read_text() + json.dumps({"q": "a different question entirely, long enough to count"}) + "\n")
+    assert fingerprint(d) != before   # a resumed run must not reuse tasks checked against the old file
+    off = DataConfig(decontaminate=DecontaminateConfig(enabled=False, benchmarks=[str(bench)]))
+    assert fingerprint(off) == fingerprint(off)
+
+
+def test_report_counts_documents_changed_not_replacements():
+    from kiln.data.readers import FileTask
+    from kiln.data.report import Tally
+    t = Tally()
+    task = FileTask(path="p", rel="p", source="s")
+    t.flags_from("pii:email,pii:email,pii:iban_code", task, None)
+    t.flags_from("pii:iban_code", task, None)   # an extra Presidio type counts too
+    t.flags_from("normalized", task, None)
+    assert t.changed["pii"] == 2 and t.changed["normalize"] == 1
+    assert t.flags["pii:email"] == 2

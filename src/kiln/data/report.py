@@ -42,6 +42,7 @@ class Tally:
         self.quarantined = 0
         self.drops: Counter[tuple[str, str]] = Counter()     # (step, reason) -> records
         self.flags: Counter[str] = Counter()                  # decode_replaced, normalized, pii:email, ...
+        self.changed: Counter[str] = Counter()                # step -> documents it rewrote
         self.quarantine: list[dict[str, Any]] = []            # first LIST_MAX entries
         self.decode_replaced_files: list[str] = []            # first LIST_MAX entries
         self.examples: dict[str, list[dict[str, Any]]] = {}   # "step/reason" -> first few dropped docs
@@ -82,6 +83,9 @@ class Tally:
             return
         names = flags.split(",")
         self.flags.update(names)
+        for step, prefixes in CHANGE_FLAGS.items():
+            if any(n.startswith(prefixes) for n in names):
+                self.changed[step] += 1
         if "decode_replaced" in names and len(self.decode_replaced_files) < LIST_MAX:
             self.decode_replaced_files.append(f"{task.source}:{json.loads(meta)['path']}")
 
@@ -140,7 +144,7 @@ def _steps(t: Tally, splits: dict[str, dict[str, int]], steps: list[str], enable
             row["quarantined"] = t.quarantined
             n -= t.quarantined
         if step in CHANGE_FLAGS:
-            row["changed"] = sum(t.flags[f] for f in CHANGE_FLAGS[step])
+            row["changed"] = t.changed[step]   # documents, not replacements (pii counts those per type)
         rows.append({**row, "out": n, "dropped": dropped, **_measured(stats.rows.get(step))})
     assert n == t.kept, (n, t.kept)
     rows.append({"step": "split", "enabled": True, "in": n, "out": {s: splits[s]["docs"] for s in SPLITS}})

@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 import kiln
 from kiln.config import Config, ConfigError, DataConfig
+from kiln.data import decontam
 from kiln.data.dedup import SPLITS, doc_id, split_of
 from kiln.data.minhash import NearDedup
 from kiln.data.readers import FileTask
@@ -42,6 +43,7 @@ from kiln.data.steps import build_steps, enabled, prepare
 from kiln.data.executors import ray_module, task_results
 from kiln.data.tasks import DROPPED, QUARANTINED, TaskSpec, task_paths
 from kiln.data.writer import ShardWriter
+from kiln.eval import benchmarks as registry
 from kiln.rundir import RunDir, clear_done, write_json_atomic
 
 ACCOUNT_COLUMNS = ["status", "step", "reason", "snippet", "meta", "line", "file", "flags", "hash_hi", "hash_lo", "bands"]
@@ -77,6 +79,8 @@ def run_data(cfg: Config) -> dict:
         tally, splits, steps=["read", *d.steps, "exact_dedup", "near_dedup"], enabled=on, stats=stats,
         elapsed_s=elapsed, workers=workers,
         max_docs_reached=d.max_docs is not None and tally.records_in >= d.max_docs)
+    report["decontaminated_against"] = [{"benchmark": label, "file": path}
+                                        for label, path, _, _ in _benchmark_files(d)]
     write_json_atomic(out / "report.json", report)
     shutil.rmtree(out / "_work", ignore_errors=True)   # done: the splits and _SUCCESS take over
     _print_summary(report, out)
@@ -179,10 +183,26 @@ def _check(d: DataConfig) -> None:
 
 
 def fingerprint(d: DataConfig) -> str:
-    """Hash of everything that changes a task's result (not `workers`, `resume` or `executor`)."""
+    """Hash of everything that changes a task's result (not `workers`, `resume` or `executor`), including
+    which benchmark files decontamination resolves to: installing one between a crash and the resume must
+    not let finished tasks, checked against the old set, count."""
     cfg = {k: v for k, v in dataclasses.asdict(d).items() if k not in ("workers", "resume", "executor")}
-    blob = json.dumps({"kiln": kiln.__version__, "data": cfg}, sort_keys=True, default=str)
+    blob = json.dumps({"kiln": kiln.__version__, "data": cfg, "benchmarks": _benchmark_files(d)},
+                      sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _benchmark_files(d: DataConfig) -> list[list]:
+    """[label, path, size, mtime_ns] of every benchmark decontamination will read (empty when it is off)."""
+    if not (d.decontaminate.enabled and "decontaminate" in d.steps and d.decontaminate.benchmarks):
+        return []
+    chosen, _ = decontam.resolve(d.decontaminate)
+    files = []
+    for label, what in chosen:
+        path = registry.get(what).path() if what.lower() in registry.REGISTRY else Path(what)
+        st = path.stat() if path is not None and path.exists() else None
+        files.append([label, str(path), st and st.st_size, st and st.st_mtime_ns])
+    return files
 
 
 def _prepare_out(out: Path, d: DataConfig) -> Path:
