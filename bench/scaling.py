@@ -98,7 +98,7 @@ def batch_args(recipe: str, args: list[str], nprocs: list[int]) -> list[str]:
 
 
 def check_prepared(prepared: Path) -> None:
-    missing = [s for s in ("data", "tokenizer", "tokens") if not (prepared / s / "_SUCCESS").is_file()]
+    missing = [s for s in ("tokenizer", "tokens") if not (prepared / s / "_SUCCESS").is_file()]  # what pretrain reads
     if missing:
         raise ValueError(f"--prepared {prepared} lacks the {', '.join(missing)} stage(s); run "
                          f"`kiln data|tokenizer|tokenize RECIPE --run_dir {prepared}` first")

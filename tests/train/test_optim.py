@@ -47,3 +47,10 @@ def test_weight_decay_only_on_matrices_not_embeddings_or_norms():
     decay, no_decay = param_groups(m, 0.1)
     assert decay["params"] == [m.q_proj.weight] and decay["weight_decay"] == 0.1
     assert {id(p) for p in no_decay["params"]} == {id(m.embed_tokens.weight), id(m.norm)}
+
+
+def test_mfu_divides_all_ranks_tokens_by_all_ranks_peak():
+    from kiln.train.runtime import mfu
+    one = mfu(6e8, 5e5, 1e15, 1)
+    assert one == pytest.approx(0.3)
+    assert mfu(6e8, 2 * 5e5, 1e15, 2) == pytest.approx(one)   # perfect scaling keeps MFU

@@ -28,7 +28,7 @@ from kiln.train.loader import PackedLoader
 from kiln.train.fp8 import apply_fp8, check_fp8
 from kiln.train.memory import apply_activation_checkpointing
 from kiln.train.optim import build_optimizer, lr_at, set_lr
-from kiln.train.runtime import autocast, configure_torch, cuda_memory_stats, oom_advice, peak_flops, use_bf16
+from kiln.train.runtime import autocast, configure_torch, cuda_memory_stats, mfu, oom_advice, peak_flops, use_bf16
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -248,7 +248,7 @@ def _pretrain(cfg: Config, d: Dist, device: torch.device) -> dict:
                           "grad_norm": gnorm.item(), "tokens": ts.tokens_seen, "tok_per_s": tok_s,
                           "elapsed_s": elapsed_before + now - t0}
                 if peak:
-                    record["mfu"] = flops_per_token * tok_s / peak
+                    record["mfu"] = mfu(flops_per_token, tok_s, peak, d.world_size)
                 record.update(cuda_memory_stats(device))  # allocator counters on the host: no sync
                 if t.skip_nonfinite and not math.isfinite(record["grad_norm"]):
                     record["skipped"] = True

@@ -63,6 +63,12 @@ def peak_flops(device: torch.device) -> float | None:
     return None
 
 
+def mfu(flops_per_token: float, tokens_per_s: float, peak_per_gpu: float, world_size: int) -> float:
+    """Model FLOPs utilisation: achieved training FLOP/s over the peak of every GPU in the job
+    (`tokens_per_s` counts all ranks' tokens, so the peak must count all ranks' GPUs)."""
+    return flops_per_token * tokens_per_s / (peak_per_gpu * world_size)
+
+
 def configure_torch(device: torch.device, threads: int) -> None:
     if threads > 0:
         torch.set_num_threads(threads)
