@@ -2,9 +2,13 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
 
 from kiln.config import dump_yaml
 from micro import micro_config
@@ -46,3 +50,25 @@ def metrics(run_dir: Path, keys=("step", "loss", "grad_norm", "lr", "val_loss", 
     """metrics.jsonl without the wall-clock fields."""
     rows = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return [{k: r[k] for k in keys if k in r} for r in rows]
+
+
+def interrupted_copy(refs, name, tmp_path):
+    """A copy of a reference run as if it had crashed after the checkpoint at step 3."""
+    run = tmp_path / f"from_{name}"
+    shutil.copytree(refs[name][0], run)
+    shutil.rmtree(run / "checkpoints" / "step_0000006")
+    return run
+
+
+def close(a, b, rel=1e-5):
+    """Same steps, lr and tokens; loss and grad norm within `rel`."""
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for ra, rb in zip(a, b):
+        assert ra.get("lr") == rb.get("lr") and ra.get("tokens") == rb.get("tokens")
+        for k in ("loss", "grad_norm"):
+            if k in ra:
+                assert ra[k] == pytest.approx(rb[k], rel=rel), (ra, rb)
+
+
+def weights(run, step=6):
+    return load_file(str(run / f"checkpoints/step_{step:07d}/model.safetensors"))

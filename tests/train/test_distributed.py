@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dist_util import metrics, run_kiln
+from dist_util import close as _close, interrupted_copy as _interrupted_copy, metrics, run_kiln, weights as _weights
 from kiln.train.checkpoint import checkpoint_config, load_checkpoint
 
 pytestmark = pytest.mark.slow
@@ -42,27 +42,6 @@ def refs(prepared_run, tmp_path_factory):
         shutil.copytree(prepared_run, run)
         out[layout] = (run, _run(run, layout).stdout)
     return out
-
-
-def _interrupted_copy(refs, layout, tmp_path):
-    """A copy of a reference run as if it had crashed after the checkpoint at step 3."""
-    run = tmp_path / f"from_{layout}"
-    shutil.copytree(refs[layout][0], run)
-    shutil.rmtree(run / "checkpoints" / "step_0000006")
-    return run
-
-
-def _close(a, b, rel=1e-5):
-    assert [r["step"] for r in a] == [r["step"] for r in b]
-    for ra, rb in zip(a, b):
-        assert ra.get("lr") == rb.get("lr") and ra.get("tokens") == rb.get("tokens")
-        for k in ("loss", "grad_norm"):
-            if k in ra:
-                assert ra[k] == pytest.approx(rb[k], rel=rel), (ra, rb)
-
-
-def _weights(run, step=6):
-    return load_file(str(run / f"checkpoints/step_{step:07d}/model.safetensors"))
 
 
 @pytest.mark.parametrize("layout", ["ddp", "fsdp"])
