@@ -23,8 +23,8 @@ Configurations (`--configs`):
   custom-ddp, custom-fsdp
                   `--recipe` (default tiny) with only `--config-args`; the global batch is
                   micro_batch_size * max_seq_len * lcm(nprocs) unless --train.batch_tokens is given
-Both built-ins train with AdamW: Muon's Newton-Schulz step on FSDP2's sharded DTensors is not a path
-kiln has measured, and AdamW is what peers' FSDP figures use. `--config-args` is appended to every
+Both built-ins train with AdamW, what peers' FSDP figures use (Muon under FSDP2 gathers each matrix for
+its Newton-Schulz step: tested on CPU, not measured on GPUs). `--config-args` is appended to every
 configuration's arguments (last, so it overrides them), e.g. "--train.optimizer muon".
 
 The run directory must hold the data, tokenizer and tokens stages of the recipe (the built-ins share

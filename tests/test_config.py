@@ -61,10 +61,8 @@ def test_batch_tokens_must_divide():
     assert t.batch_tokens == 768 and grad_accum_steps(t, ModelConfig(max_seq_len=64)) == 3
 
 
-def test_muon_with_fsdp_is_refused_with_the_way_out():
-    with pytest.raises(ConfigError, match="train.parallel ddp"):
-        load_recipe("gpt2-small", {"train": {"parallel": "fsdp"}})
-    load_recipe("gpt2-small", {"train": {"parallel": "fsdp", "optimizer": "adamw"}})
+def test_muon_runs_with_fsdp():
+    assert load_recipe("gpt2-small", {"train": {"parallel": "fsdp"}}).train.optimizer == "muon"
 
 
 def test_gpu_and_cpu_recipes_use_muon():

@@ -95,3 +95,19 @@ def test_resume_on_another_rank_count(refs, tmp_path, first, second):
     run = _interrupted_copy(refs, first, tmp_path)
     _run(run, second, "--resume")
     _close(metrics(run), metrics(refs["single"][0]))
+
+
+def test_fsdp_with_muon_matches_one_process_and_resumes_bitwise(prepared_run, tmp_path):
+    """Muon under FSDP2: each sharded update is gathered, orthogonalised whole and re-sharded, so 2 ranks
+    follow one process; its DTensor state (momentum buffers) checkpoints and resumes exactly."""
+    runs = {}
+    for layout in ("single", "fsdp"):
+        runs[layout] = tmp_path / layout
+        shutil.copytree(prepared_run, runs[layout])
+        _run(runs[layout], layout, "--train.optimizer", "muon")
+    _close(metrics(runs["fsdp"]), metrics(runs["single"]))
+    a, b = _weights(runs["fsdp"]), _weights(runs["single"])
+    assert all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-5) for k in b)
+    run = _interrupted_copy({"fsdp": (runs["fsdp"], "")}, "fsdp", tmp_path)
+    _run(run, "fsdp", "--train.optimizer", "muon", "--resume")
+    assert metrics(run) == metrics(runs["fsdp"])

@@ -245,10 +245,6 @@ class TrainConfig:
         _positive("train.log_every", self.log_every)
         _positive("train.eval_batches", self.eval_batches)
         _non_negative("train.prefetch", self.prefetch)
-        if self.optimizer == "muon" and self.parallel == "fsdp":
-            raise ConfigError("train.optimizer=muon with train.parallel=fsdp is not supported: Muon orthogonalises "
-                              "whole matrices and FSDP2 shards them; use --train.parallel ddp, or "
-                              "--train.optimizer adamw with fsdp")
         if self.muon_lr <= 0 or not 0 <= self.muon_momentum < 1:
             raise ConfigError(f"train.muon_lr={self.muon_lr} must be > 0 and train.muon_momentum="
                               f"{self.muon_momentum} in [0, 1)")

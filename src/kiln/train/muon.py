@@ -12,9 +12,12 @@ gradient clipping unchanged: `state_dict()` holds both kinds of state.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
+from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor.experimental import implicit_replication
 
 # Coefficients of the quintic iteration, tuned to push singular values into ~[0.7, 1.2] in 5 steps.
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
@@ -93,11 +96,14 @@ class MuonWithAdamW(torch.optim.Optimizer):
                 loss = closure()
         skip = getattr(self, "found_inf", None)
         keep = None if skip is None else skip == 0   # device bool: select new or old values, no sync
-        for group in self.param_groups:
-            if group["use_muon"]:
-                self._muon(group, keep)
-            else:
-                self._adamw(group, keep)
+        # Under FSDP2 the parameters, gradients and state are DTensors; implicit replication lets the
+        # plain 0-dim tensors (Adam's step, the skip flag) mix with them.
+        with _dtensor_scalars(self.param_groups):
+            for group in self.param_groups:
+                if group["use_muon"]:
+                    self._muon(group, keep)
+                else:
+                    self._adamw(group, keep)
         return loss
 
     def _muon(self, group: dict, keep: torch.Tensor | None) -> None:
@@ -109,7 +115,10 @@ class MuonWithAdamW(torch.optim.Optimizer):
             new_buf = buf.lerp(p.grad, 1 - mu)  # mu * buf + (1 - mu) * grad
             bufs.append(new_buf)
             updates.append(p.grad.lerp(new_buf, mu) if group["nesterov"] else new_buf)
-        for p, buf, update in zip(params, bufs, orthogonalize_all(updates, group["ns_steps"])):
+        # Newton-Schulz needs whole matrices: a sharded (FSDP2) update is gathered, orthogonalised on every
+        # rank alike, and each rank keeps its own rows (no scatter: every rank holds the same result).
+        full = orthogonalize_all([_gather(u) for u in updates], group["ns_steps"])
+        for p, buf, update in zip(params, bufs, (_shard_like(o, u) for o, u in zip(full, updates))):
             # An orthogonal (m x n) update has RMS sqrt(1/max(m,n)); scale tall/wide layers alike.
             scale = max(1.0, p.size(0) / p.size(1)) ** 0.5
             new_p = p * (1 - lr * group["weight_decay"]) - (lr * scale) * update
@@ -133,6 +142,24 @@ class MuonWithAdamW(torch.optim.Optimizer):
             new_p = p * (1 - lr * group["weight_decay"]) - (lr / (1 - b1 ** t)) * m / denom
             for old, new in ((state["step"], t), (state["exp_avg"], m), (state["exp_avg_sq"], v), (p, new_p)):
                 _assign(old, new, keep)
+
+
+def _gather(t: torch.Tensor) -> torch.Tensor:
+    """The whole matrix of a DTensor (an all-gather); a plain tensor as it is."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def _shard_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """`full` laid out like `like`: this rank's shard of it when `like` is a DTensor (no communication)."""
+    if not isinstance(like, DTensor):
+        return full
+    return distribute_tensor(full, like.device_mesh, like.placements, src_data_rank=None)
+
+
+def _dtensor_scalars(groups: list[dict]):
+    if any(isinstance(p, DTensor) for g in groups for p in g["params"]):
+        return implicit_replication()
+    return contextlib.nullcontext()
 
 
 def _assign(dst: torch.Tensor, src: torch.Tensor, keep: torch.Tensor | None) -> None:
