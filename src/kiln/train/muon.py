@@ -46,6 +46,9 @@ def orthogonalize_all(updates: list[torch.Tensor], steps: int) -> list[torch.Ten
     A model has a handful of shapes (q/k/v/o, gate/up, down) repeated per layer: stacking them
     turns ~7 x n_layers small matmul chains into ~3 batched ones, which is what keeps Muon's step
     cheap on a GPU (kernel launches, not FLOPs, dominate per-matrix iteration at d_model 768).
+
+    A sharded (FSDP2 DTensor) update is gathered whole only inside its stack, and the result comes back
+    as this rank's shard: at most one stack of whole matrices is ever held, not the whole model.
     """
     by_shape: dict[tuple[int, ...], list[int]] = {}
     for i, u in enumerate(updates):
@@ -55,9 +58,9 @@ def orthogonalize_all(updates: list[torch.Tensor], steps: int) -> list[torch.Ten
         per_batch = max(1, STACK_ELEMENTS // math.prod(shape))  # bounds the stacked copies' memory
         for start in range(0, len(idx), per_batch):
             chunk = idx[start:start + per_batch]
-            stacked = orthogonalize(torch.stack([updates[i] for i in chunk]), steps)
+            stacked = orthogonalize(torch.stack([_gather(updates[i]) for i in chunk]), steps)
             for i, o in zip(chunk, stacked.unbind(0)):
-                out[i] = o
+                out[i] = _shard_like(o, updates[i])
     return out
 
 
@@ -117,8 +120,7 @@ class MuonWithAdamW(torch.optim.Optimizer):
             updates.append(p.grad.lerp(new_buf, mu) if group["nesterov"] else new_buf)
         # Newton-Schulz needs whole matrices: a sharded (FSDP2) update is gathered, orthogonalised on every
         # rank alike, and each rank keeps its own rows (no scatter: every rank holds the same result).
-        full = orthogonalize_all([_gather(u) for u in updates], group["ns_steps"])
-        for p, buf, update in zip(params, bufs, (_shard_like(o, u) for o, u in zip(full, updates))):
+        for p, buf, update in zip(params, bufs, orthogonalize_all(updates, group["ns_steps"])):
             # An orthogonal (m x n) update has RMS sqrt(1/max(m,n)); scale tall/wide layers alike.
             scale = max(1.0, p.size(0) / p.size(1)) ** 0.5
             new_p = p * (1 - lr * group["weight_decay"]) - (lr * scale) * update
