@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -168,7 +167,7 @@ def main() -> None:
         return
 
     sys.path.insert(0, str(Path(__file__).parent))
-    from data_pipeline import build_corpus
+    from data_pipeline import build_corpus, run_header
     if not Path(args.dt_python).exists():
         raise SystemExit(f"{args.dt_python} not found: python3 -m venv /tmp/dtvenv && "
                          '/tmp/dtvenv/bin/pip install "datatrove[processing]" spacy orjson requests aiohttp')
@@ -205,12 +204,7 @@ def main() -> None:
     print(f"datatrove LanguageFilter probe: {dt['language_filter_probe']}")
 
     result = {
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-        "date": time.strftime("%Y-%m-%d"),
-        "command": f"python bench/data_datatrove.py --mb {args.mb} --workers {args.workers}",
-        "corpus": {"docs": n_docs, "mb": round(n_bytes / 1e6, 1),
-                   "sources": "dict-gcide, python3.11-doc, perl-doc, linux-doc-6.1"},
-        "workers": args.workers,
+        **run_header("data_datatrove.py", args, n_docs, n_bytes),
         "steps": KILN_STEPS, "minhash": MINHASH,
         "left_out_of_both": {
             "language_id": f"datatrove's LanguageFilter needs lid.176.bin / GlotLID downloaded; probe: "

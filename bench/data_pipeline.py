@@ -75,6 +75,18 @@ def build_corpus(out: Path, mb: int) -> tuple[int, int]:
     return n_docs, n_bytes
 
 
+def run_header(script: str, args, n_docs: int, n_bytes: int) -> dict:
+    """Machine, date, command, corpus and workers: the head of every data benchmark's JSON."""
+    return {
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "date": time.strftime("%Y-%m-%d"),
+        "command": f"python bench/{script} --mb {args.mb} --workers {args.workers}",
+        "corpus": {"docs": n_docs, "mb": round(n_bytes / 1e6, 1),
+                   "sources": "dict-gcide, python3.11-doc, perl-doc, linux-doc-6.1"},
+        "workers": args.workers,
+    }
+
+
 def near_dedup_quality(docs: list[str], seed: int = 0) -> dict:
     """Inject edited copies of real documents; recall / precision against Jaccard >= 0.8 truth."""
     rng = random.Random(seed)
@@ -120,12 +132,7 @@ def main() -> None:
                 for s in r["steps"] if "measured" in s}
     docs = [json.loads(line)["text"] for line in (root / "corpus" / "shard-0000.jsonl").open()]
     result = {
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-        "date": time.strftime("%Y-%m-%d"),
-        "command": f"python bench/data_pipeline.py --mb {args.mb} --workers {args.workers}",
-        "corpus": {"docs": n_docs, "mb": round(n_bytes / 1e6, 1),
-                   "sources": "dict-gcide, python3.11-doc, perl-doc, linux-doc-6.1"},
-        "workers": args.workers,
+        **run_header("data_pipeline.py", args, n_docs, n_bytes),
         "wall_s": round(wall, 1),
         "docs_per_s": round(r["records_in"] / wall, 1),
         "mb_per_s": round(r["input_bytes"] / 1e6 / wall, 2),

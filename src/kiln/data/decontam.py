@@ -227,4 +227,4 @@ class Decontaminate:
         text = "".join(pieces).strip()
         if not text:
             return Drop(self.name, "contaminated")
-        return dataclasses.replace(doc, text=text, flags=doc.flags + ("excised",))
+        return doc.rewritten(text, "excised")

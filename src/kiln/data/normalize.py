@@ -43,10 +43,7 @@ class Normalize:
     kinds: tuple[str, ...] = ALL_KINDS
 
     def __call__(self, doc: Doc) -> Doc:
-        text = normalize_text(doc.text)
-        if text == doc.text:
-            return doc
-        return dataclasses.replace(doc, text=text, flags=doc.flags + ("normalized",))
+        return doc.rewritten(normalize_text(doc.text), "normalized")
 
 
 @dataclasses.dataclass
@@ -89,10 +86,7 @@ class FixUnicode:
     kinds: tuple[str, ...] = ALL_KINDS
 
     def __call__(self, doc: Doc) -> Doc:
-        text = fix_mojibake(doc.text)
-        if text == doc.text:
-            return doc
-        return dataclasses.replace(doc, text=text, flags=doc.flags + ("unicode_fixed",))
+        return doc.rewritten(fix_mojibake(doc.text), "unicode_fixed")
 
 
 def fix_mojibake(text: str) -> str:

@@ -25,7 +25,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from kiln.config import C4Config, CodeQualityConfig, FineWebConfig, GopherQualityConfig, GopherRepetitionConfig
-from kiln.data.records import Doc, Drop
+from kiln.data.records import Doc, Drop, TextRule
 from kiln.data.words import split_words
 
 _BULLET_START = operator.methodcaller("startswith", ("\u2022", "-"))
@@ -67,14 +67,10 @@ def _lines(text: str) -> list[str]:
 
 
 @dataclasses.dataclass
-class GopherQuality:
+class GopherQuality(TextRule):
     cfg: GopherQualityConfig
     name: str = "gopher_quality"
     kinds: tuple[str, ...] = ("prose",)
-
-    def __call__(self, doc: Doc) -> Doc | Drop:
-        reason = self.reason(doc.text)
-        return Drop(self.name, reason) if reason else doc
 
     def reason(self, text: str) -> str | None:
         c = self.cfg
@@ -111,14 +107,10 @@ class GopherQuality:
 
 
 @dataclasses.dataclass
-class GopherRepetition:
+class GopherRepetition(TextRule):
     cfg: GopherRepetitionConfig
     name: str = "gopher_repetition"
     kinds: tuple[str, ...] = ("prose",)
-
-    def __call__(self, doc: Doc) -> Doc | Drop:
-        reason = self.reason(doc.text)
-        return Drop(self.name, reason) if reason else doc
 
     def reason(self, text: str) -> str | None:
         c = self.cfg
@@ -309,21 +301,14 @@ class C4Filter:
             kept.append(line)
         if sentences < c.min_sentences:
             return Drop(self.name, "too_few_sentences")
-        text = "\n".join(kept).strip()
-        if text == doc.text:
-            return doc
-        return dataclasses.replace(doc, text=text, flags=doc.flags + ("c4_lines_removed",))
+        return doc.rewritten("\n".join(kept).strip(), "c4_lines_removed")
 
 
 @dataclasses.dataclass
-class FineWebQuality:
+class FineWebQuality(TextRule):
     cfg: FineWebConfig
     name: str = "fineweb"
     kinds: tuple[str, ...] = ("prose",)
-
-    def __call__(self, doc: Doc) -> Doc | Drop:
-        reason = self.reason(doc.text)
-        return Drop(self.name, reason) if reason else doc
 
     def reason(self, text: str) -> str | None:
         c = self.cfg

@@ -13,7 +13,7 @@ counts every `Drop` by step and reason.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 
@@ -28,6 +28,25 @@ class Doc:
     """Things that happened on the way (`decode_replaced`, `normalized`, `pii:email`): counted, never written."""
     kind: str = "prose"
     """`prose` or `code`, from the source (see `sources.content_type`): picks which rules apply."""
+
+    def rewritten(self, text: str, flag: str) -> Doc:
+        """This document with `text`, flagged by the step that changed it; itself when nothing changed."""
+        if text == self.text:
+            return self
+        return replace(self, text=text, flags=self.flags + (flag,))
+
+
+class TextRule:
+    """A filter decided by the text alone: subclasses give `name` and `reason(text)` (None = keep)."""
+
+    name: str
+
+    def reason(self, text: str) -> str | None:
+        raise NotImplementedError
+
+    def __call__(self, doc: Doc) -> Doc | Drop:
+        reason = self.reason(doc.text)
+        return Drop(self.name, reason) if reason else doc
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,6 +13,7 @@ than the faster matmuls save. Hence off by default.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 
 import torch
@@ -56,7 +57,7 @@ def apply_fp8(model: nn.Module, recipe: str, emulate: bool = False) -> int:
 
     config = Float8LinearConfig.from_recipe_name(recipe)
     if emulate:
-        config = Float8LinearConfig(**{**config.__dict__, "emulate": True})
+        config = dataclasses.replace(config, emulate=True)
     linears = [fqn for fqn, m in model.named_modules() if isinstance(m, nn.Linear)]
     convert_to_float8_training(model, config=config, module_filter_fn=eligible)
     kept = [fqn for fqn, m in model.named_modules() if type(m) is nn.Linear]
