@@ -1,11 +1,12 @@
 """Peak memory and the largest micro-batch that fits, with and without activation checkpointing.
 
-    python bench/memory.py [--compile] [--max-mb 1024]
+    python bench/memory.py [--compile] [--max-mb 1024] [--models gpt2-small,1.2B] [--start 1.2B=16 ...]
 
 For gpt2-small (124M) and a ~1.2B configuration (depth 28: d_model 1792), for each activation
 checkpointing mode: doubling micro-batches of 1024-token sequences, 3 AdamW steps each in bf16
 autocast, until one runs out of GPU memory. Reports peak allocated memory and tokens/s per size,
-and the largest size that fit. Writes bench/results/memory.json.
+and the largest size that fit. `--start MODEL=N` skips the sizes below N (compiled probes take a
+minute each). Writes bench/results/memory.json (memory_compiled.json with --compile).
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from kiln.train.memory import apply_activation_checkpointing
 from kiln.train.optim import build_optimizer
 
 VOCAB, SEQ = 50304, 1024
-MODELS = {"gpt2-small": {}, "1.2B (depth 28)": {"depth": 28}}
+MODELS = {"gpt2-small": {}, "1.2B": {"depth": 28}}  # 1.2B: d_model 1792, 28 heads, SwiGLU 4800
+FIRST_MB = {"gpt2-small": 16, "1.2B": 4}
 
 
 def probe(model_over: dict, mode: str, mb: int, compile_: bool) -> dict:
@@ -65,15 +67,37 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--max-mb", type=int, default=1024)
+    ap.add_argument("--out", type=Path, default=None, help="JSON path (default bench/results/memory[_compiled].json)")
+    ap.add_argument("--modes", default="off,selective,block", help="activation checkpointing modes to probe")
+    ap.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, of {', '.join(MODELS)}")
+    ap.add_argument("--start", action="append", default=[], metavar="MODEL=N", help="first micro-batch for MODEL")
     args = ap.parse_args()
-    rows = []
+    first = dict(FIRST_MB)
+    for item in args.start:
+        name, _, n = item.partition("=")
+        if name not in MODELS or not n.isdigit():
+            ap.error(f"--start {item!r}: use MODEL=N with MODEL one of {', '.join(MODELS)}")
+        first[name] = int(n)
+    rows: list[dict] = []
+    out = args.out or Path(__file__).parent / "results" / ("memory_compiled.json" if args.compile else "memory.json")
+    out.parent.mkdir(exist_ok=True)
+
+    def write() -> None:  # after every probe: a later crash or timeout keeps the rows so far
+        out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                                   "date": time.strftime("%Y-%m-%d"), "compile": args.compile, "seq": SEQ,
+                                   "rows": rows}, indent=2) + "\n")
+
     print("| model | activation checkpointing | micro-batch | peak GB | tokens/s |\n|---|---|---:|---:|---:|")
-    for name, over in MODELS.items():
-        for mode in ("off", "selective", "block"):
-            mb, largest = 4 if over else 16, None
+    for name in args.models.split(","):
+        if name not in MODELS:
+            ap.error(f"--models: unknown {name!r}; use {', '.join(MODELS)}")
+        over = MODELS[name]
+        for mode in args.modes.split(","):
+            mb, largest = first[name], None
             while mb <= args.max_mb:
                 r = {"model": name, "mode": mode, "micro_batch": mb, **probe(over, mode, mb, args.compile)}
                 rows.append(r)
+                write()
                 if not r["fits"]:
                     print(f"| {name} | {mode} | {mb} | OOM | - |", flush=True)
                     break
@@ -81,12 +105,8 @@ def main() -> None:
                 print(f"| {name} | {mode} | {mb} | {r['peak_gb']:.1f} | {r['tokens_per_s']:,.0f} |", flush=True)
                 mb *= 2
             rows.append({"model": name, "mode": mode, "largest_micro_batch": largest})
+            write()
             print(f"| {name} | {mode} | **largest: {largest}** | | |", flush=True)
-    out = Path(__file__).parent / "results" / "memory.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                               "date": time.strftime("%Y-%m-%d"), "compile": args.compile, "seq": SEQ,
-                               "rows": rows}, indent=2) + "\n")
     print(f"wrote {out}")
 
 

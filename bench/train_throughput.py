@@ -12,9 +12,10 @@ bench/results/train_throughput.json rewritten as soon as its variant finishes.
 
 Variants: base; flash / cudnn (SDPA backend forced); mb2x (micro-batch x2); fused (one q/k/v
 and one gate/up matmul per layer from the same parameters); liger (Liger-Kernel's fused linear +
-cross-entropy); autotune (compile mode max-autotune-no-cudagraphs); cudagraphs (max-autotune);
+cross-entropy); autotune (compile mode max-autotune-no-cudagraphs); cudagraphs (compile mode reduce-overhead);
 fp8 / fp8_rowwise (torchao float8 training, lm_head kept in bf16); hd128 (heads of 128);
-vocab32k (a 32,768-token vocabulary); muon / muon_serial (Muon + AdamW, Newton-Schulz batched
+vocab32k (a 32,768-token vocabulary); domain (both: heads of 128 and a 32k vocabulary);
+compiled_step (gradient clipping and a foreach AdamW step under torch.compile); muon / muon_serial (Muon + AdamW, Newton-Schulz batched
 per shape / one matrix at a time; one optimizer step per micro-batch, the worst case). `--depth 28 --no-reference --micro-batch 8` measures the
 ~1.2B configuration.
 """
@@ -40,7 +41,7 @@ from reference_gpt2 import GPT2, GPT2Config, optimizer as ref_optimizer  # noqa:
 from kiln.config import TrainConfig, load_recipe  # noqa: E402
 from kiln.model.llama import Transformer  # noqa: E402
 from kiln.train import muon  # noqa: E402
-from kiln.train.optim import build_optimizer  # noqa: E402
+from kiln.train.optim import build_optimizer, param_groups  # noqa: E402
 from kiln.train.runtime import peak_flops  # noqa: E402
 
 VOCAB = 50304
@@ -66,6 +67,22 @@ def attention_context(backend: str):
     return sdpa_kernel({"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION}[backend])
 
 
+class ClippedStep:
+    """Gradient clipping to 1.0 and the optimizer step, as one call; `compiled` runs both under
+    torch.compile (the optimizer then uses its foreach implementation, which Inductor fuses)."""
+
+    def __init__(self, params, opt, compiled: bool = False):
+        self.params, self.opt = list(params), opt
+        self.step = torch.compile(self._step) if compiled else self._step
+
+    def _step(self):
+        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        self.opt.step()
+
+    def zero_grad(self, set_to_none: bool = True):
+        self.opt.zero_grad(set_to_none=set_to_none)
+
+
 def run(name: str, model, opt, loss_fn, batches, warmup: int, steps: int, attention: str) -> dict:
     torch.cuda.reset_peak_memory_stats()
     losses = []
@@ -77,7 +94,6 @@ def run(name: str, model, opt, loss_fn, batches, warmup: int, steps: int, attent
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 loss = loss_fn(model, x, y)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             opt.zero_grad(set_to_none=True)
             losses.append(loss.detach().clone())  # clone: a CUDA-graph replay reuses the output buffer
@@ -154,6 +170,7 @@ class Variant:
     compile_loss: bool = True  # liger's kernels run outside the compiled graph
     optimizer: str = "adamw"
     serial_muon: bool = False  # Newton-Schulz one matrix at a time (kiln's first Muon), for comparison
+    compile_step: bool = False  # clip + AdamW step under torch.compile (foreach AdamW instead of fused)
 
 
 VARIANTS = {
@@ -164,11 +181,13 @@ VARIANTS = {
     "fused": Variant(transform=fused_projections),
     "liger": Variant(loss=liger_loss, compile_loss=False),
     "autotune": Variant(compile_mode="max-autotune-no-cudagraphs"),
-    "cudagraphs": Variant(compile_mode="max-autotune"),
+    "cudagraphs": Variant(compile_mode="reduce-overhead"),
     "fp8": Variant(transform=float8("tensorwise")),
     "fp8_rowwise": Variant(transform=float8("rowwise")),
     "hd128": Variant(overrides={"head_dim": 128}),
     "vocab32k": Variant(vocab=32768),
+    "compiled_step": Variant(compile_step=True),
+    "domain": Variant(vocab=32768, overrides={"head_dim": 128}),
     "muon": Variant(optimizer="muon"),
     "muon_serial": Variant(optimizer="muon", serial_muon=True),
 }
@@ -177,7 +196,7 @@ VARIANTS = {
 def run_reference(args, batches) -> dict:
     torch.manual_seed(0)
     ref = GPT2(GPT2Config(vocab_size=VOCAB, block_size=args.seq)).cuda()
-    r = run("reference GPT-2", torch.compile(ref), ref_optimizer(ref), lambda m, x, y: m(x, y), batches,
+    r = run("reference GPT-2", torch.compile(ref), ClippedStep(ref.parameters(), ref_optimizer(ref)), lambda m, x, y: m(x, y), batches,
             args.warmup, args.steps, "default")
     r["flops_per_token"] = ref.flops_per_token(args.seq)
     return r
@@ -233,6 +252,11 @@ def run_variant(v: str, var: Variant, args, batches, device) -> dict:
         data = [(torch.cat([a[0] for a in data[i:i + var.mult]]), torch.cat([a[1] for a in data[i:i + var.mult]]))
                 for i in range(0, len(data) - var.mult + 1, var.mult)]
     opt = build_optimizer(model, dataclasses.replace(TrainConfig(), lr=6e-4, optimizer=var.optimizer), device)
+    if var.compile_step:  # Inductor fuses the foreach implementation; the fused kernel is opaque to it
+        t = TrainConfig()
+        opt = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=6e-4, betas=(t.beta1, t.beta2), eps=t.eps,
+                                foreach=True)
+    opt = ClippedStep(model.parameters(), opt, compiled=var.compile_step)
     muon.orthogonalize_all = serial_orthogonalize if var.serial_muon else batched_orthogonalize
     if var.loss is None:
         compiled, loss_fn = torch.compile(model, mode=var.compile_mode), (lambda m, x, y: m(x, y))
