@@ -23,7 +23,6 @@ per shape / one matrix at a time; one optimizer step per micro-batch, the worst 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import gc
 import json
@@ -42,29 +41,9 @@ from kiln.config import TrainConfig, load_recipe  # noqa: E402
 from kiln.model.llama import Transformer  # noqa: E402
 from kiln.train import muon  # noqa: E402
 from kiln.train.optim import build_optimizer, param_groups  # noqa: E402
-from kiln.train.runtime import peak_flops  # noqa: E402
+from kiln.train.runtime import measure_matmul_peak, peak_flops, sdpa_backend  # noqa: E402
 
 VOCAB = 50304
-
-
-def matmul_peak(n: int = 8192, reps: int = 10) -> float:
-    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    for _ in range(3):
-        a @ b
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    torch.cuda.synchronize()
-    return 2 * n ** 3 * reps / (time.perf_counter() - t0)
-
-
-def attention_context(backend: str):
-    if backend == "default":
-        return contextlib.nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    return sdpa_kernel({"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION}[backend])
 
 
 class ClippedStep:
@@ -86,7 +65,7 @@ class ClippedStep:
 def run(name: str, model, opt, loss_fn, batches, warmup: int, steps: int, attention: str) -> dict:
     torch.cuda.reset_peak_memory_stats()
     losses = []
-    with attention_context(attention):
+    with sdpa_backend(attention):
         for i, (x, y) in enumerate(batches[:warmup + steps]):
             if i == warmup:
                 torch.cuda.synchronize()
@@ -160,7 +139,7 @@ def serial_orthogonalize(updates, steps):
 
 @dataclasses.dataclass
 class Variant:
-    attention: str = "default"
+    attention: str = "auto"
     loss: object = None  # None: the model's own forward(x, y)
     mult: int = 1  # micro-batch multiplier
     transform: object = None  # model -> model, applied before compile
@@ -197,7 +176,7 @@ def run_reference(args, batches) -> dict:
     torch.manual_seed(0)
     ref = GPT2(GPT2Config(vocab_size=VOCAB, block_size=args.seq)).cuda()
     r = run("reference GPT-2", torch.compile(ref), ClippedStep(ref.parameters(), ref_optimizer(ref)), lambda m, x, y: m(x, y), batches,
-            args.warmup, args.steps, "default")
+            args.warmup, args.steps, "auto")
     r["flops_per_token"] = ref.flops_per_token(args.seq)
     return r
 
@@ -218,7 +197,7 @@ def main() -> None:
     batches = [(torch.randint(0, VOCAB, (args.micro_batch, args.seq), generator=g).to(device),
                 torch.randint(0, VOCAB, (args.micro_batch, args.seq), generator=g).to(device))
                for _ in range(args.warmup + args.steps)]
-    measured_peak = matmul_peak()
+    measured_peak = measure_matmul_peak(device, torch.bfloat16)
     sheet_peak = peak_flops(device)
     print(f"GPU {torch.cuda.get_device_name()}, torch {torch.__version__}, measured bf16 matmul peak "
           f"{measured_peak / 1e12:.0f} TFLOP/s, datasheet {sheet_peak / 1e12 if sheet_peak else float('nan'):.0f}")

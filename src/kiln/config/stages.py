@@ -171,6 +171,15 @@ class TrainConfig:
     """Float8 matmuls for every linear layer but lm_head (torchao float8 training; needs `pip install
     'llmkiln[fp8]'` and an H100/L40S/RTX 4090-class GPU). Wins from ~1B parameters (1.13x tokens/s at 1.2B
     on an H100), loses at 124M: see BENCHMARKS.md. `tensorwise` is the faster recipe, `rowwise` the more accurate."""
+    attention_backend: Literal["auto", "flash", "cudnn", "efficient", "math"] = "auto"
+    """scaled_dot_product_attention backend: `auto` lets PyTorch pick the fastest that fits (on an H100 it
+    picks cuDNN's kernels for this model's attention); the others force one, and the run stops before
+    training if that backend cannot run the model's attention on this device (see BENCHMARKS.md)."""
+    mfu_peak: Literal["datasheet", "measured"] | float = "datasheet"
+    """Per-GPU peak FLOP/s that the logged MFU is measured against: `datasheet` (the vendor's dense bf16
+    peak from kiln's table; an unknown GPU gets a warning and no MFU), `measured` (a square matmul timed on
+    this device at start, in the training dtype) or a number in TFLOP/s. FLOPs per token: 6 x matmul
+    weights + the attention term (Transformer.flops_per_token)."""
     activation_checkpointing: Literal["off", "block", "selective"] = "off"
     """Trade compute for memory: `block` recomputes each block in backward, `selective` keeps matmul and
     attention outputs and recomputes the element-wise ops (see kiln/train/memory.py)."""
@@ -244,6 +253,9 @@ class TrainConfig:
         _positive("train.keep_checkpoints", self.keep_checkpoints)
         _positive("train.log_every", self.log_every)
         _positive("train.eval_batches", self.eval_batches)
+        if not isinstance(self.mfu_peak, str) and not self.mfu_peak > 0:
+            raise ConfigError(f"train.mfu_peak={self.mfu_peak} must be `datasheet`, `measured` or a peak in "
+                              "TFLOP/s > 0 (an H100 SXM's datasheet bf16 peak is 989)")
         _non_negative("train.prefetch", self.prefetch)
         if self.muon_lr <= 0 or not 0 <= self.muon_momentum < 1:
             raise ConfigError(f"train.muon_lr={self.muon_lr} must be > 0 and train.muon_momentum="

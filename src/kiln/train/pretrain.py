@@ -28,7 +28,8 @@ from kiln.train.loader import PackedLoader
 from kiln.train.fp8 import apply_fp8, check_fp8
 from kiln.train.memory import apply_activation_checkpointing
 from kiln.train.optim import build_optimizer, lr_at, set_lr
-from kiln.train.runtime import autocast, configure_torch, cuda_memory_stats, mfu, oom_advice, peak_flops, use_bf16
+from kiln.train.runtime import (autocast, check_sdpa_backend, configure_torch, cuda_memory_stats, mfu, mfu_peak,
+                                oom_advice, sdpa_backend, use_bf16)
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -147,6 +148,7 @@ def _pretrain(cfg: Config, d: Dist, device: torch.device) -> dict:
     bf16 = use_bf16(t.precision, device)
     amp = bf16 and uses_autocast(d)
     configure_torch(device, t.threads)
+    check_sdpa_backend(t.attention_backend, m.n_heads, m.n_kv_heads, m.head_dim, device, bf16)
     accum = grad_accum_steps(t, m, d.world_size)
     fingerprint = ckpt_io.data_fingerprint(rd.tokens / "meta.json", rd.tokenizer_file())
 
@@ -191,7 +193,7 @@ def _pretrain(cfg: Config, d: Dist, device: torch.device) -> dict:
         guard.load_state_dict(ts.spike)
     barrier(d)
 
-    peak = peak_flops(device)
+    peak, peak_source = mfu_peak(t.mfu_peak, device, bf16)
     say(f"model: {n_params / 1e6:.2f}M params, d_model {m.d_model}, {m.depth} layers, {m.n_heads} heads "
         f"({m.n_kv_heads} kv), ffn {m.ffn_hidden}, vocab {m.vocab_size}, context {m.max_seq_len}")
     say(f"train: {t.max_steps} steps x {t.batch_tokens} tokens (micro-batch {t.micro_batch_size} x accum {accum}"
@@ -199,7 +201,10 @@ def _pretrain(cfg: Config, d: Dist, device: torch.device) -> dict:
         f"{t.warmup_steps}, device {device}, {'bf16' if bf16 else 'fp32'}"
         f"{f', {d.parallel}' if d.parallel != 'none' else ''}"
         f"{f' ZeRO-{t.zero_stage}' if d.parallel == 'deepspeed' else ''}{', compiled' if t.compile else ''}"
-        f"{f', activation checkpointing {t.activation_checkpointing}' if t.activation_checkpointing != 'off' else ''}")
+        f"{f', activation checkpointing {t.activation_checkpointing}' if t.activation_checkpointing != 'off' else ''}"
+        f"{f', attention {t.attention_backend}' if t.attention_backend != 'auto' else ''}")
+    if peak:
+        say(f"MFU against {peak / 1e12:.4g} TFLOP/s per device ({peak_source}), {flops_per_token / 1e6:.0f} MFLOP/token")
 
     fwd = torch.compile(wrapped) if t.compile else wrapped
     # DDP's forward hooks are for training: validate on the module inside. FSDP must run its own forward.
@@ -229,8 +234,9 @@ def _pretrain(cfg: Config, d: Dist, device: torch.device) -> dict:
         while ts.step < t.max_steps:
             lr = lr_at(ts.step, t)
             set_lr(optimizer, lr)
-            loss, gnorm = train_step(fwd, optimizer, batches, accum, t.grad_clip, device, amp,
-                                     faults.loss_fn(ts.data_step), t.skip_nonfinite)
+            with sdpa_backend(t.attention_backend):
+                loss, gnorm = train_step(fwd, optimizer, batches, accum, t.grad_clip, device, amp,
+                                         faults.loss_fn(ts.data_step), t.skip_nonfinite)
             if t.skip_nonfinite:
                 skipped += ~torch.isfinite(gnorm)
             ts.step += 1
@@ -262,7 +268,8 @@ def _pretrain(cfg: Config, d: Dist, device: torch.device) -> dict:
                     saved_at = ts.step
                     continue
             if (t.eval_every and done % t.eval_every == 0) or done == t.max_steps:
-                final_val = validation_loss(val_model, val_loader, val_start, val_batches, device, amp, d)
+                with sdpa_backend(t.attention_backend):
+                    final_val = validation_loss(val_model, val_loader, val_start, val_batches, device, amp, d)
                 record = {**record, "step": done, "val_loss": final_val}
                 say(f"step {done}: val loss {final_val:.4f} (ppl {math.exp(min(final_val, 50)):.1f})", flush=True)
             if t.sample_every and done % t.sample_every == 0 and full_weights_here and d.is_main:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import time
 
 import torch
 
@@ -63,6 +64,37 @@ def peak_flops(device: torch.device) -> float | None:
     return None
 
 
+def measure_matmul_peak(device: torch.device, dtype: torch.dtype) -> float:
+    """FLOP/s of a square matmul in `dtype` on `device`: the practical peak of this very device
+    (8192^3 on a GPU, where an H100 reaches ~790 of its datasheet 989 TFLOP/s; 1024^3 on a CPU)."""
+    n, reps = (8192, 10) if device.type == "cuda" else (1024, 3)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda *_: None)
+    for _ in range(2):
+        a @ b
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    sync(device)
+    return 2 * n ** 3 * reps / (time.perf_counter() - t0)
+
+
+def mfu_peak(setting: str | float, device: torch.device, bf16: bool) -> tuple[float | None, str]:
+    """The per-device peak FLOP/s that MFU is computed against, and where it came from.
+
+    `datasheet`: the vendor's dense bf16 peak (None off CUDA or for an unknown GPU: no MFU rather than
+    a guess); `measured`: a square matmul timed here in the training dtype; a number: TFLOP/s as given."""
+    if setting == "datasheet":
+        peak = peak_flops(device)
+        return peak, "datasheet bf16 peak" if peak else "none"
+    if setting == "measured":
+        dtype = torch.bfloat16 if bf16 else torch.float32
+        return measure_matmul_peak(device, dtype), f"measured {str(dtype).removeprefix('torch.')} matmul peak"
+    return float(setting) * 1e12, "given peak"
+
+
 def mfu(flops_per_token: float, tokens_per_s: float, peak_per_gpu: float, world_size: int) -> float:
     """Model FLOPs utilisation: achieved training FLOP/s over the peak of every GPU in the job
     (`tokens_per_s` counts all ranks' tokens, so the peak must count all ranks' GPUs)."""
@@ -105,3 +137,43 @@ def oom_advice(device: torch.device, micro_batch_size: int, checkpointing: str) 
     knobs.append("--train.parallel fsdp under torchrun to shard weights and optimizer state over GPUs")
     return (f"CUDA out of memory on {torch.cuda.get_device_name(device)} ({total:.1f} GB; peak allocated "
             f"{peak:.1f} GB). Try " + "; or ".join(knobs) + ".")
+
+
+SDPA_BACKENDS = ("flash", "cudnn", "efficient", "math")
+
+
+def sdpa_backend(name: str):
+    """Context that restricts scaled_dot_product_attention to one backend; `auto` leaves PyTorch's choice.
+
+    The choice is read when an attention op runs forward (and when torch.compile traces it); the
+    backward follows the op the forward recorded."""
+    if name == "auto":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    return sdpa_kernel({"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+                        "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}[name])
+
+
+def check_sdpa_backend(name: str, n_heads: int, n_kv_heads: int, head_dim: int, device: torch.device,
+                       bf16: bool) -> None:
+    """Fail before training when the forced SDPA backend cannot run this model's causal attention here
+    (a backend missing on this device, GQA under cuDNN, an unsupported head size or dtype)."""
+    if name == "auto":
+        return
+    import warnings
+
+    import torch.nn.functional as F
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    q = torch.randn(1, n_heads, 64, head_dim, device=device, dtype=dtype, requires_grad=True)
+    k, v = (torch.randn(1, n_kv_heads, 64, head_dim, device=device, dtype=dtype, requires_grad=True)
+            for _ in range(2))
+    try:
+        with sdpa_backend(name), warnings.catch_warnings():
+            warnings.simplefilter("ignore")   # PyTorch explains each refusal in a warning; the error says it once
+            F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=n_kv_heads != n_heads).sum().backward()
+    except RuntimeError as e:
+        raise ValueError(
+            f"train.attention_backend={name!r} cannot run this model's attention on {device} ({n_heads} query "
+            f"and {n_kv_heads} key/value heads of {head_dim}, {str(dtype).removeprefix('torch.')}): "
+            f"{str(e).splitlines()[0].rstrip('.')}. Use `auto` (PyTorch picks the fastest backend that fits) or another of "
+            f"{', '.join(SDPA_BACKENDS)}") from None
