@@ -79,3 +79,20 @@ def test_gradient_accumulation_matches_large_batch(micro_run, tmp_path):
     run_stage(micro_config(other, train={"max_steps": 2, "micro_batch_size": 2, "batch_tokens": 4 * 32}), "pretrain")
     a, b = _losses(micro_run), _losses(other)
     assert [r[1] for r in a if r[1]] == __import__("pytest").approx([r[1] for r in b if r[1]], rel=1e-5)
+
+
+def test_summary_counts_epochs_and_heavy_repetition_is_warned(micro_run, capsys):
+    from kiln.train.loader import PackedLoader
+    from kiln.train.pretrain import repetition_warning
+    from kiln.rundir import RunDir
+    from kiln.tokenizer import Tokenizer
+    cfg = micro_config(micro_run, train={"max_steps": 2})
+    summary = run_stage(cfg, "pretrain")
+    rd = RunDir(micro_run)
+    tok = Tokenizer.from_file(rd.tokenizer_file())
+    loader = PackedLoader(rd.token_files("train"), cfg.model.max_seq_len, cfg.train.micro_batch_size, tok.eos_id)
+    batch_tokens = summary["tokens_seen"] / 2
+    assert summary["epochs"] == pytest.approx(2 * batch_tokens / loader.tokens_per_epoch, abs=1e-3)
+    assert f"2 steps are {summary['epochs']:.2f} epochs" in capsys.readouterr().out
+    assert repetition_warning(4.0) is None
+    assert "4.5 passes over the training data" in repetition_warning(4.5)

@@ -43,6 +43,20 @@ def resolved_config(cfg: Config, vocab_size: int, world_size: int = 1) -> Config
     return dataclasses.replace(cfg, model=model, train=resolve_train(cfg.train, model, world_size))
 
 
+# Repeating data up to ~4 epochs is nearly as good as fresh tokens; beyond that returns fall off fast
+# (Muennighoff et al. 2023, "Scaling Data-Constrained Language Models").
+MAX_USEFUL_EPOCHS = 4
+
+
+def repetition_warning(epochs: float) -> str | None:
+    """What to tell a run that will repeat its data more than is useful, or None."""
+    if epochs <= MAX_USEFUL_EPOCHS:
+        return None
+    return (f"warning: {epochs:.1f} passes over the training data. Beyond ~{MAX_USEFUL_EPOCHS} epochs repeated "
+            "tokens are worth less and less and validation loss can turn up (overfitting): watch val_loss, add "
+            "data, or lower --train.max_steps")
+
+
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches: Iterator[Batch],
                accum: int, grad_clip: float, device: torch.device, bf16: bool,
                loss_fn: Callable[[torch.nn.Module, Batch], torch.Tensor] | None = None,
@@ -203,6 +217,11 @@ def _pretrain(cfg: Config, d: Dist, device: torch.device) -> dict:
         f"{f' ZeRO-{t.zero_stage}' if d.parallel == 'deepspeed' else ''}{', compiled' if t.compile else ''}"
         f"{f', activation checkpointing {t.activation_checkpointing}' if t.activation_checkpointing != 'off' else ''}"
         f"{f', attention {t.attention_backend}' if t.attention_backend != 'auto' else ''}")
+    epoch_tokens = train_loader.tokens_per_epoch * d.world_size
+    epochs = t.max_steps * t.batch_tokens / epoch_tokens
+    say(f"data: {epoch_tokens / 1e6:.1f}M training positions per epoch; {t.max_steps} steps are {epochs:.2f} epochs")
+    if (warning := repetition_warning(epochs)) is not None:
+        say(warning)
     if peak:
         say(f"MFU against {peak / 1e12:.4g} TFLOP/s per device ({peak_source}), {flops_per_token / 1e6:.0f} MFLOP/token")
 
@@ -298,7 +317,7 @@ def _pretrain(cfg: Config, d: Dist, device: torch.device) -> dict:
             "continue with --resume", flush=True)
         raise SystemExit(128 + (stop.signum or signal.SIGTERM))
     wall = time.perf_counter() - t0
-    summary = {"steps": t.max_steps, "tokens_seen": ts.tokens_seen, "final_val_loss": final_val,
+    summary = {"steps": t.max_steps, "tokens_seen": ts.tokens_seen, "epochs": round(epochs, 3), "final_val_loss": final_val,
                "params": n_params, "train_seconds": wall, "skipped_steps": int(skipped.item()),
                "rollbacks": ts.rollbacks, "checkpoint": str(ckpt_io.latest_checkpoint(rd.checkpoints))}
     say(f"pretrain done: {t.max_steps - start_step} steps in {wall:.0f}s, val loss {final_val}")
