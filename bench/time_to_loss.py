@@ -155,17 +155,17 @@ def crossing_time(curve: list[dict], target: float) -> float | None:
 
 def compare(args) -> None:
     ref = json.loads(Path(args.reference).read_text())
-    print("| trainer | final val loss | total time s | time to the reference's final loss s | ratio |")
-    print("|---|---:|---:|---:|---:|")
+    print("| trainer | final val loss | best val loss (step) | total time s | time to the reference's final loss s "
+          "| ratio |")
+    print("|---|---:|---:|---:|---:|---:|")
     target, ref_time = ref["curve"][-1]["val_loss"], ref["curve"][-1]["elapsed_s"]
-    print(f"| {ref['name']} | {target:.4f} | {ref_time:.0f} | {ref_time:.0f} | 1.00 |")
-    for path in args.others:
-        other = json.loads(Path(path).read_text())
-        t = crossing_time(other["curve"], target)
+    for run in [ref] + [json.loads(Path(path).read_text()) for path in args.others]:
+        t = crossing_time(run["curve"], target)
         ratio = "not reached" if t is None else f"{t / ref_time:.2f}"
         t_s = "-" if t is None else f"{t:.0f}"
-        print(f"| {other['name']} | {other['curve'][-1]['val_loss']:.4f} | {other['curve'][-1]['elapsed_s']:.0f} | "
-              f"{t_s} | {ratio} |")
+        best = min(run["curve"], key=lambda p: p["val_loss"])   # a long run on a small corpus can overfit
+        print(f"| {run['name']} | {run['curve'][-1]['val_loss']:.4f} | {best['val_loss']:.4f} ({best['step']}) | "
+              f"{run['curve'][-1]['elapsed_s']:.0f} | {t_s} | {ratio} |")
 
 
 def main() -> None:
