@@ -96,3 +96,48 @@ def test_summary_counts_epochs_and_heavy_repetition_is_warned(micro_run, capsys)
     assert f"2 steps are {summary['epochs']:.2f} epochs" in capsys.readouterr().out
     assert repetition_warning(4.0) is None
     assert "4.5 passes over the training data" in repetition_warning(4.5)
+
+
+def _scripted_val_losses(monkeypatch, values):
+    """Make the periodic validation return `values` in order (the training itself is real)."""
+    import kiln.train.pretrain as pretrain
+    it = iter(values)
+    monkeypatch.setattr(pretrain, "validation_loss", lambda *a, **k: next(it))
+
+
+def test_best_checkpoint_is_the_lowest_validation_loss_and_survives_resume(micro_run, monkeypatch, capsys):
+    from kiln.train.checkpoint import resolve_checkpoint
+    train = {"max_steps": 6, "eval_every": 1, "checkpoint_every": 1, "keep_checkpoints": 20}
+    _scripted_val_losses(monkeypatch, [5.0, 4.0, 3.0, 3.5, 3.2, 3.1])   # overfits after step 3
+    run_stage(micro_config(micro_run, train=train), "pretrain")
+    best = resolve_checkpoint(micro_run / "checkpoints", "best")
+    assert best == micro_run / "checkpoints" / "best" / "step_0000003"
+    assert [c.name for c in complete_checkpoints(micro_run / "checkpoints" / "best")] == ["step_0000003"]
+    assert json.loads((best / "state.json").read_text())["val_loss"] == 3.0
+    assert latest_checkpoint(micro_run / "checkpoints").name == "step_0000006"   # `latest` is unchanged
+    # It holds the weights trained up to its step: those of that step's own checkpoint.
+    want = _weights(micro_run / "checkpoints" / "step_0000003")
+    got = _weights(best)
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    out = capsys.readouterr().out
+    assert out.count("best so far") == 3 and "step 3: val loss 3.0000 (ppl 20.1), best so far" in out
+    # The eval stage scores the checkpoint it is told to, and says which.
+    ev = run_stage(micro_config(micro_run, train=train, eval={"checkpoint": "best"}), "eval")
+    assert ev["step"] == 3 and ev["checkpoint"] == str(best)
+
+    # A resumed run compares with the kept best's loss, not with its own first evaluation.
+    _scripted_val_losses(monkeypatch, [3.05, 3.01])
+    run_stage(micro_config(micro_run, train={**train, "max_steps": 8, "resume": True}), "pretrain")
+    assert resolve_checkpoint(micro_run / "checkpoints", "best").name == "step_0000003"
+    _scripted_val_losses(monkeypatch, [2.5, 2.9])
+    run_stage(micro_config(micro_run, train={**train, "max_steps": 10, "resume": True}), "pretrain")
+    assert resolve_checkpoint(micro_run / "checkpoints", "best").name == "step_0000009"
+    assert [c.name for c in complete_checkpoints(micro_run / "checkpoints" / "best")] == ["step_0000009"]
+
+
+def test_no_best_checkpoint_when_turned_off_and_a_clear_error_when_asked_for(micro_run):
+    from kiln.train.checkpoint import resolve_checkpoint
+    run_stage(micro_config(micro_run, train={"max_steps": 3, "keep_best": False}), "pretrain")
+    assert not (micro_run / "checkpoints" / "best").exists()
+    with pytest.raises(FileNotFoundError, match="no best checkpoint.*train.keep_best"):
+        resolve_checkpoint(micro_run / "checkpoints", "best")

@@ -227,6 +227,10 @@ class TrainConfig:
     with kiln's values or be "auto"; `optimizer` and `scheduler` are kiln's (see kiln/train/zero.py)."""
     cpu_offload: bool = False
     """fsdp only: keep sharded parameters, gradients and optimizer state in CPU memory (slower, less VRAM)."""
+    keep_best: bool = True
+    """Also keep the checkpoint with the lowest validation loss so far, in checkpoints/best/ (rewritten when
+    a periodic evaluation improves on it). A long run on a small corpus can overfit, leaving the final
+    checkpoint worse than an earlier one: `--eval.checkpoint best` / `--generate.checkpoint best` use it."""
     milestone_every: int = 0
     """Also keep every checkpoint whose step is a multiple of this, beyond `keep_checkpoints`; 0 = none."""
     skip_nonfinite: bool = True
@@ -297,8 +301,11 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    """Evaluation of the final checkpoint: loss, perplexity, bits per byte, samples."""
+    """Evaluation of a checkpoint (the final one by default): loss, perplexity, bits per byte, samples."""
 
+    checkpoint: str = "latest"
+    """`latest` (newest complete checkpoint of the run), `best` (lowest validation loss during training,
+    train.keep_best) or a checkpoint directory."""
     max_batches: int = 0
     """Validation micro-batches to score; 0 = the whole validation split."""
     batch_size: int = 16
@@ -324,7 +331,8 @@ class GenerateConfig:
     prompt: str = "def "
     """Text to continue."""
     checkpoint: str = "latest"
-    """`latest` (newest complete checkpoint of the run) or a checkpoint directory."""
+    """`latest` (newest complete checkpoint of the run), `best` (lowest validation loss during training) or a
+    checkpoint directory."""
     max_new_tokens: int = 200
     """Stop after this many new tokens."""
     temperature: float = 0.8

@@ -73,7 +73,7 @@ def run_eval(cfg: Config) -> dict:
     from kiln.tokenizer import Tokenizer
 
     rd = RunDir(cfg.run_path)
-    ckpt = resolve_checkpoint(rd.checkpoints, "latest")
+    ckpt = resolve_checkpoint(rd.checkpoints, cfg.eval.checkpoint)
     device = pick_device(cfg.train.device)
     bf16 = use_bf16(cfg.train.precision, device)
     model, ckpt_cfg = load_model(ckpt, device)

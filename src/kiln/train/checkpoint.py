@@ -279,12 +279,22 @@ def load_model(ckpt: Path, device: torch.device) -> tuple[torch.nn.Module, Confi
     return model.to(device).eval(), cfg
 
 
+BEST = "best"   # checkpoints/best/step_N: the lowest validation loss so far (train.keep_best)
+
+
 def resolve_checkpoint(run_checkpoints: Path, spec: str) -> Path:
-    """`latest` or a path to a checkpoint directory."""
+    """`latest`, `best` or a path to a checkpoint directory."""
     if spec == "latest":
         ckpt = latest_checkpoint(run_checkpoints)
         if ckpt is None:
             raise FileNotFoundError(f"no complete checkpoint in {run_checkpoints}; run `kiln pretrain` first")
+        return ckpt
+    if spec == BEST:
+        ckpt = latest_checkpoint(run_checkpoints / BEST)
+        if ckpt is None:
+            raise FileNotFoundError(f"no best checkpoint in {run_checkpoints / BEST}: `kiln pretrain` writes it at "
+                                    "each evaluation that improves the validation loss (train.keep_best, on by "
+                                    "default); use `latest` or a checkpoint directory")
         return ckpt
     ckpt = Path(spec)
     if not (ckpt / COMPLETE).exists():

@@ -21,8 +21,8 @@ from kiln.config import Config, ConfigError, grad_accum_steps, resolve_train, ro
 from kiln.rundir import RunDir
 from kiln.train import checkpoint as ckpt_io
 from kiln.train import faults, zero
-from kiln.train.distributed import (Dist, any_rank, barrier, full_tensor, grad_sync, init_distributed, mean_over_ranks,
-                                    parallelize, shutdown, uses_autocast)
+from kiln.train.distributed import (Dist, any_rank, barrier, broadcast_object, full_tensor, grad_sync, init_distributed,
+                                    mean_over_ranks, parallelize, shutdown, uses_autocast)
 from kiln.train.guard import SpikeGuard, step_if_finite
 from kiln.train.loader import PackedLoader
 from kiln.train.fp8 import apply_fp8, check_fp8
@@ -239,13 +239,19 @@ def _pretrain(cfg: Config, d: Dist, device: torch.device) -> dict:
     final_val = None
     stop = StopRequest()
 
-    def save(milestone_ok: bool = True) -> Path:
+    def save(milestone_ok: bool = True, best_val: float | None = None) -> Path:
+        """A step checkpoint, or with `best_val` the one checkpoint under checkpoints/best/."""
         ts.elapsed_s = elapsed_before + time.perf_counter() - t0
         ts.skipped_steps, ts.spike = int(skipped.item()), guard.state_dict()
         state = {**dataclasses.asdict(ts), "loader": train_loader.state_dict(), "fingerprint": fingerprint}
+        if best_val is not None:
+            return ckpt_io.save_checkpoint(rd.checkpoints / ckpt_io.BEST, ts.step, holder, optimizer,
+                                           {**state, "val_loss": best_val}, cfg, 1, d)
         milestone = milestone_ok and t.milestone_every > 0 and ts.step % t.milestone_every == 0
         return ckpt_io.save_checkpoint(rd.checkpoints, ts.step, holder, optimizer, state, cfg, t.keep_checkpoints,
                                        d, milestone)
+
+    best_val = _best_val_so_far(rd.checkpoints / ckpt_io.BEST, d) if t.keep_best else None
 
     elapsed_before = ts.elapsed_s
     saved_at = ts.step
@@ -290,7 +296,12 @@ def _pretrain(cfg: Config, d: Dist, device: torch.device) -> dict:
                 with sdpa_backend(t.attention_backend):
                     final_val = validation_loss(val_model, val_loader, val_start, val_batches, device, amp, d)
                 record = {**record, "step": done, "val_loss": final_val}
-                say(f"step {done}: val loss {final_val:.4f} (ppl {math.exp(min(final_val, 50)):.1f})", flush=True)
+                improved = t.keep_best and math.isfinite(final_val) and (best_val is None or final_val < best_val)
+                say(f"step {done}: val loss {final_val:.4f} (ppl {math.exp(min(final_val, 50)):.1f})"
+                    f"{', best so far: saved to checkpoints/best' if improved else ''}", flush=True)
+                if improved:
+                    best_val = final_val
+                    save(best_val=best_val)
             if t.sample_every and done % t.sample_every == 0 and full_weights_here and d.is_main:
                 _print_samples(model, tok, t.sample_prompts, t.seed + done)
             if record and metrics:
@@ -443,6 +454,14 @@ def _check_same_model(ckpt: Path, cfg: Config) -> None:
         diff = {k: (getattr(saved, k), getattr(cfg.model, k)) for k in vars(saved) if getattr(saved, k) != getattr(cfg.model, k)}
         raise ValueError(f"cannot resume from {ckpt}: it was trained with a different model config {diff}; "
                          "use a new --run_dir or drop --resume")
+
+
+def _best_val_so_far(best_root: Path, d: Dist) -> float | None:
+    """The validation loss of the kept best checkpoint (a resumed run continues to compare with it)."""
+    value = None
+    if d.is_main and (best := ckpt_io.latest_checkpoint(best_root)) is not None:
+        value = json.loads((best / "state.json").read_text(encoding="utf-8")).get("val_loss")
+    return broadcast_object(value, d)
 
 
 def _start_fresh(rd: RunDir) -> None:
