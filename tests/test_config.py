@@ -141,3 +141,9 @@ def test_deepspeed_missing_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "deepspeed", None)    # import deepspeed -> ImportError
     with pytest.raises(ConfigError, match=r"pip install 'llmkiln\[deepspeed\]'"):
         zero.require()
+
+
+def test_a_value_no_form_of_a_union_accepts_names_every_form():
+    with pytest.raises(ConfigError, match=r"train.mfu_peak='fast' is not valid; choose one of 'datasheet', "
+                                          r"'measured'; or train.mfu_peak must be a number"):
+        load_recipe("tiny", {"train": {"mfu_peak": "fast"}})

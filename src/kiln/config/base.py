@@ -58,7 +58,7 @@ def _coerce(key: str, hint: Any, value: Any) -> Any:
                 return _coerce(key, arg, value)
             except ConfigError as e:
                 errors.append(str(e))
-        raise ConfigError(errors[0])
+        raise ConfigError(errors[0] if len(errors) == 1 else "; or ".join(errors))   # every accepted form
     if origin is Literal:
         if value not in args:
             raise ConfigError(f"{key}={value!r} is not valid; choose one of {', '.join(map(repr, args))}")
