@@ -73,7 +73,7 @@ def write_report(cfg: Config) -> Path:
     out += ["## Training", ""]
     if has_plot:
         out += ["![loss](loss.png)", ""]
-    out += _training_table(metrics)
+    out += _training_table(metrics, cfg.train.keep_best)
     out += _eval_section(ev)
     if samples:
         out += ["## Samples", ""]
@@ -145,7 +145,7 @@ def _model_section(cfg: Config, metrics: list[dict]) -> list[str]:
             f"RoPE theta {m.rope_theta:g}, tied embeddings {m.tie_embeddings}, QK-norm {m.qk_norm}.", ""]
 
 
-def _training_table(metrics: list[dict]) -> list[str]:
+def _training_table(metrics: list[dict], keep_best: bool = True) -> list[str]:
     steps = [r for r in metrics if "loss" in r]
     if not steps:
         return ["No training metrics yet.", ""]
@@ -155,6 +155,15 @@ def _training_table(metrics: list[dict]) -> list[str]:
            f"final train loss {last['loss']:.4f}"]
     if "mfu" in last:
         out.append(f"- MFU: {100 * last['mfu']:.1f}%")
+    vals = [r for r in metrics if "val_loss" in r]
+    if vals:
+        best = min(vals, key=lambda r: r["val_loss"])
+        line = (f"- validation loss during training: last {vals[-1]['val_loss']:.4f} (step {vals[-1]['step']:,}), "
+                f"best {best['val_loss']:.4f} (step {best['step']:,})")
+        if best["val_loss"] < vals[-1]["val_loss"]:   # it went back up: overfitting, or a late instability
+            line += (": the best is kept in `checkpoints/best`, `kiln eval --eval.checkpoint best` scores it"
+                     if keep_best else ": `train.keep_best` would have kept that checkpoint")
+        out.append(line)
     return out + [""]
 
 
