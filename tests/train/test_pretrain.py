@@ -119,6 +119,10 @@ def test_best_checkpoint_is_the_lowest_validation_loss_and_survives_resume(micro
     want = _weights(micro_run / "checkpoints" / "step_0000003")
     got = _weights(best)
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    # Step 3 had its own checkpoint: the best shares its files (hard links) instead of a second copy.
+    assert (best / "model.safetensors").stat().st_ino == (micro_run / "checkpoints" / "step_0000003" /
+                                                          "model.safetensors").stat().st_ino
+    assert "val_loss" not in json.loads((micro_run / "checkpoints" / "step_0000003" / "state.json").read_text())
     out = capsys.readouterr().out
     assert out.count("best so far") == 3 and "step 3: val loss 3.0000 (ppl 20.1), best so far" in out
     # The eval stage scores the checkpoint it is told to, and says which.
@@ -126,6 +130,8 @@ def test_best_checkpoint_is_the_lowest_validation_loss_and_survives_resume(micro
     assert ev["step"] == 3 and ev["checkpoint"] == str(best)
 
     # A resumed run compares with the kept best's loss, not with its own first evaluation.
+    # (From here on a best falls between step checkpoints: it is written on its own.)
+    train["checkpoint_every"] = 4
     _scripted_val_losses(monkeypatch, [3.05, 3.01])
     run_stage(micro_config(micro_run, train={**train, "max_steps": 8, "resume": True}), "pretrain")
     assert resolve_checkpoint(micro_run / "checkpoints", "best").name == "step_0000003"
@@ -133,6 +139,8 @@ def test_best_checkpoint_is_the_lowest_validation_loss_and_survives_resume(micro
     run_stage(micro_config(micro_run, train={**train, "max_steps": 10, "resume": True}), "pretrain")
     assert resolve_checkpoint(micro_run / "checkpoints", "best").name == "step_0000009"
     assert [c.name for c in complete_checkpoints(micro_run / "checkpoints" / "best")] == ["step_0000009"]
+    assert json.loads((micro_run / "checkpoints" / "best" / "step_0000009" / "state.json").read_text())["val_loss"] == 2.5
+    assert not (micro_run / "checkpoints" / "step_0000009").exists()
 
 
 def test_no_best_checkpoint_when_turned_off_and_a_clear_error_when_asked_for(micro_run):

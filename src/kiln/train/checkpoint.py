@@ -102,25 +102,59 @@ def save_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizer: to
         if milestone:
             (tmp / MILESTONE).write_text(f"step {step}\n", encoding="utf-8")
         faults.checkpoint_pause()
-        for f in tmp.rglob("*"):
-            if f.is_file():
-                _fsync_file(f)
-        for sub in sorted(tmp.rglob("*"), reverse=True):   # dcp/, deepspeed/state/, deepspeed/
-            if sub.is_dir():
-                fsync_dir(sub)
-        write_text_atomic(tmp / COMPLETE, f"step {step}\n")
-        fsync_dir(tmp)
-        old = None
-        if final.exists():  # this step again (an incomplete copy, or a re-save after a rollback): set it aside
-            old = root / f".old-{final.name}-{os.getpid()}"
-            os.replace(final, old)
-        os.replace(tmp, final)
-        fsync_dir(root)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-        prune(root, keep)
+        _publish(tmp, final, step, keep)
     barrier(d)
     return final
+
+
+def _publish(tmp: Path, final: Path, step: int, keep: int) -> None:
+    """fsync everything in `tmp`, mark it COMPLETE, rename it to `final` (replacing an older copy of the
+    same step) and prune its root to `keep` checkpoints."""
+    root = final.parent
+    for f in tmp.rglob("*"):
+        if f.is_file():
+            _fsync_file(f)
+    for sub in sorted(tmp.rglob("*"), reverse=True):   # dcp/, deepspeed/state/, deepspeed/
+        if sub.is_dir():
+            fsync_dir(sub)
+    write_text_atomic(tmp / COMPLETE, f"step {step}\n")
+    fsync_dir(tmp)
+    old = None
+    if final.exists():  # this step again (an incomplete copy, or a re-save after a rollback): set it aside
+        old = root / f".old-{final.name}-{os.getpid()}"
+        os.replace(final, old)
+    os.replace(tmp, final)
+    fsync_dir(root)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    prune(root, keep)
+
+
+def link_checkpoint(src: Path, root: Path, state_update: dict[str, Any], keep: int, d: Dist = Dist()) -> Path:
+    """The complete checkpoint `src` again under `root` (same step name), its files hard-linked rather than
+    rewritten (copied where the filesystem has no hard links), with `state_update` merged into its
+    state.json. Checkpoints are never modified in place, so the two copies cannot drift apart; pruning
+    either leaves the other whole. Same atomic publish as save_checkpoint."""
+    final = root / src.name
+    if d.is_main:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = root / f".tmp-{src.name}-{os.getpid()}"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        shutil.copytree(src, tmp, copy_function=_link_or_copy,
+                        ignore=shutil.ignore_patterns(COMPLETE, MILESTONE, "state.json"))
+        state = json.loads((src / "state.json").read_text(encoding="utf-8"))
+        (tmp / "state.json").write_text(json.dumps({**state, **state_update}), encoding="utf-8")
+        _publish(tmp, final, int(_STEP_DIR.match(src.name).group(1)), keep)
+    barrier(d)
+    return final
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
 
 
 def _save_sharded(tmp: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, d: Dist) -> None:
