@@ -16,6 +16,9 @@
       MILESTONE           present on milestone checkpoints (train.milestone_every): never pruned
       COMPLETE            written last: a directory without it is never loaded
 
+checkpoints/best/step_N (train.keep_best) has the same layout plus `val_loss` in state.json: the checkpoint
+with the lowest validation loss so far, its files hard links to checkpoints/step_N's when that step has one.
+
 The directory is assembled under `.tmp-step_N-<pid of rank 0>`, every file fsynced, then renamed into
 place; a crash at any moment leaves the previous checkpoint intact. Under torchrun every rank takes
 part (DCP writes are collective) and rank 0 alone writes the single files and renames.
