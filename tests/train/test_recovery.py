@@ -74,6 +74,10 @@ def test_sigkill_at_random_moments_then_resume_is_bitwise_identical(micro_run, t
 
     assert metrics(micro_run) == metrics(ref)
     _same_final_state(micro_run / "checkpoints/step_0000024", ref / "checkpoints/step_0000024")
+    # The best-validation checkpoint (linked at evaluations 8, 16, 24) came through the kills too.
+    best, ref_best = (complete_checkpoints(r / "checkpoints" / "best") for r in (micro_run, ref))
+    assert [b.name for b in best] == [b.name for b in ref_best] and len(best) == 1
+    _same_final_state(best[0], ref_best[0])
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
