@@ -116,3 +116,23 @@ def test_measured_peak_on_the_gpu_is_below_the_datasheet():
     measured, _ = mfu_peak("measured", dev, True)
     sheet, _ = mfu_peak("datasheet", dev, True)
     assert measured > 1e13 and (sheet is None or measured < sheet)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_precision_on_cpu_is_bf16_exactly_where_the_cpu_does_bf16(monkeypatch, native):
+    from kiln.train import runtime
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: native)
+    assert runtime.use_bf16("auto", CPU) is native
+    assert runtime.use_bf16("fp32", CPU) is False and runtime.use_bf16("bf16", CPU) is True
+
+
+def test_native_bf16_probe_follows_the_cpu_features(monkeypatch):
+    from kiln.train import runtime
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    assert runtime.cpu_has_native_bf16() is False
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    assert runtime.cpu_has_native_bf16() is True
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")
+    assert runtime.cpu_has_native_bf16() is False   # a torch without the probes: fp32, never a guess

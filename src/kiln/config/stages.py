@@ -164,7 +164,8 @@ class TrainConfig:
     device: str = "auto"
     """`auto` (CUDA if available, else CPU), `cpu`, `cuda`, `cuda:N`."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
-    """`bf16` autocast with fp32 master weights, or `fp32`; `auto` = bf16 on CUDA, fp32 on CPU."""
+    """`bf16` autocast with fp32 master weights, or `fp32`; `auto` = bf16 on CUDA and on CPUs with native bf16
+    instructions (AVX512-BF16 or AMX), fp32 on other CPUs."""
     compile: bool = False
     """Compile the model with torch.compile."""
     fp8: Literal["off", "tensorwise", "rowwise"] = "off"

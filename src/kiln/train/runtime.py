@@ -38,9 +38,17 @@ def pick_device(spec: str) -> torch.device:
 
 
 def use_bf16(precision: str, device: torch.device) -> bool:
+    """`auto`: bf16 on CUDA, and on a CPU whose instructions do bf16 natively; fp32 elsewhere."""
     if precision == "auto":
-        return device.type == "cuda"
+        return device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16())
     return precision == "bf16"
+
+
+def cpu_has_native_bf16() -> bool:
+    """AVX512-BF16 or AMX tiles (x86): where oneDNN runs bf16 matmuls faster than fp32 (1.75x tokens/s for
+    the tiny recipe on a 2-core AMD EPYC with AVX512-BF16). Elsewhere bf16 would be emulated, and slower."""
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")   # torch.cpu's own feature probes
+    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
 
 
 def autocast(device: torch.device, bf16: bool):
