@@ -175,8 +175,8 @@ VARIANTS = {
 def run_reference(args, batches) -> dict:
     torch.manual_seed(0)
     ref = GPT2(GPT2Config(vocab_size=VOCAB, block_size=args.seq)).cuda()
-    r = run("reference GPT-2", torch.compile(ref), ClippedStep(ref.parameters(), ref_optimizer(ref)), lambda m, x, y: m(x, y), batches,
-            args.warmup, args.steps, "auto")
+    step = ClippedStep(ref.parameters(), ref_optimizer(ref))
+    r = run("reference GPT-2", torch.compile(ref), step, lambda m, x, y: m(x, y), batches, args.warmup, args.steps, "auto")
     r["flops_per_token"] = ref.flops_per_token(args.seq)
     return r
 

@@ -252,7 +252,6 @@ def _pretrain(cfg: Config, d: Dist, device: torch.device) -> dict:
                                        d, milestone)
 
     best_val = _best_val_so_far(rd.checkpoints / ckpt_io.BEST, d) if t.keep_best else None
-    pending_best = False
 
     elapsed_before = ts.elapsed_s
     saved_at = ts.step
@@ -293,6 +292,7 @@ def _pretrain(cfg: Config, d: Dist, device: torch.device) -> dict:
                     save(milestone_ok=False)   # records the new loader position: the skip survives a crash
                     saved_at = ts.step
                     continue
+            improved = False   # this step's evaluation beat the kept best
             if (t.eval_every and done % t.eval_every == 0) or done == t.max_steps:
                 with sdpa_backend(t.attention_backend):
                     final_val = validation_loss(val_model, val_loader, val_start, val_batches, device, amp, d)
@@ -302,7 +302,6 @@ def _pretrain(cfg: Config, d: Dist, device: torch.device) -> dict:
                     f"{', best so far: saved to checkpoints/best' if improved else ''}", flush=True)
                 if improved:
                     best_val = final_val
-                    pending_best = True
             if t.sample_every and done % t.sample_every == 0 and full_weights_here and d.is_main:
                 _print_samples(model, tok, t.sample_prompts, t.seed + done)
             if record and metrics:
@@ -312,12 +311,11 @@ def _pretrain(cfg: Config, d: Dist, device: torch.device) -> dict:
             if done % t.checkpoint_every == 0 or done == t.max_steps:
                 step_ckpt = save()
                 saved_at = done
-            if pending_best:   # the step's own checkpoint, linked, when there is one; else written
+            if improved:   # the step's own checkpoint, linked, when there is one; else written
                 if step_ckpt is not None:
                     ckpt_io.link_checkpoint(step_ckpt, rd.checkpoints / ckpt_io.BEST, {"val_loss": best_val}, 1, d)
                 else:
                     save(best_val=best_val)
-                pending_best = False
             # A signal is acted on at a step boundary; under torchrun the ranks agree at log steps
             # (a collective, so not every step) and every rank stops at the same step.
             if (d.world_size == 1 or logging) and any_rank(stop.signum is not None, d, device):

@@ -5,8 +5,10 @@ from __future__ import annotations
 import contextlib
 import sys
 import time
+import warnings
 
 import torch
+import torch.nn.functional as F
 
 # Dense bf16 tensor-core peaks from the vendors' datasheets (no sparsity), FLOP/s.
 # MFU against these is the convention of the PaLM paper and nanoGPT; unknown GPUs get no MFU
@@ -78,15 +80,17 @@ def measure_matmul_peak(device: torch.device, dtype: torch.dtype) -> float:
     n, reps = (8192, 10) if device.type == "cuda" else (1024, 3)
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda *_: None)
-    for _ in range(2):
-        a @ b
-    sync(device)
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    sync(device)
-    return 2 * n ** 3 * reps / (time.perf_counter() - t0)
+
+    def seconds(k: int) -> float:
+        t0 = time.perf_counter()
+        for _ in range(k):
+            a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - t0
+
+    seconds(2)   # warm-up: kernel selection, clocks
+    return 2 * n ** 3 * reps / seconds(reps)
 
 
 def mfu_peak(setting: str | float, device: torch.device, bf16: bool) -> tuple[float | None, str]:
@@ -99,8 +103,12 @@ def mfu_peak(setting: str | float, device: torch.device, bf16: bool) -> tuple[fl
         return peak, "datasheet bf16 peak" if peak else "none"
     if setting == "measured":
         dtype = torch.bfloat16 if bf16 else torch.float32
-        return measure_matmul_peak(device, dtype), f"measured {str(dtype).removeprefix('torch.')} matmul peak"
+        return measure_matmul_peak(device, dtype), f"measured {_name(dtype)} matmul peak"
     return float(setting) * 1e12, "given peak"
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def mfu(flops_per_token: float, tokens_per_s: float, peak_per_gpu: float, world_size: int) -> float:
@@ -168,9 +176,6 @@ def check_sdpa_backend(name: str, n_heads: int, n_kv_heads: int, head_dim: int, 
     (a backend missing on this device, GQA under cuDNN, an unsupported head size or dtype)."""
     if name == "auto":
         return
-    import warnings
-
-    import torch.nn.functional as F
     dtype = torch.bfloat16 if bf16 else torch.float32
     q = torch.randn(1, n_heads, 64, head_dim, device=device, dtype=dtype, requires_grad=True)
     k, v = (torch.randn(1, n_kv_heads, 64, head_dim, device=device, dtype=dtype, requires_grad=True)
@@ -182,6 +187,6 @@ def check_sdpa_backend(name: str, n_heads: int, n_kv_heads: int, head_dim: int, 
     except RuntimeError as e:
         raise ValueError(
             f"train.attention_backend={name!r} cannot run this model's attention on {device} ({n_heads} query "
-            f"and {n_kv_heads} key/value heads of {head_dim}, {str(dtype).removeprefix('torch.')}): "
+            f"and {n_kv_heads} key/value heads of {head_dim}, {_name(dtype)}): "
             f"{str(e).splitlines()[0].rstrip('.')}. Use `auto` (PyTorch picks the fastest backend that fits) or another of "
             f"{', '.join(SDPA_BACKENDS)}") from None
