@@ -1,11 +1,12 @@
 """Peak memory and the largest micro-batch that fits, with and without activation checkpointing.
 
-    python bench/memory.py [--compile] [--max-mb 1024] [--models gpt2-small,1.2B] [--start 1.2B=16 ...]
+    python bench/memory.py [--compile] [--fused-ce] [--max-mb 1024] [--models gpt2-small,1.2B] [--start 1.2B=16 ...]
 
 For gpt2-small (124M) and a ~1.2B configuration (depth 28: d_model 1792), for each activation
 checkpointing mode: doubling micro-batches of 1024-token sequences, 3 AdamW steps each in bf16
 autocast, until one runs out of GPU memory. Reports peak allocated memory and tokens/s per size,
-and the largest size that fit. `--start MODEL=N` skips the sizes below N (compiled probes take a
+and the largest size that fit. `--fused-ce` trains through the fused head + cross-entropy
+(kiln/train/cross_entropy.py). `--start MODEL=N` skips the sizes below N (compiled probes take a
 minute each). Writes bench/results/memory.json (memory_compiled.json with --compile).
 """
 
@@ -22,6 +23,7 @@ import torch
 
 from kiln.config import TrainConfig, load_recipe
 from kiln.model.llama import Transformer
+from kiln.train.cross_entropy import apply_fused_cross_entropy
 from kiln.train.memory import apply_activation_checkpointing
 from kiln.train.optim import build_optimizer
 
@@ -30,12 +32,14 @@ MODELS = {"gpt2-small": {}, "1.2B": {"depth": 28}}  # 1.2B: d_model 1792, 28 hea
 FIRST_MB = {"gpt2-small": 16, "1.2B": 4}
 
 
-def probe(model_over: dict, mode: str, mb: int, compile_: bool) -> dict:
+def probe(model_over: dict, mode: str, mb: int, compile_: bool, fused_ce: bool = False) -> dict:
     torch.manual_seed(0)
     cfg = dataclasses.replace(load_recipe("gpt2-small").model, vocab_size=VOCAB, **model_over)
     model = opt = None
     try:
         model = Transformer.from_config(cfg, device="cuda")
+        if fused_ce:
+            apply_fused_cross_entropy(model)
         apply_activation_checkpointing(model, mode)
         opt = build_optimizer(model, dataclasses.replace(TrainConfig(), lr=3e-4), torch.device("cuda"))
         fwd = torch.compile(model) if compile_ else model
@@ -66,6 +70,7 @@ def probe(model_over: dict, mode: str, mb: int, compile_: bool) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--fused-ce", action="store_true", help="train through the fused head + cross-entropy")
     ap.add_argument("--max-mb", type=int, default=1024)
     ap.add_argument("--out", type=Path, default=None, help="JSON path (default bench/results/memory[_compiled].json)")
     ap.add_argument("--modes", default="off,selective,block", help="activation checkpointing modes to probe")
@@ -84,7 +89,8 @@ def main() -> None:
 
     def write() -> None:  # after every probe: a later crash or timeout keeps the rows so far
         out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                                   "date": time.strftime("%Y-%m-%d"), "compile": args.compile, "seq": SEQ,
+                                   "date": time.strftime("%Y-%m-%d"), "compile": args.compile,
+                                   "fused_ce": args.fused_ce, "seq": SEQ,
                                    "rows": rows}, indent=2) + "\n")
 
     print("| model | activation checkpointing | micro-batch | peak GB | tokens/s |\n|---|---|---:|---:|---:|")
@@ -95,7 +101,7 @@ def main() -> None:
         for mode in args.modes.split(","):
             mb, largest = first[name], None
             while mb <= args.max_mb:
-                r = {"model": name, "mode": mode, "micro_batch": mb, **probe(over, mode, mb, args.compile)}
+                r = {"model": name, "mode": mode, "micro_batch": mb, **probe(over, mode, mb, args.compile, args.fused_ce)}
                 rows.append(r)
                 write()
                 if not r["fits"]:

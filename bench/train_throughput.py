@@ -12,9 +12,9 @@ bench/results/train_throughput.json rewritten as soon as its variant finishes.
 
 Variants: base; flash / cudnn (SDPA backend forced); mb2x (micro-batch x2); fused (one q/k/v
 and one gate/up matmul per layer from the same parameters); liger (Liger-Kernel's fused linear +
-cross-entropy); autotune (compile mode max-autotune-no-cudagraphs); cudagraphs (compile mode reduce-overhead);
+cross-entropy); fused_ce (kiln's fused head + cross-entropy, train.fused_cross_entropy); autotune (compile mode max-autotune-no-cudagraphs); cudagraphs (compile mode reduce-overhead);
 fp8 / fp8_rowwise (torchao float8 training, lm_head kept in bf16); hd128 (heads of 128);
-vocab32k (a 32,768-token vocabulary); domain (both: heads of 128 and a 32k vocabulary);
+vocab32k (a 32,768-token vocabulary); domain (both: heads of 128 and a 32k vocabulary); domain_fused_ce (and the fused head);
 compiled_step (gradient clipping and a foreach AdamW step under torch.compile); muon / muon_serial (Muon + AdamW, Newton-Schulz batched
 per shape / one matrix at a time; one optimizer step per micro-batch, the worst case). `--depth 28 --no-reference --micro-batch 8` measures the
 ~1.2B configuration.
@@ -40,6 +40,7 @@ from reference_gpt2 import GPT2, GPT2Config, optimizer as ref_optimizer  # noqa:
 from kiln.config import TrainConfig, load_recipe  # noqa: E402
 from kiln.model.llama import Transformer  # noqa: E402
 from kiln.train import muon  # noqa: E402
+from kiln.train.cross_entropy import apply_fused_cross_entropy  # noqa: E402
 from kiln.train.optim import build_optimizer, param_groups  # noqa: E402
 from kiln.train.runtime import measure_matmul_peak, peak_flops, sdpa_backend  # noqa: E402
 
@@ -122,6 +123,11 @@ def float8(recipe: str):
     return convert
 
 
+def fused_ce(model: Transformer) -> Transformer:
+    apply_fused_cross_entropy(model)
+    return model
+
+
 def liger_loss(model, x, y):
     from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
     m = model._orig_mod if hasattr(model, "_orig_mod") else model
@@ -159,6 +165,7 @@ VARIANTS = {
     "mb2x": Variant(mult=2),
     "fused": Variant(transform=fused_projections),
     "liger": Variant(loss=liger_loss, compile_loss=False),
+    "fused_ce": Variant(transform=fused_ce),
     "autotune": Variant(compile_mode="max-autotune-no-cudagraphs"),
     "cudagraphs": Variant(compile_mode="reduce-overhead"),
     "fp8": Variant(transform=float8("tensorwise")),
@@ -167,6 +174,7 @@ VARIANTS = {
     "vocab32k": Variant(vocab=32768),
     "compiled_step": Variant(compile_step=True),
     "domain": Variant(vocab=32768, overrides={"head_dim": 128}),
+    "domain_fused_ce": Variant(vocab=32768, overrides={"head_dim": 128}, transform=fused_ce),
     "muon": Variant(optimizer="muon"),
     "muon_serial": Variant(optimizer="muon", serial_muon=True),
 }

@@ -176,6 +176,10 @@ class TrainConfig:
     """scaled_dot_product_attention backend: `auto` lets PyTorch pick the fastest that fits (on an H100 it
     picks cuDNN's kernels for this model's attention); the others force one, and the run stops before
     training if that backend cannot run the model's attention on this device (see BENCHMARKS.md)."""
+    fused_cross_entropy: Literal["auto", "on", "off"] = "auto"
+    """Output head + cross-entropy as one fused step that writes the loss's gradient over the logits in place:
+    no fp32 logits, one (tokens x vocabulary) buffer instead of several (kiln/train/cross_entropy.py). `auto`:
+    on CUDA with Triton; `on`: also on CPU (a PyTorch version of the same arithmetic); not with ZeRO-3."""
     mfu_peak: Literal["datasheet", "measured"] | float = "datasheet"
     """Per-GPU peak FLOP/s that the logged MFU is measured against: `datasheet` (the vendor's dense bf16
     peak from kiln's table; an unknown GPU gets a warning and no MFU), `measured` (a square matmul timed on
@@ -277,6 +281,10 @@ class TrainConfig:
                     "train.deepspeed_config" if self.parallel == "deepspeed" else "")
             raise ConfigError(f"train.cpu_offload=true needs train.parallel=fsdp (got {self.parallel!r}){hint}")
         self._validate_deepspeed()
+        if self.fused_cross_entropy == "on" and self.parallel == "deepspeed" and self.zero_stage == 3:
+            raise ConfigError("train.fused_cross_entropy=on does not work with DeepSpeed ZeRO-3 (ZeRO-3 gathers the "
+                              "head's weight in hooks on the module's own forward, which the fused head bypasses); "
+                              "use auto (off under ZeRO-3) or off")
         if self.fp8 != "off" and self.parallel == "deepspeed":
             raise ConfigError("train.fp8 with train.parallel=deepspeed is not supported (ZeRO partitions the "
                               "parameters torchao's Float8Linear casts); use --train.parallel fsdp or ddp for fp8")

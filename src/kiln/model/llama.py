@@ -219,7 +219,7 @@ class Transformer(nn.Module):
         "none" ((B, T), 0 where the target is -100). With a `cache`, the T tokens sit at
         positions cache.pos .. cache.pos + T - 1 and the cache advances by T.
         """
-        B, T = input_ids_BT.shape
+        T = input_ids_BT.shape[1]
         pos = 0 if cache is None else cache.pos  # a Python int: no host sync
         if pos + T > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {pos + T} tokens exceeds model.max_seq_len={self.cfg.max_seq_len}")
@@ -230,11 +230,17 @@ class Transformer(nn.Module):
         h_BTD = self.model(input_ids_BT, self.rope_cos[pos:pos + T], self.rope_sin[pos:pos + T], cache, mask_TS)
         if cache is not None:
             cache.advance(T)  # once per forward, after every layer has written its slot
-        logits_BTV = self.lm_head(h_BTD).float()
         if targets_BT is None:
-            return logits_BTV
+            return self.lm_head(h_BTD).float()
         if reduction not in ("mean", "sum", "none"):
             raise ValueError(f"reduction={reduction!r}: use 'mean', 'sum' or 'none'")
+        return self.loss(h_BTD, targets_BT, reduction)
+
+    def loss(self, h_BTD: torch.Tensor, targets_BT: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        """fp32 cross-entropy of the head's logits against `targets_BT` (-100: ignored). Training may
+        replace this on the instance with a fused head (kiln/train/cross_entropy.py)."""
+        B, T, _ = h_BTD.shape
+        logits_BTV = self.lm_head(h_BTD).float()
         loss = F.cross_entropy(logits_BTV.view(B * T, -1), targets_BT.reshape(B * T),
                                ignore_index=-100, reduction=reduction)
         return loss.view(B, T) if reduction == "none" else loss

@@ -25,6 +25,8 @@ from kiln.train.distributed import (Dist, any_rank, barrier, broadcast_object, f
                                     mean_over_ranks, parallelize, shutdown, uses_autocast)
 from kiln.train.guard import SpikeGuard, step_if_finite
 from kiln.train.loader import PackedLoader
+from kiln.train.cross_entropy import apply_fused_cross_entropy
+from kiln.train.cross_entropy import resolve_mode as resolve_fused_ce
 from kiln.train.fp8 import apply_fp8, check_fp8
 from kiln.train.memory import apply_activation_checkpointing
 from kiln.train.optim import build_optimizer, lr_at, set_lr
@@ -173,6 +175,9 @@ def _pretrain(cfg: Config, d: Dist, device: torch.device) -> dict:
     if t.fp8 != "off":   # before compile and sharding (torchao's order); names and checkpoints unchanged
         check_fp8(t.fp8, device)
         apply_fp8(model, t.fp8)
+    fused_ce = resolve_fused_ce(t.fused_cross_entropy, device, d.parallel, t.zero_stage)
+    if fused_ce:
+        apply_fused_cross_entropy(model)
     apply_activation_checkpointing(model, t.activation_checkpointing)   # before sharding, as torchtitan does
     wrapped = parallelize(model, d, device, bf16, t.cpu_offload)   # DDP wrapper, or `model` sharded in place
     optimizer = build_optimizer(model, t, device)
@@ -216,7 +221,8 @@ def _pretrain(cfg: Config, d: Dist, device: torch.device) -> dict:
         f"{f', {d.parallel}' if d.parallel != 'none' else ''}"
         f"{f' ZeRO-{t.zero_stage}' if d.parallel == 'deepspeed' else ''}{', compiled' if t.compile else ''}"
         f"{f', activation checkpointing {t.activation_checkpointing}' if t.activation_checkpointing != 'off' else ''}"
-        f"{f', attention {t.attention_backend}' if t.attention_backend != 'auto' else ''}")
+        f"{f', attention {t.attention_backend}' if t.attention_backend != 'auto' else ''}"
+        f"{', fused cross-entropy' if fused_ce else ''}")
     epoch_tokens = train_loader.tokens_per_epoch * d.world_size
     epochs = t.max_steps * t.batch_tokens / epoch_tokens
     say(f"data: {epoch_tokens / 1e6:.1f}M training positions per epoch; {t.max_steps} steps are {epochs:.2f} epochs")
