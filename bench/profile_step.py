@@ -1,10 +1,11 @@
 """Where a training step's GPU time goes: kiln's gpt2-small and the GPT-2 reference, kernel by kernel.
 
-    python bench/profile_step.py [--steps 5] [--micro-batch 32] [--top 20]
+    python bench/profile_step.py [--steps 5] [--micro-batch 32] [--top 20] [--out PATH]
 
 Compiles each model, warms up, then records `--steps` steps with torch.profiler and sums CUDA
 kernel time per category (matmul, attention, fused elementwise/norm, cross-entropy, optimizer,
-other) and per kernel. Writes bench/results/profile_step.json. A tool for deciding what to
+other) and per kernel, for the reference, kiln with the plain head and kiln with the fused head +
+cross-entropy. Writes bench/results/profile_step.json (or --out). A tool for deciding what to
 optimise next, not a throughput figure (the profiler itself costs a little).
 """
 
@@ -26,6 +27,7 @@ from reference_gpt2 import GPT2, GPT2Config, optimizer as ref_optimizer  # noqa:
 
 from kiln.config import TrainConfig, load_recipe  # noqa: E402
 from kiln.model.llama import Transformer  # noqa: E402
+from kiln.train.cross_entropy import apply_fused_cross_entropy  # noqa: E402
 from kiln.train.optim import build_optimizer  # noqa: E402
 
 VOCAB = 50304
@@ -33,7 +35,7 @@ CATEGORIES = (  # first match wins; names are lower-cased kernel names
     ("attention", ("flash", "fmha", "attention", "cudnn")),
     ("matmul", ("gemm", "cutlass", "xmma", "nvjet", "sm90", "cublas")),
     ("optimizer", ("adam", "multi_tensor", "foreach", "norm_kernel", "l2norm")),
-    ("cross-entropy / log-softmax", ("softmax", "nll", "cross_entropy")),
+    ("cross-entropy / log-softmax", ("softmax", "nll", "cross_entropy", "row_kernel")),
     ("fused elementwise / norms (triton)", ("triton",)),
 )
 
@@ -85,6 +87,7 @@ def main() -> None:
     ap.add_argument("--micro-batch", type=int, default=32)
     ap.add_argument("--seq", type=int, default=1024)
     ap.add_argument("--top", type=int, default=20)
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "profile_step.json")
     args = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True
     g = torch.Generator().manual_seed(0)
@@ -96,11 +99,16 @@ def main() -> None:
     results.append(profile_model("reference GPT-2", torch.compile(ref), ref_optimizer(ref), x, y, args.steps))
     del ref
     torch._dynamo.reset()
-    torch.manual_seed(0)
     cfg = load_recipe("gpt2-small").model
-    model = Transformer(dataclasses.replace(cfg, vocab_size=VOCAB, max_seq_len=args.seq)).cuda()
-    opt = build_optimizer(model, dataclasses.replace(TrainConfig(), lr=6e-4), torch.device("cuda"))
-    results.append(profile_model("kiln gpt2-small (AdamW)", torch.compile(model), opt, x, y, args.steps))
+    for name, fused in (("kiln gpt2-small (AdamW)", False), ("kiln gpt2-small (AdamW), fused head", True)):
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        model = Transformer(dataclasses.replace(cfg, vocab_size=VOCAB, max_seq_len=args.seq)).cuda()
+        if fused:
+            apply_fused_cross_entropy(model)
+        opt = build_optimizer(model, dataclasses.replace(TrainConfig(), lr=6e-4), torch.device("cuda"))
+        results.append(profile_model(name, torch.compile(model), opt, x, y, args.steps))
+        del model, opt
 
     for r in results:
         print(f"\n## {r['name']}: {r['wall_ms_per_step']:.1f} ms/step wall, "
@@ -111,11 +119,11 @@ def main() -> None:
         print("| kernel | ms/step |\n|---|---:|")
         for k, ms in list(r["kernels"].items())[:args.top]:
             print(f"| {k[:110]} | {ms:.2f} |")
-    out = Path(__file__).parent / "results" / "profile_step.json"
+    out = args.out
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
                                "date": time.strftime("%Y-%m-%d"), "args": vars(args), "results": results},
-                              indent=2) + "\n")
+                              indent=2, default=str) + "\n")
     print(f"wrote {out}")
 
 

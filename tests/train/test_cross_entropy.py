@@ -3,6 +3,8 @@
 import dataclasses
 import json
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -88,6 +90,14 @@ def test_compiles_into_one_graph():
     fused = _loss_and_grads(compiled, h, w, t, "mean")
     for a, b in zip(fused, _loss_and_grads(_plain, h, w, t, "mean")):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("bad", [1000, -1])
+def test_a_target_outside_the_vocabulary_is_an_error_not_a_wrong_loss(bad):
+    h, w, t = _inputs()
+    t[5] = bad
+    with pytest.raises((IndexError, RuntimeError)):
+        linear_cross_entropy(h, w, t)
 
 
 def test_rejects_reduction_none():
@@ -209,3 +219,13 @@ def test_compiled_bf16_training_on_the_gpu_tracks_the_plain_head(compiled):
         peaks[name] = torch.cuda.max_memory_allocated()
     assert losses["fused"] == pytest.approx(losses["plain"], abs=2e-3)
     assert peaks["fused"] < peaks["plain"]
+
+
+@cuda
+def test_triton_path_refuses_a_target_outside_the_vocabulary():
+    """A device-side assert, as F.cross_entropy raises; in a subprocess, since it poisons the CUDA context."""
+    code = ("import torch; from kiln.train.cross_entropy import cross_entropy_loss_grad_ as f; "
+            "t = torch.tensor([1, 2, 10, 3], device='cuda'); "
+            "f(torch.randn(4, 10, device='cuda'), t, torch.tensor(1.0, device='cuda'), -100); torch.cuda.synchronize()")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "assert" in r.stderr.lower()

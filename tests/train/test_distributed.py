@@ -111,3 +111,17 @@ def test_fsdp_with_muon_matches_one_process_and_resumes_bitwise(prepared_run, tm
     run = _interrupted_copy({"fsdp": (runs["fsdp"], "")}, "fsdp", tmp_path)
     _run(run, "fsdp", "--train.optimizer", "muon", "--resume")
     assert metrics(run) == metrics(runs["fsdp"])
+
+
+@pytest.mark.parametrize("layout", ["ddp", "fsdp"])
+def test_fused_head_under_two_ranks_matches_one_plain_process(refs, layout, tmp_path):
+    """The fused head reads `lm_head.weight` inside the root module's forward: under FSDP2 that is the
+    gathered weight, under DDP the replica's; both train as one process with the plain head does."""
+    run = tmp_path / layout
+    shutil.copytree(refs["single"][0], run)
+    shutil.rmtree(run / "checkpoints")
+    (run / "metrics.jsonl").unlink()
+    assert "fused cross-entropy" in _run(run, layout, "--train.fused_cross_entropy", "on").stdout
+    _close(metrics(run), metrics(refs["single"][0]))
+    a, b = _weights(run), _weights(refs["single"][0])
+    assert all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-5) for k in b)

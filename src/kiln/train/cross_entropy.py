@@ -131,6 +131,10 @@ def _loss_grad_triton(logits_NV, targets_N, scale, ignore_index):
     N, V = logits_NV.shape
     loss_N = torch.empty(N, dtype=torch.float32, device=logits_NV.device)
     if N:
+        # The kernel would read outside the row for a bad target; check on the device (no host sync),
+        # as F.cross_entropy does.
+        in_range = ((targets_N >= 0) & (targets_N < V)) | (targets_N == ignore_index)
+        torch._assert_async(in_range.all(), f"cross-entropy target outside [0, {V}) and not ignore_index")
         _row_kernel()[(N,)](logits_NV, logits_NV.stride(0), targets_N, loss_N, scale, V, ignore_index,
                             BLOCK=BLOCK, num_warps=NUM_WARPS)
     return loss_N
