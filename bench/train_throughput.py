@@ -13,7 +13,8 @@ bench/results/train_throughput.json rewritten as soon as its variant finishes.
 Variants: base; flash / cudnn (SDPA backend forced); mb2x (micro-batch x2); fused (one q/k/v
 and one gate/up matmul per layer from the same parameters); liger (Liger-Kernel's fused linear +
 cross-entropy); fused_ce (kiln's fused head + cross-entropy, train.fused_cross_entropy); autotune (compile mode max-autotune-no-cudagraphs); cudagraphs (compile mode reduce-overhead);
-fp8 / fp8_rowwise (torchao float8 training, lm_head kept in bf16); hd128 (heads of 128);
+fp8 / fp8_rowwise (torchao float8 training, lm_head kept in bf16); hd128 / hd64 (heads of 128 / 64; the
+recipe's own are 128 since it was measured here);
 vocab32k (a 32,768-token vocabulary); domain (both: heads of 128 and a 32k vocabulary); domain_fused_ce (and the fused head);
 compiled_step (gradient clipping and a foreach AdamW step under torch.compile); muon / muon_serial (Muon + AdamW, Newton-Schulz batched
 per shape / one matrix at a time; one optimizer step per micro-batch, the worst case). `--depth 28 --no-reference --micro-batch 8` measures the
@@ -171,6 +172,7 @@ VARIANTS = {
     "fp8": Variant(transform=float8("tensorwise")),
     "fp8_rowwise": Variant(transform=float8("rowwise")),
     "hd128": Variant(overrides={"head_dim": 128}),
+    "hd64": Variant(overrides={"head_dim": 64}),
     "vocab32k": Variant(vocab=32768),
     "compiled_step": Variant(compile_step=True),
     "domain": Variant(vocab=32768, overrides={"head_dim": 128}),

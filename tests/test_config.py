@@ -21,7 +21,7 @@ def test_gpt2_small_is_124m_class():
     import dataclasses
     cfg = load_recipe("gpt2-small")
     m = dataclasses.replace(cfg.model, vocab_size=cfg.tokenizer.vocab_size).resolved()
-    assert (m.d_model, m.depth, m.n_heads, m.max_seq_len) == (768, 12, 12, 1024)
+    assert (m.d_model, m.depth, m.n_heads, m.head_dim, m.max_seq_len) == (768, 12, 6, 128, 1024)
     # Count without allocating: embeddings (tied) + per-layer attention and SwiGLU + norms.
     per_layer = 4 * m.d_model ** 2 + 3 * m.d_model * m.ffn_hidden + 2 * m.d_model
     n = m.vocab_size * m.d_model + m.depth * per_layer + m.d_model
