@@ -149,6 +149,15 @@ def test_mode_resolution():
         ce.resolve_mode("yes", cpu)
 
 
+def test_a_gpu_without_triton_is_told_so(monkeypatch):
+    monkeypatch.setattr(ce, "triton_available", lambda: False)
+    gpu = torch.device("cuda")
+    assert not ce.resolve_mode("auto", gpu)
+    assert "fused head + cross-entropy is off" in ce.missing_kernel_warning("auto", gpu)
+    assert "PyTorch version" in ce.missing_kernel_warning("on", gpu)
+    assert ce.missing_kernel_warning("off", gpu) is None and ce.missing_kernel_warning("auto", torch.device("cpu")) is None
+
+
 def test_zero3_with_the_fused_head_forced_on_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="fused_cross_entropy=on.*ZeRO-3"):
         micro_config(tmp_path, train={"fused_cross_entropy": "on", "parallel": "deepspeed", "zero_stage": 3})

@@ -51,6 +51,15 @@ def resolve_mode(mode: str, device: torch.device, parallel: str = "none", zero_s
     return mode == "on" or (device.type == "cuda" and triton_available())
 
 
+def missing_kernel_warning(mode: str, device: torch.device) -> str | None:
+    """What to say when a CUDA run cannot have the Triton kernel (the fused head is off, or slow)."""
+    if device.type != "cuda" or mode == "off" or triton_available():
+        return None
+    effect = ("the head runs the PyTorch version of the fused arithmetic (slower than the kernel)" if mode == "on"
+              else "the fused head + cross-entropy is off")
+    return f"warning: Triton is not installed, so {effect}; pip install triton to get the fused kernel"
+
+
 # ---------------------------------------------------------------- the row kernel: loss and gradient in place
 
 @torch.library.custom_op("kiln::cross_entropy_loss_grad_", mutates_args=("logits",))

@@ -25,7 +25,7 @@ from kiln.train.distributed import (Dist, any_rank, barrier, broadcast_object, f
                                     mean_over_ranks, parallelize, shutdown, uses_autocast)
 from kiln.train.guard import SpikeGuard, step_if_finite
 from kiln.train.loader import PackedLoader
-from kiln.train.cross_entropy import apply_fused_cross_entropy
+from kiln.train.cross_entropy import apply_fused_cross_entropy, missing_kernel_warning
 from kiln.train.cross_entropy import resolve_mode as resolve_fused_ce
 from kiln.train.fp8 import apply_fp8, check_fp8
 from kiln.train.memory import apply_activation_checkpointing
@@ -176,6 +176,8 @@ def _pretrain(cfg: Config, d: Dist, device: torch.device) -> dict:
         check_fp8(t.fp8, device)
         apply_fp8(model, t.fp8)
     fused_ce = resolve_fused_ce(t.fused_cross_entropy, device, d.parallel, t.zero_stage)
+    if (warning := missing_kernel_warning(t.fused_cross_entropy, device)) is not None:
+        say(warning, file=sys.stderr)
     if fused_ce:
         apply_fused_cross_entropy(model)
     apply_activation_checkpointing(model, t.activation_checkpointing)   # before sharding, as torchtitan does
