@@ -7,10 +7,13 @@ the logits once more after the matmul and writes, *in place*, both the row's los
 (already scaled by the loss's reduction), so:
 
 - no fp32 logits and no second (N, V) gradient buffer exist: the head's training memory is one
-  (N, V) block in the compute dtype (3.3 GB at 32 x 1024 tokens and a 50k vocabulary in bf16,
-  against 3 such blocks plus fp32 copies in eager);
+  (N, V) block in the compute dtype (3.3 GB at 32 x 1024 tokens and a 50k vocabulary in bf16; eager
+  PyTorch adds an fp32 copy, an fp32 gradient and its bf16 cast: 19.9 GB against 3.6 GB, measured);
 - backward is just the two matmuls of the head, with the upstream gradient (a scalar) applied to
   their small (N, D) and (V, D) outputs instead of to an (N, V) block.
+
+Measured on an H100 (BENCHMARKS.md): the head, forward and backward, 1.10x faster than Inductor's
+compiled plain path at a 50k vocabulary and 1.28x at 128k; a gpt2-small training step 1.026x.
 
 On CUDA the row kernel is Triton: an online logsumexp over the row, then a second pass that writes
 the gradient (partly from L2). Elsewhere it is the same arithmetic in PyTorch, in
