@@ -35,11 +35,15 @@ def plain(h, w, y):
 
 def time_step(fn, h, w, y, reps=20, warmup=5) -> tuple[float, float, float]:
     """(median ms, peak GB above the inputs, loss) of loss + backward."""
-    for _ in range(warmup):
+    def step() -> torch.Tensor:
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss = fn(h, w, y)
         loss.backward()
-    h.grad = w.grad = None
+        h.grad = w.grad = None
+        return loss
+
+    for _ in range(warmup):
+        step()
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
@@ -47,11 +51,8 @@ def time_step(fn, h, w, y, reps=20, warmup=5) -> tuple[float, float, float]:
     for _ in range(reps):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = fn(h, w, y)
-        loss.backward()
+        loss = step()
         end.record()
-        h.grad = w.grad = None
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end))
     return statistics.median(times), (torch.cuda.max_memory_allocated() - base) / 1e9, loss.item()

@@ -191,6 +191,15 @@ def linear_cross_entropy(h_ND: torch.Tensor, w_VD: torch.Tensor, targets_N: torc
         return _LinearCrossEntropy.apply(h_ND, w_VD, targets_N, ignore_index, reduction == "mean")
 
 
+def fuse_for_run(model: nn.Module, mode: str, device: torch.device, parallel: str = "none",
+                 zero_stage: int = 0) -> tuple[bool, str | None]:
+    """`train.fused_cross_entropy` for one run: (whether the head is fused, a warning to print or None)."""
+    fused = resolve_mode(mode, device, parallel, zero_stage)
+    if fused:
+        apply_fused_cross_entropy(model)
+    return fused, missing_kernel_warning(mode, device)
+
+
 def apply_fused_cross_entropy(model: nn.Module) -> None:
     """Route the training loss of a kiln Transformer through `linear_cross_entropy`.
 

@@ -21,13 +21,12 @@ from kiln.config import Config, ConfigError, grad_accum_steps, resolve_train, ro
 from kiln.rundir import RunDir
 from kiln.train import checkpoint as ckpt_io
 from kiln.train import faults, zero
+from kiln.train.cross_entropy import fuse_for_run
 from kiln.train.distributed import (Dist, any_rank, barrier, broadcast_object, full_tensor, grad_sync, init_distributed,
                                     mean_over_ranks, parallelize, shutdown, uses_autocast)
+from kiln.train.fp8 import apply_fp8, check_fp8
 from kiln.train.guard import SpikeGuard, step_if_finite
 from kiln.train.loader import PackedLoader
-from kiln.train.cross_entropy import apply_fused_cross_entropy, missing_kernel_warning
-from kiln.train.cross_entropy import resolve_mode as resolve_fused_ce
-from kiln.train.fp8 import apply_fp8, check_fp8
 from kiln.train.memory import apply_activation_checkpointing
 from kiln.train.optim import build_optimizer, lr_at, set_lr
 from kiln.train.runtime import (autocast, check_sdpa_backend, configure_torch, cuda_memory_stats, mfu, mfu_peak,
@@ -175,11 +174,9 @@ def _pretrain(cfg: Config, d: Dist, device: torch.device) -> dict:
     if t.fp8 != "off":   # before compile and sharding (torchao's order); names and checkpoints unchanged
         check_fp8(t.fp8, device)
         apply_fp8(model, t.fp8)
-    fused_ce = resolve_fused_ce(t.fused_cross_entropy, device, d.parallel, t.zero_stage)
-    if (warning := missing_kernel_warning(t.fused_cross_entropy, device)) is not None:
+    fused_ce, warning = fuse_for_run(model, t.fused_cross_entropy, device, d.parallel, t.zero_stage)
+    if warning is not None:
         say(warning, file=sys.stderr)
-    if fused_ce:
-        apply_fused_cross_entropy(model)
     apply_activation_checkpointing(model, t.activation_checkpointing)   # before sharding, as torchtitan does
     wrapped = parallelize(model, d, device, bf16, t.cpu_offload)   # DDP wrapper, or `model` sharded in place
     optimizer = build_optimizer(model, t, device)
