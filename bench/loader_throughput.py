@@ -50,7 +50,7 @@ def write_corpus(root: Path, n_tokens: int, vocab: int = 50_000, seed: int = 0) 
 
 def one_run(args: argparse.Namespace) -> None:
     """Child process: one epoch (or --max_batches) of one loader; prints a JSON line."""
-    from kiln.train.loader import PackedLoader
+    from kiln.tokenizer.loader import PackedLoader
     files = sorted(Path(args.dir).glob("shard-*.parquet"))
     t0 = time.perf_counter()
     loader = PackedLoader(files, args.seq_len, args.batch_size, eos_id=1, seed=0, packing=args.packing,

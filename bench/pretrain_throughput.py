@@ -22,7 +22,7 @@ import yaml
 
 from kiln.config import load_recipe
 from kiln.pipeline import STAGES, fingerprint, run_stage
-from kiln.rundir import RunDir, is_done
+from kiln.config.rundir import RunDir, is_done
 
 
 def _overrides(pairs: list[str]) -> dict:
@@ -51,6 +51,7 @@ def main() -> None:
                                          "checkpoint_every": 10 ** 9})
     if args.run_dir:
         over["run_dir"] = args.run_dir
+    over["overwrite"] = True   # each measurement retrains from scratch in the bench's run directory
     cfg = load_recipe(args.recipe, over)
     rd = RunDir(cfg.run_path)
     for stage in STAGES[:3]:

@@ -49,9 +49,9 @@ def prepare(args) -> None:
 
 
 def _loaders(run_dir: Path, seed: int):
-    from kiln.rundir import RunDir
+    from kiln.config.rundir import RunDir
     from kiln.tokenizer import Tokenizer
-    from kiln.train.loader import PackedLoader
+    from kiln.tokenizer.loader import PackedLoader
     rd = RunDir(run_dir)
     tok = Tokenizer.from_file(rd.tokenizer_file())
     train = PackedLoader(rd.token_files("train"), SEQ, MICRO, tok.eos_id, seed=seed, bos_id=tok.bos_id)
@@ -114,7 +114,7 @@ def kiln(args) -> None:
     """kiln's own `pretrain` stage on the gpt2-small recipe, with only the run length set here."""
     from kiln.config import load_recipe
     from kiln.pipeline import run_stage
-    over = {"run_dir": args.run_dir, "train": {
+    over = {"run_dir": args.run_dir, "overwrite": True, "train": {   # the bench's own scratch run: rerun freely
         "max_steps": args.steps, "warmup_steps": int(args.steps * args.warmup_frac), "micro_batch_size": MICRO,
         "batch_tokens": args.batch_tokens, "eval_every": args.eval_every, "eval_batches": args.eval_batches,
         "log_every": args.eval_every, "checkpoint_every": 10 ** 9, "seed": 1337}}

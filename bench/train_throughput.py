@@ -43,7 +43,8 @@ from kiln.model.llama import Transformer  # noqa: E402
 from kiln.train import muon  # noqa: E402
 from kiln.train.cross_entropy import apply_fused_cross_entropy  # noqa: E402
 from kiln.train.optim import build_optimizer, param_groups  # noqa: E402
-from kiln.train.runtime import measure_matmul_peak, peak_flops, sdpa_backend  # noqa: E402
+from kiln.runtime.device import sdpa_backend  # noqa: E402
+from kiln.runtime.peaks import measure_matmul_peak, peak_flops  # noqa: E402
 
 VOCAB = 50304
 

@@ -1,10 +1,12 @@
-"""Shared fixtures: a micro run prepared once per session."""
+"""Shared fixtures: a micro run prepared once per session; subprocesses killed when their test ends."""
 
+import contextlib
 import shutil
 
 import pytest
 
 from micro import micro_config
+from subprocess_util import Child
 
 
 @pytest.fixture(scope="session")
@@ -24,3 +26,11 @@ def micro_run(prepared_run, tmp_path):
     dst = tmp_path / "run"
     shutil.copytree(prepared_run, dst)
     return dst
+
+
+@pytest.fixture
+def spawn():
+    """`spawn(cmd, timeout, **popen)` starts a `subprocess_util.Child`: a deadline on its waits and line reads,
+    and whatever is left of its process tree killed when the test ends, however it ends."""
+    with contextlib.ExitStack() as children:
+        yield lambda cmd, timeout, **popen: children.enter_context(Child(cmd, timeout, **popen))

@@ -1,14 +1,14 @@
-import subprocess
 import sys
 
 import pytest
 
 from kiln.cli import COMMANDS, main, parse
+from subprocess_util import run_child
 
 
 @pytest.mark.parametrize("command", sorted(COMMANDS))
 def test_every_subcommand_help_runs(command):
-    out = subprocess.run([sys.executable, "-m", "kiln", command, "--help"], capture_output=True, text=True)
+    out = run_child([sys.executable, "-m", "kiln", command, "--help"], timeout=60)
     assert out.returncode == 0, out.stderr
     assert "--train.lr" in out.stdout and "Peak learning rate" in out.stdout
 

@@ -1,3 +1,6 @@
+import dataclasses
+import math
+
 import pytest
 
 from kiln.config import (ConfigError, ModelConfig, TrainConfig, grad_accum_steps, load_recipe,
@@ -123,7 +126,7 @@ def test_deepspeed_json_contradicting_kiln_names_the_key(tmp_path):
 
 
 def test_deepspeed_full_config_merges_batch_precision_and_passes_the_rest(tmp_path):
-    from kiln.train.zero import deepspeed_config
+    from kiln.config.deepspeed import deepspeed_config
     t = _ds(tmp_path, {"zero_optimization": {"reduce_bucket_size": 1000}, "train_batch_size": "auto",
                        "wall_clock_breakdown": True}).train
     c = deepspeed_config(t, micro_batch=4, accum=2, world_size=8, bf16=True)
@@ -147,3 +150,41 @@ def test_a_value_no_form_of_a_union_accepts_names_every_form():
     with pytest.raises(ConfigError, match=r"train.mfu_peak='fast' is not valid; choose one of 'datasheet', "
                                           r"'measured'; or train.mfu_peak must be a number"):
         load_recipe("tiny", {"train": {"mfu_peak": "fast"}})
+
+
+@pytest.mark.parametrize("kw", [dict(depth=1, head_dim=32, n_kv_heads=1, vocab_size=384),
+                                dict(depth=3, n_kv_heads=2, vocab_size=1000, tie_embeddings=False, qk_norm=True),
+                                dict(depth=2, d_model=96, head_dim=16, n_heads=8, vocab_size=512)])
+def test_parameter_count_by_arithmetic_matches_the_built_model(kw):
+    from kiln.model.llama import Transformer
+    cfg = ModelConfig(**kw)
+    assert cfg.num_params() == Transformer(cfg).num_params()
+
+
+def test_gpt2_small_derives_its_horizon_from_tokens_per_parameter():
+    cfg = load_recipe("gpt2-small")
+    assert cfg.train.max_steps is None and cfg.train.tokens_per_param == 20
+    model = dataclasses.replace(cfg.model, vocab_size=50304).resolved()
+    t = resolve_train(cfg.train, model)
+    assert t.max_steps == math.ceil(20 * model.num_params() / 524288)   # ~124M x 20 tokens = ~4.7k steps
+    assert 4000 < t.max_steps < 5500
+    with pytest.raises(ConfigError, match="tokens_per_param must be > 0"):
+        load_recipe("gpt2-small", {"train": {"tokens_per_param": 0}})
+    # An explicit step count wins (a throughput run).
+    assert resolve_train(load_recipe("gpt2-small", {"train": {"max_steps": 50}}).train, model).max_steps == 50
+
+
+def test_the_model_vocabulary_is_rounded_with_the_tokenizer_multiple():
+    from kiln.train.pretrain import resolved_config
+    cfg = load_recipe("tiny", {"tokenizer": {"vocab_multiple": 128}})
+    assert resolved_config(cfg, 300).model.vocab_size == 384
+    assert resolved_config(load_recipe("tiny"), 300).model.vocab_size == 320
+
+
+def test_volatile_training_fields_follow_the_dataclass():
+    from kiln.pipeline import STAGES, fingerprint
+    pretrain = next(s for s in STAGES if s.name == "pretrain")
+    base = fingerprint(load_recipe("tiny"), pretrain)
+    assert fingerprint(load_recipe("tiny", {"train": {"log_every": 3, "resume": True}}), pretrain) == base
+    assert fingerprint(load_recipe("tiny", {"train": {"lr": 1e-3}}), pretrain) != base
+    assert "log_every" not in base["train"] and "lr" in base["train"]

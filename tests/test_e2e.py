@@ -2,7 +2,6 @@
 
 import json
 import re
-import subprocess
 import sys
 
 import pyarrow.parquet as pq
@@ -10,6 +9,7 @@ import pytest
 import yaml
 
 from micro import MICRO
+from subprocess_util import run_child
 
 
 @pytest.fixture(scope="module")
@@ -17,8 +17,7 @@ def finished_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("e2e")
     recipe = root / "micro.yaml"
     recipe.write_text(yaml.safe_dump({**MICRO, "run_dir": str(root / "run")}))
-    out = subprocess.run([sys.executable, "-m", "kiln", "run", str(recipe)], capture_output=True, text=True,
-                         timeout=600)
+    out = run_child([sys.executable, "-m", "kiln", "run", str(recipe)], timeout=150)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return root / "run", recipe, out.stdout
 
@@ -60,8 +59,7 @@ def test_report_names_only_existing_artifacts(finished_run):
 
 def test_rerun_skips_finished_stages(finished_run):
     run, recipe, _ = finished_run
-    out = subprocess.run([sys.executable, "-m", "kiln", "run", str(recipe)], capture_output=True, text=True,
-                         timeout=300)
+    out = run_child([sys.executable, "-m", "kiln", "run", str(recipe)], timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     for stage in ("data", "tokenizer", "tokenize", "pretrain", "eval"):
         assert f"== {stage}: already done" in out.stdout
@@ -69,7 +67,6 @@ def test_rerun_skips_finished_stages(finished_run):
 
 def test_changed_eval_setting_reruns_only_eval(finished_run):
     run, recipe, _ = finished_run
-    out = subprocess.run([sys.executable, "-m", "kiln", "run", str(recipe), "--eval.max_new_tokens", "4"],
-                         capture_output=True, text=True, timeout=300)
+    out = run_child([sys.executable, "-m", "kiln", "run", str(recipe), "--eval.max_new_tokens", "4"], timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "== pretrain: already done" in out.stdout and "== eval\n" in out.stdout

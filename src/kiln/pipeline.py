@@ -15,8 +15,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from kiln.config import Config, ConfigError, dump_yaml
-from kiln.rundir import RunDir, clear_done, is_done, mark_done
+from kiln.config import Config, ConfigError, TrainConfig, dump_yaml, model_diff
+from kiln.config.rundir import RunDir, clear_done, config_diff, is_done, mark_done
+from kiln.config.stages import volatile_fields
 
 
 def _data(cfg: Config):
@@ -56,20 +57,16 @@ class Stage:
     sections: tuple[str, ...]   # config sections the output depends on
     output: Callable[[RunDir], Path]
     always: bool = False        # cheap and derived from the others: rerun every time
+    keeps_work: bool = True     # its finished output is costly to remake: never replaced without --overwrite
 
-
-# `train` settings that change how a run is watched, not what it produces.
-_TRAIN_VOLATILE = ("resume", "force_resume", "eval_every", "sample_every", "sample_prompts", "log_every",
-                   "checkpoint_every", "milestone_every", "keep_checkpoints", "device", "threads", "parallel",
-                   "cpu_offload", "prefetch", "pin_memory", "activation_checkpointing", "zero_stage",
-                   "deepspeed_config")
 
 STAGES: tuple[Stage, ...] = (
     Stage("data", _data, ("data",), lambda rd: rd.data),
     Stage("tokenizer", _tokenizer, ("data", "tokenizer"), lambda rd: rd.tokenizer),
     Stage("tokenize", _tokenize, ("data", "tokenizer", "tokenize"), lambda rd: rd.tokens),
     Stage("pretrain", _pretrain, ("data", "tokenizer", "tokenize", "model", "train"), lambda rd: rd.checkpoints),
-    Stage("eval", _eval, ("data", "tokenizer", "tokenize", "model", "train", "eval"), lambda rd: rd.eval),
+    Stage("eval", _eval, ("data", "tokenizer", "tokenize", "model", "train", "eval"), lambda rd: rd.eval,
+          keeps_work=False),
     Stage("report", _report, (), lambda rd: rd.root, always=True),
 )
 
@@ -77,9 +74,25 @@ STAGES: tuple[Stage, ...] = (
 def fingerprint(cfg: Config, stage: Stage) -> dict:
     fp = {s: dataclasses.asdict(getattr(cfg, s)) for s in stage.sections}
     if "train" in fp:
-        for k in _TRAIN_VOLATILE:
+        for k in volatile_fields(TrainConfig):
             fp["train"].pop(k, None)
     return fp
+
+
+def refuse_to_replace(cfg: Config, stage: Stage, rd: RunDir) -> None:
+    """A finished stage made with another config is the user's work: redo it only with --overwrite.
+    Checked before the stage's done-marker is cleared, so a refusal changes nothing."""
+    if stage.name == "pretrain":   # its checkpoints, whatever the config (a fresh start would delete them)
+        from kiln.train.pretrain import check_start
+        return check_start(cfg)
+    out = stage.output(rd)
+    fp = fingerprint(cfg, stage)
+    if cfg.overwrite or stage.always or not stage.keeps_work or not is_done(out) or is_done(out, fp):
+        return
+    changed = config_diff(out, fp)
+    raise ConfigError(f"{out} holds a finished {stage.name} stage made with another config ({'; '.join(changed[:5])}"
+                      f"{'; ...' if len(changed) > 5 else ''}); redoing it would replace it and everything after it. "
+                      "Pass --overwrite true to do so, or use a new --run_dir")
 
 
 def run_stage(cfg: Config, name: str) -> object:
@@ -88,6 +101,7 @@ def run_stage(cfg: Config, name: str) -> object:
     rd = RunDir(cfg.run_path)
     rd.root.mkdir(parents=True, exist_ok=True)
     out = stage.output(rd)
+    refuse_to_replace(cfg, stage, rd)
     if not stage.always:
         clear_done(out)
     t0 = time.perf_counter()
@@ -129,14 +143,14 @@ def run_all(cfg: Config) -> None:
 
 
 def _can_resume(cfg: Config, rd: RunDir) -> bool:
-    from kiln.train.checkpoint import checkpoint_config, latest_checkpoint
+    from kiln.formats.checkpoint import checkpoint_config, latest_checkpoint
     last = latest_checkpoint(rd.checkpoints)
     if last is None:
         return False
     saved = checkpoint_config(last)
     same_inputs = all(getattr(saved, s) == getattr(cfg, s) for s in ("data", "tokenizer", "tokenize"))
     model = dataclasses.replace(cfg.model, vocab_size=cfg.model.vocab_size or saved.model.vocab_size).resolved()
-    return same_inputs and model == saved.model
+    return same_inputs and not model_diff(saved.model, model)
 
 
 def _record_time(rd: RunDir, stage: str, seconds: float) -> None:

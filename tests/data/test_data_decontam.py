@@ -9,7 +9,7 @@ import pytest
 from kiln.config import ConfigError, DataConfig, DecontaminateConfig
 from kiln.data.decontam import Decontaminate, build_index, resolve
 from kiln.data.records import Doc, Drop
-from kiln.eval import benchmarks
+from kiln.data import benchmarks
 
 QUESTION = "Which planet in the solar system has the largest number of known moons orbiting it today"
 PROSE = ("The history of the town goes back to the twelfth century, when a small group of farmers settled on the "
@@ -36,11 +36,10 @@ def test_default_is_every_installed_benchmark():
     DataConfig().validate()
 
 
-def test_unknown_name_fails_at_load_naming_key_and_known_names():
-    d = DataConfig()
-    d.decontaminate.benchmarks = ["humaneval", "gsm8k"]
+def test_unknown_name_fails_before_the_data_stage_reads_anything_naming_key_and_known_names():
     with pytest.raises(ConfigError, match=r"benchmarks\[1\]='gsm8k'.*known: humaneval, mmlu"):
-        d.validate()
+        resolve(DecontaminateConfig(benchmarks=["humaneval", "gsm8k"]))
+    d = DataConfig()
     d.decontaminate.benchmarks = ["HumanEval", "installed", "some/dir/missing.jsonl"]
     d.validate()   # paths are checked when the data stage reads them: a recipe may travel
 
@@ -112,3 +111,14 @@ def test_number_runs_in_a_benchmark_are_no_evidence(tmp_path):
     cfg = DecontaminateConfig(benchmarks=[str(tmp_path / "b.jsonl")])
     assert decontaminate(cfg, tmp_path, "TABLE = [" + counting + ", 21]\n") is None
     assert decontaminate(cfg, tmp_path, "x = assert candidate([" + counting + "]) == 210") == "contaminated"
+
+
+def test_benchmark_file_holding_a_json_array(tmp_path):
+    items = [{"question": QUESTION, "choices": ["Saturn", "Jupiter"]}, {"question": "a short one"}]
+    (tmp_path / "quiz.json").write_text(json.dumps(items, indent=2))   # pretty-printed: no line is a record
+    cfg = DecontaminateConfig(benchmarks=[str(tmp_path / "quiz.json")])
+    assert decontaminate(cfg, tmp_path, PROSE + " " + QUESTION + "?") == "contaminated"
+    assert decontaminate(cfg, tmp_path, PROSE) is None
+    (tmp_path / "quiz.json").write_text(json.dumps(items)[:-5])
+    with pytest.raises(ConfigError, match=r"benchmarks\[0\]: .*quiz.json: invalid JSON"):
+        decontaminate(cfg, tmp_path, PROSE)

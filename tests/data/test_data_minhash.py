@@ -89,3 +89,30 @@ def test_union_find_joins_chains_and_keeps_the_first():
     assert [nd.keep(i) for i in range(3)] == [True, False, False] and nd.clusters() == 1
     nd.add(np.zeros(2, np.uint64))   # no signature: never linked
     assert nd.keep(3)
+
+
+def test_word_ngram_hashes_equal_a_plain_fold_over_rensas_word_hashes():
+    import rensa
+
+    from kiln.data.ngrams import ngram_hashes, word_hashes
+    words = "The quick Brown fox ΟΔΟΣ jumps over İstanbul".split()
+    plain = [int(h) for h in rensa.RMinHash.hash_token_sets([[w.lower() for w in words]])[0]]
+    assert word_hashes(words).tolist() == plain
+    for n in (1, 3, 8):
+        want = []
+        for i in range(len(words) - n + 1):
+            key = 0
+            for h in plain[i:i + n]:
+                key = ((key ^ h) * 0x100000001B3) % 2**64
+            want.append(key)
+        assert ngram_hashes(word_hashes(words), n).tolist() == want
+    assert len(ngram_hashes(word_hashes(words), 9)) == 0
+
+
+def test_minhash_shingles_are_the_ngrams_decontamination_matches():
+    # One definition of words and their n-grams: a text near-dedup sees as 5-grams is the text decontamination
+    # looks up, even where lower-casing the whole text would split a word ("İ" -> "i" + a combining dot).
+    from kiln.data.decontam import benchmark_ngrams
+    text = "Die Brücke in İstanbul verbindet Europa und Asien seit vielen Jahren"
+    assert set(shingles(text, 5).tolist()) == set(benchmark_ngrams(text, 5).tolist())
+    assert len(shingles(text, 5)) == len(text.split()) - 4

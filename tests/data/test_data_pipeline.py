@@ -3,7 +3,6 @@
 import json
 import os
 import signal
-import subprocess
 import sys
 import time
 
@@ -127,7 +126,7 @@ def test_finished_tasks_are_reused(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_kill_and_restart_gives_the_same_output(tmp_path):
+def test_kill_and_restart_gives_the_same_output(tmp_path, spawn):
     src = tmp_path / "in"
     src.mkdir()
     for i in range(150):
@@ -138,7 +137,7 @@ def test_kill_and_restart_gives_the_same_output(tmp_path):
     cfg = cfg_for(tmp_path / "killed", [src])
     script = (f"from kiln.config import Config, DataConfig; from kiln.data import run_data; "
               f"run_data(Config(run_dir={str(cfg.run_path)!r}, data=DataConfig(sources=[{str(src)!r}], workers=1)))")
-    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = spawn([sys.executable, "-c", script], timeout=120)
     work = cfg.run_path / "data" / "_work"
     deadline = time.time() + 60
     while time.time() < deadline and len(list(work.glob("*/task-*.json"))) < 20:

@@ -10,7 +10,7 @@ import zstandard
 
 from kiln.config import Config, ConfigError, DataConfig, NearDedupConfig
 from kiln.data import run_data
-from kiln.rundir import RunDir
+from kiln.config.rundir import RunDir
 
 TIMING_KEYS = ("elapsed_s", "throughput_mb_s", "docs_per_s", "workers")
 
@@ -272,3 +272,46 @@ def test_report_counts_documents_changed_not_replacements():
     t.flags_from("normalized", task, None)
     assert t.changed["pii"] == 2 and t.changed["normalize"] == 1
     assert t.flags["pii:email"] == 2
+
+
+def test_kept_documents_trace_back_to_the_users_records(tmp_path):
+    recs = [{"id": "r-1", "text": "alpha doc", "url": "http://a"}, {"id": 2, "text": "beta doc"},
+            {"text": "gamma doc", "url": "http://c"}]
+    (tmp_path / "x.json").write_text(json.dumps(recs, indent=2))
+    cfg = config(tmp_path, [tmp_path / "x.json"], keep_fields=["url"], val_fraction=0.0, test_fraction=0.0)
+    r = run_data(cfg)
+    assert r["kept"] == 3 and r["quarantined"] == 0
+    out = rows(cfg.run_path, "train")
+    assert [x["text"] for x in out] == ["alpha doc", "beta doc", "gamma doc"]
+    assert [json.loads(x["meta"]) for x in out] == [
+        {"path": "x.json", "record": 1, "id": "r-1", "url": "http://a"},
+        {"path": "x.json", "record": 2, "id": 2},
+        {"path": "x.json", "record": 3, "url": "http://c"}]
+
+
+@pytest.mark.parametrize("keep,match", [(["line"], "kiln writes this meta key"), (["text"], "is data.text_key"),
+                                        (["url", "url"], "listed twice"), ([""], "name a field")])
+def test_unusable_keep_fields_fail_at_load_naming_the_entry(keep, match):
+    with pytest.raises(ConfigError, match=r"data.keep_fields\[\d\].*" + match):
+        DataConfig(keep_fields=keep).validate()
+
+
+def test_files_no_reader_takes_are_listed_in_the_report(tmp_path, capsys):
+    d = tmp_path / "in"
+    (d / "sub").mkdir(parents=True)
+    (d / "a.txt").write_text("a document")
+    for i in range(15):
+        (d / "sub" / f"paper{i:02d}.pdf").write_bytes(b"%PDF-1.4")
+    (d / "notes.docx").write_bytes(b"PK")
+    (d / "README").write_text("read me")
+    (d / "app.log.2024-01-03").write_text("a dated log: part of the name, not a file type")
+    r = run_data(config(tmp_path, [d]))
+    assert r["files"] == 1 and r["records_in"] == 1
+    skipped = r["skipped_files"]
+    assert skipped["count"] == 18 and list(skipped["by_reason"]) == [
+        "unsupported extension .pdf", "no file extension", "unsupported extension .docx"]
+    pdf = skipped["by_reason"]["unsupported extension .pdf"]
+    assert pdf["count"] == 15 and pdf["examples"] == [f"{d}:sub/paper{i:02d}.pdf" for i in range(10)]   # capped
+    assert skipped["by_reason"]["no file extension"] == {"count": 2,
+                                                         "examples": [f"{d}:README", f"{d}:app.log.2024-01-03"]}
+    assert "skipping 18 files" in capsys.readouterr().out

@@ -1,10 +1,10 @@
-"""Normalisation, the length filter, exact dedup, ids and the split."""
+"""Normalisation, the length filter, ids and the split (exact dedup runs in the parent: test_data_run)."""
 
 import random
 
 import xxhash
 
-from kiln.data.dedup import ExactDedup, doc_id, split_of
+from kiln.data.dedup import doc_id, split_of
 from kiln.data.normalize import MAX_BLANK_LINES, LengthFilter, Normalize, normalize_text
 from kiln.data.records import Doc, Drop, run_steps
 
@@ -76,13 +76,7 @@ def test_run_steps_stops_at_first_drop():
     assert out == Drop("length_filter", "empty")
 
 
-# ---------------------------------------------------------------- dedup, ids, split
-
-
-def test_exact_dedup_keeps_first_drops_rest():
-    dedup = ExactDedup()
-    outs = [dedup(doc(t)) for t in ["a", "b", "a", "a ", "b"]]
-    assert [o.text if isinstance(o, Doc) else o.reason for o in outs] == ["a", "b", "duplicate", "a ", "duplicate"]
+# ---------------------------------------------------------------- ids, split
 
 
 def test_doc_id_is_xxh3_64_of_utf8():

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from kiln.eval.evaluate import score, unigram_loss
-from kiln.train.loader import PackedLoader
+from kiln.tokenizer.loader import PackedLoader
 
 
 def _shard(path, docs):
@@ -49,3 +49,21 @@ def test_unigram_baseline_is_cross_entropy_of_smoothed_counts(tmp_path):
     p = counts / counts.sum()
     expected = -(np.log(p[1]) + np.log(p[2]) + np.log(p[0])) / 3
     assert unigram_loss([train], [val], vocab_size=4, separators=(0,)) == pytest.approx(expected)
+
+
+class HalfNats(torch.nn.Module):
+    """Loss 0.5 nats on a real target, 0 on an ignored (-100) one, as Transformer's reduction='none'."""
+
+    def forward(self, x, y, reduction="mean"):
+        assert reduction == "none"
+        return torch.where(y != -100, 0.5, 0.0)
+
+
+def test_masked_targets_are_not_counted_and_never_index_the_byte_table():
+    x = torch.tensor([[5, 6, 7, 8], [1, 2, 3, 4]])
+    y = torch.tensor([[6, 7, -100, -100], [-100, 3, 4, 1]])
+    token_bytes = torch.tensor([0, 1, 1, 2, 2, 3, 3, 4, 4])   # the last entry would be read by y == -100 unclamped
+    out = score(HalfNats(), [(x, y)], 1, token_bytes, torch.device("cpu"), bf16=False)
+    assert out["tokens"] == 5 and out["loss"] == pytest.approx(0.5)
+    assert out["bytes"] == 3 + 4 + 2 + 2 + 1
+    assert out["bits_per_byte"] == pytest.approx(5 * 0.5 / (math.log(2) * 12))

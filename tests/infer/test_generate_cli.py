@@ -1,15 +1,14 @@
 """`kiln generate` on a trained micro run, through the command line."""
 
-import subprocess
 import sys
 
 from kiln.pipeline import run_stage
 from micro import micro_config
+from subprocess_util import run_child
 
 
 def _generate(run, *args):
-    return subprocess.run([sys.executable, "-m", "kiln", "generate", "--run_dir", str(run), *args],
-                          capture_output=True, text=True, timeout=120)
+    return run_child([sys.executable, "-m", "kiln", "generate", "--run_dir", str(run), *args], timeout=120)
 
 
 def test_generate_greedy_is_deterministic_and_continues_prompt(micro_run):

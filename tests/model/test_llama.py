@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from kiln.config import ModelConfig
-from kiln.model.hf import load_weights, save_weights
+from kiln.formats.hf import load_weights, save_weights
 from kiln.model.llama import Transformer
 
 

@@ -13,7 +13,7 @@ import pytest
 from tokdata import make_config, make_run
 
 from kiln.config import Config
-from kiln.rundir import RunDir
+from kiln.config.rundir import RunDir
 from kiln.tokenizer import Tokenizer, run_tokenize, run_tokenizer
 from kiln.tokenizer import tokenize as tokenize_mod
 
@@ -166,7 +166,7 @@ def test_byte_chunks_bound_encode_calls_without_changing_output(tmp_path, traine
 
 
 def test_token_shards_feed_the_packed_loader(tmp_path, trained):
-    from kiln.train.loader import PackedLoader
+    from kiln.tokenizer.loader import PackedLoader
     cfg = fresh_run(tmp_path, trained)
     rd = RunDir(cfg.run_path)
     meta = run_tokenize(cfg)

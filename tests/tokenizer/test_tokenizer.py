@@ -10,7 +10,7 @@ import pytest
 import tokenizers
 from tokdata import make_config, make_run
 
-from kiln.rundir import RunDir
+from kiln.config.rundir import RunDir
 from kiln.tokenizer import Tokenizer, run_tokenizer
 from kiln.tokenizer.special import CHAT_TEMPLATE, render_chat, special_tokens
 

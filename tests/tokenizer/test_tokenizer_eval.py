@@ -8,7 +8,7 @@ import shutil
 
 import pyarrow.parquet as pq
 
-from kiln.rundir import RunDir
+from kiln.config.rundir import RunDir
 from kiln.tokenizer import Tokenizer
 from kiln.tokenizer.evaluate import load_reference, run_tokenizer_eval, write_tiktoken
 from kiln.tokenizer.special import special_tokens

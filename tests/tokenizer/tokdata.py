@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from kiln.config import Config, TokenizeConfig, TokenizerConfig
-from kiln.rundir import RunDir
+from kiln.config.rundir import RunDir
 
 WORDS = ["value", "count", "index", "result", "data", "name", "item", "total", "buffer", "offset",
          "width", "height", "self", "path", "config", "token", "line", "text"]

@@ -11,7 +11,9 @@ import pytest
 from safetensors.torch import load_file
 
 from kiln.config import dump_yaml
+from faults import ENV as faults_ENV
 from micro import micro_config
+from subprocess_util import run_child
 
 VENV_BIN = Path(sys.executable).parent
 
@@ -23,12 +25,16 @@ def recipe(run_dir: Path, **train) -> Path:
     return path
 
 
-def kiln_cmd(run_dir: Path, nproc: int = 1, args: tuple[str, ...] = (), **train) -> list[str]:
+FAULTY_KILN = Path(__file__).resolve().parent / "faulty_kiln.py"   # `-m kiln` with test faults (faults.py)
+
+
+def kiln_cmd(run_dir: Path, nproc: int = 1, args: tuple[str, ...] = (), faulty: bool = False, **train) -> list[str]:
     yaml_path = recipe(run_dir, **train)
+    entry = [str(FAULTY_KILN)] if faulty else ["-m", "kiln"]
     if nproc == 1:
-        return [sys.executable, "-m", "kiln", "pretrain", str(yaml_path), *args]
+        return [sys.executable, *entry, "pretrain", str(yaml_path), *args]
     torchrun = str(VENV_BIN / "torchrun")
-    return [torchrun, "--standalone", f"--nproc_per_node={nproc}", "-m", "kiln", "pretrain", str(yaml_path), *args]
+    return [torchrun, "--standalone", f"--nproc_per_node={nproc}", *entry, "pretrain", str(yaml_path), *args]
 
 
 def env(**extra: str) -> dict[str, str]:
@@ -38,10 +44,15 @@ def env(**extra: str) -> dict[str, str]:
     return e
 
 
+def fault_env(**faults) -> dict[str, str]:
+    """Environment for faulty_kiln.py: faults.install's keyword arguments as JSON."""
+    return {faults_ENV: json.dumps(faults)}
+
+
 def run_kiln(run_dir: Path, nproc: int = 1, args: tuple[str, ...] = (), extra_env: dict | None = None,
-             **train) -> subprocess.CompletedProcess:
-    p = subprocess.run(kiln_cmd(run_dir, nproc, args, **train), env=env(**(extra_env or {})),
-                       capture_output=True, text=True, timeout=300)
+             faults: dict | None = None, **train) -> subprocess.CompletedProcess:
+    extra = {**(extra_env or {}), **(fault_env(**faults) if faults else {})}
+    p = run_child(kiln_cmd(run_dir, nproc, args, faulty=bool(faults), **train), timeout=300, env=env(**extra))
     assert p.returncode == 0, f"exit {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}"
     return p
 

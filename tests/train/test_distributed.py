@@ -16,7 +16,8 @@ import torch
 from safetensors.torch import load_file
 
 from dist_util import close as _close, interrupted_copy as _interrupted_copy, metrics, run_kiln, weights as _weights
-from kiln.train.checkpoint import checkpoint_config, load_checkpoint
+from kiln.formats.checkpoint import checkpoint_config
+from kiln.train.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -47,7 +48,7 @@ def refs(prepared_run, tmp_path_factory):
 @pytest.mark.parametrize("layout", ["ddp", "fsdp"])
 def test_two_ranks_match_one_process(refs, layout):
     run, stdout = refs[layout]
-    assert stdout.count("pretrain done") == 1 and stdout.count("model: ") == 1   # only rank 0 prints
+    assert stdout.count("training done") == 1 and stdout.count("model: ") == 1   # only rank 0 prints
     single = refs["single"][0]
     _close(metrics(run), metrics(single))
     a, b = _weights(run), _weights(single)        # fsdp: the consolidated HF-named copy

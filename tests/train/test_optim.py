@@ -50,7 +50,7 @@ def test_weight_decay_only_on_matrices_not_embeddings_or_norms():
 
 
 def test_mfu_divides_all_ranks_tokens_by_all_ranks_peak():
-    from kiln.train.runtime import mfu
+    from kiln.runtime.peaks import mfu
     one = mfu(6e8, 5e5, 1e15, 1)
     assert one == pytest.approx(0.3)
     assert mfu(6e8, 2 * 5e5, 1e15, 2) == pytest.approx(one)   # perfect scaling keeps MFU

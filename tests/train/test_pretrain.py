@@ -7,7 +7,7 @@ from safetensors.torch import load_file
 
 from micro import micro_config
 from kiln.pipeline import run_stage
-from kiln.train.checkpoint import COMPLETE, complete_checkpoints, latest_checkpoint
+from kiln.formats.checkpoint import COMPLETE, complete_checkpoints, latest_checkpoint
 
 
 def _losses(run):
@@ -82,9 +82,9 @@ def test_gradient_accumulation_matches_large_batch(micro_run, tmp_path):
 
 
 def test_summary_counts_epochs_and_heavy_repetition_is_warned(micro_run, capsys):
-    from kiln.train.loader import PackedLoader
+    from kiln.tokenizer.loader import PackedLoader
     from kiln.train.pretrain import repetition_warning
-    from kiln.rundir import RunDir
+    from kiln.config.rundir import RunDir
     from kiln.tokenizer import Tokenizer
     cfg = micro_config(micro_run, train={"max_steps": 2})
     summary = run_stage(cfg, "pretrain")
@@ -106,7 +106,7 @@ def _scripted_val_losses(monkeypatch, values):
 
 
 def test_best_checkpoint_is_the_lowest_validation_loss_and_survives_resume(micro_run, monkeypatch, capsys):
-    from kiln.train.checkpoint import resolve_checkpoint
+    from kiln.formats.checkpoint import resolve_checkpoint
     train = {"max_steps": 6, "eval_every": 1, "checkpoint_every": 1, "keep_checkpoints": 20}
     _scripted_val_losses(monkeypatch, [5.0, 4.0, 3.0, 3.5, 3.2, 3.1])   # overfits after step 3
     run_stage(micro_config(micro_run, train=train), "pretrain")
@@ -144,7 +144,7 @@ def test_best_checkpoint_is_the_lowest_validation_loss_and_survives_resume(micro
 
 
 def test_no_best_checkpoint_when_turned_off_and_a_clear_error_when_asked_for(micro_run):
-    from kiln.train.checkpoint import resolve_checkpoint
+    from kiln.formats.checkpoint import resolve_checkpoint
     run_stage(micro_config(micro_run, train={"max_steps": 3, "keep_best": False}), "pretrain")
     assert not (micro_run / "checkpoints" / "best").exists()
     with pytest.raises(FileNotFoundError, match="no best checkpoint.*train.keep_best"):

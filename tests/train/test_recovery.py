@@ -4,18 +4,17 @@ import json
 import random
 import signal
 import shutil
-import subprocess
 import time
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from dist_util import env, kiln_cmd, metrics, run_kiln
+from dist_util import env, fault_env, kiln_cmd, metrics, run_kiln
 from kiln.config import ConfigError
 from kiln.pipeline import run_stage
-from kiln.train import faults
-from kiln.train.checkpoint import complete_checkpoints, latest_checkpoint
+from faults import install
+from kiln.formats.checkpoint import complete_checkpoints, latest_checkpoint
 from micro import micro_config
 
 KILL = {"max_steps": 24, "checkpoint_every": 1, "keep_checkpoints": 2, "eval_every": 8}
@@ -31,9 +30,9 @@ def _same_final_state(a, b):
 
 
 @pytest.mark.slow
-def test_sigkill_at_random_moments_then_resume_is_bitwise_identical(micro_run, tmp_path):
-    """12 SIGKILLs, 0-150 ms after a random step's log line; with KILN_FAULT_CKPT_SLEEP every checkpoint
-    (one per step) takes >= 60 ms, so most kills land inside a write. Same final weights, optimizer
+def test_sigkill_at_random_moments_then_resume_is_bitwise_identical(micro_run, tmp_path, spawn):
+    """12 SIGKILLs, 0-150 ms after a random step's log line; with a 20 ms sleep before each file's fsync every
+    checkpoint (one per step) takes >= 100 ms, so most kills land inside a write. Same final weights, optimizer
     state and loss log as an uninterrupted run."""
     ref = tmp_path / "ref"
     shutil.copytree(micro_run, ref)
@@ -41,15 +40,14 @@ def test_sigkill_at_random_moments_then_resume_is_bitwise_identical(micro_run, t
 
     rng = random.Random(6)
     kills, inside_write, restarts = 0, 0, 0
-    e = env(KILN_FAULT_CKPT_SLEEP="0.02")
+    e = env(**fault_env(ckpt_sleep=0.02))
     while kills < 12:
         args = ("--resume",) if restarts else ()
-        p = subprocess.Popen(kiln_cmd(micro_run, args=args, **KILL), env=e, stdout=subprocess.PIPE,
-                             stderr=subprocess.DEVNULL, text=True)
+        p = spawn(kiln_cmd(micro_run, args=args, faulty=True, **KILL), timeout=60, env=e)
         restarts += 1
         wait_lines = rng.randint(1, 3)
         finished = False
-        for line in p.stdout:
+        for line in p.lines():
             if line.startswith("step ") and "|" in line:
                 wait_lines -= 1
                 if wait_lines == 0:
@@ -57,7 +55,7 @@ def test_sigkill_at_random_moments_then_resume_is_bitwise_identical(micro_run, t
         else:
             finished = True
         if finished:   # the run ended before the chosen moment: start over from the top
-            assert p.wait() == 0
+            assert p.wait() == 0, p.stderr[-3000:]
             shutil.rmtree(micro_run / "checkpoints")
             (micro_run / "metrics.jsonl").unlink()
             restarts = 0
@@ -65,12 +63,11 @@ def test_sigkill_at_random_moments_then_resume_is_bitwise_identical(micro_run, t
         time.sleep(rng.uniform(0, 0.15))
         p.send_signal(signal.SIGKILL)
         p.wait()
-        p.stdout.close()
         kills += 1
         inside_write += any((micro_run / "checkpoints").glob(".tmp-step_*"))
     print(f"{kills} kills, {inside_write} inside a checkpoint write, {restarts} starts")
     assert inside_write >= 2, f"only {inside_write} of {kills} kills landed inside a checkpoint write"
-    run_kiln(micro_run, args=("--resume",), extra_env={"KILN_FAULT_CKPT_SLEEP": "0.02"}, **KILL)
+    run_kiln(micro_run, args=("--resume",), faults={"ckpt_sleep": 0.02}, **KILL)
 
     assert metrics(micro_run) == metrics(ref)
     _same_final_state(micro_run / "checkpoints/step_0000024", ref / "checkpoints/step_0000024")
@@ -81,17 +78,17 @@ def test_sigkill_at_random_moments_then_resume_is_bitwise_identical(micro_run, t
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_signal_checkpoints_at_step_boundary_and_exits_cleanly(micro_run, tmp_path, sig):
+def test_signal_checkpoints_at_step_boundary_and_exits_cleanly(micro_run, tmp_path, sig, spawn):
     ref = tmp_path / "ref"
     shutil.copytree(micro_run, ref)
     train = {"max_steps": 400, "checkpoint_every": 1000, "eval_every": 0}
-    p = subprocess.Popen(kiln_cmd(micro_run, **train), env=env(), stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True)
-    for line in p.stdout:
+    p = spawn(kiln_cmd(micro_run, **train), timeout=120, env=env())
+    for line in p.lines():
         if line.startswith("step     20/"):
             break
     p.send_signal(sig)
-    out, err = p.communicate(timeout=60)
+    p.wait()
+    out, err = p.stdout, p.stderr
     assert p.returncode == 128 + sig, err[-2000:]
     assert "Traceback" not in err
     last = latest_checkpoint(micro_run / "checkpoints")
@@ -107,22 +104,16 @@ def test_signal_checkpoints_at_step_boundary_and_exits_cleanly(micro_run, tmp_pa
 
 
 @pytest.fixture
-def fault_env(monkeypatch):
-    def set_faults(**values):
-        for k, v in values.items():
-            monkeypatch.setenv(f"KILN_FAULT_{k}", v)
-        faults._faults.cache_clear()
-    yield set_faults
-    monkeypatch.undo()
-    faults._faults.cache_clear()
+def inject(monkeypatch):
+    return lambda **faults: install(monkeypatch.setattr, **faults)
 
 
 def _rows(run):
     return [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_nan_batch_is_skipped_and_training_continues(micro_run, tmp_path, fault_env):
-    fault_env(NAN_BATCHES="2")
+def test_nan_batch_is_skipped_and_training_continues(micro_run, tmp_path, inject):
+    inject(nan=[2])
     cfg = micro_config(micro_run, train={"checkpoint_every": 1, "keep_checkpoints": 10})
     summary = run_stage(cfg, "pretrain")
     rows = {r["step"]: r for r in _rows(micro_run) if "loss" in r}
@@ -140,10 +131,10 @@ def test_nan_batch_is_skipped_and_training_continues(micro_run, tmp_path, fault_
     assert all(torch.isfinite(v).all() for v in w.values())
 
 
-def test_persistent_spike_rolls_back_and_skips_the_batches(micro_run, fault_env):
+def test_persistent_spike_rolls_back_and_skips_the_batches(micro_run, inject):
     # Data steps 5..7 are "bad": their loss reads 20x. Three logged spikes in a row -> rollback to the
     # newest checkpoint before step 6 (the first spike), i.e. step 4; the loader stays past the bad batches.
-    fault_env(SPIKE_BATCHES="5-7")
+    inject(spike=range(5, 8))
     cfg = micro_config(micro_run, train={"max_steps": 10, "checkpoint_every": 2, "keep_checkpoints": 5,
                                          "eval_every": 5, "spike_factor": 3.0, "spike_patience": 3})
     summary = run_stage(cfg, "pretrain")

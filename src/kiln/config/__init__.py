@@ -10,6 +10,9 @@ config is what each stage writes beside its output.
     base.py    errors, checks, from_dict (key-checked), YAML
     data.py    DataConfig and its cleaning steps
     stages.py  tokenizer, model, train, eval, generate, and Config
+    deepspeed.py  the DeepSpeed JSON merged with the keys kiln owns
+    patterns.py   the tokenizer's named pre-tokenisation patterns
+    rundir.py  the run directory's layout and the finished-stage markers
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from kiln.config.base import (ConfigError, dump_yaml, from_dict, load_yaml, merg
                               round_up, unknown_key_message)
 from kiln.config.data import (CONTENT_TYPES, DOC_STEPS, LanguageConfig, GopherQualityConfig, GopherRepetitionConfig, C4Config, FineWebConfig, CodeQualityConfig, ClassifierConfig, PIIConfig, DecontaminateConfig, NearDedupConfig, DataConfig)
 from kiln.config.stages import (Config, EvalConfig, GenerateConfig, ModelConfig, TokenizeConfig, TokenizerConfig,
-                                TrainConfig, derived_lr, grad_accum_steps, resolve_train)
+                                TrainConfig, derived_lr, grad_accum_steps, model_diff, resolve_train)
 
 
 # ---------------------------------------------------------------- recipes

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal
 
 from kiln.config.base import ConfigError
@@ -16,6 +15,10 @@ CONTENT_TYPES = ("code", "prose")
 DOC_STEPS = ("fix_unicode", "normalize", "length_filter", "language", "gopher_quality", "gopher_repetition",
              "c4", "fineweb", "code_quality", "quality_classifier", "pii", "decontaminate")
 """Per-document steps (run in the workers), in their default order; `data.steps` reorders or subsets them."""
+ID_FIELD = "id"
+"""A record's own id field (JSON field or Parquet column): copied into its document's meta whenever present."""
+LOCATION_KEYS = ("path", "line", "record", "row")
+"""Meta keys kiln itself writes: where in its file a document was read (`data.keep_fields` cannot take them)."""
 
 
 @dataclass
@@ -151,8 +154,8 @@ BENCHMARKS_INSTALLED = "installed"
 
 @dataclass
 class DecontaminateConfig:
-    """Drop or excise documents sharing an n-gram with benchmarks: registered ones (`kiln.eval.benchmarks`)
-    by name, or files (.jsonl: every string field)."""
+    """Drop or excise documents sharing an n-gram with benchmarks: registered ones (`kiln.data.benchmarks`)
+    by name, or files (.jsonl and .json arrays: every string field)."""
 
     enabled: bool = True
     benchmarks: list[str] = field(default_factory=lambda: [BENCHMARKS_INSTALLED])
@@ -182,15 +185,20 @@ class DataConfig:
     """Data stage: read raw text, clean, filter, dedup, scrub, decontaminate, split into train/val/test Parquet."""
 
     sources: list[str] = field(default_factory=lambda: ["python-stdlib"])
-    """Inputs: files (.txt .md .jsonl .jsonl.gz .jsonl.zst .parquet), directories, globs, or built-in
-    sources (`python-stdlib`: the .py files of this interpreter's standard library)."""
+    """Inputs: files (.txt .md .py .jsonl .jsonl.gz .jsonl.zst .parquet; .json holding an array of records
+    or JSON Lines), directories, globs, or built-in sources (`python-stdlib`: the .py files of this
+    interpreter's standard library). Files of other types in a directory or glob are skipped and listed in
+    data/report.json (`skipped_files`)."""
     code_sources: list[str] = field(default_factory=list)
     """Sources (as written in `sources`) holding code: prose rules are skipped, code rules applied.
     `python-stdlib` and .py files are code without being listed."""
     prose_sources: list[str] = field(default_factory=list)
     """Sources to treat as prose even where they would be detected as code."""
     text_key: str = "text"
-    """Field holding the document text in .jsonl and .parquet inputs."""
+    """Field holding the document text in .jsonl, .json and .parquet inputs."""
+    keep_fields: list[str] = field(default_factory=list)
+    """Further fields of each record (.jsonl/.json fields, .parquet columns) to copy into its output `meta`,
+    beside its own `id`, which is always kept; a record without one (or with null) has no such key."""
     max_docs: int | None = None
     """Stop after this many input documents (quick runs); None reads everything."""
     min_chars: int = 1
@@ -238,6 +246,7 @@ class DataConfig:
                 f"data.val_fraction ({self.val_fraction}) and data.test_fraction ({self.test_fraction}) "
                 "must each be in [0, 1) and sum to less than 1")
         _positive("data.shard_docs", self.shard_docs)
+        _check_keep_fields(self.keep_fields, self.text_key)
         _non_negative("data.workers", self.workers)
         if self.executor not in ("local", "ray"):
             raise ConfigError(f"data.executor={self.executor!r}: choose 'local' (process pool) or 'ray'")
@@ -252,7 +261,6 @@ class DataConfig:
             raise ConfigError("data.gopher_repetition.top_n_grams needs 3 values (2-4-grams) and "
                               "data.gopher_repetition.dup_n_grams 6 values (5-10-grams)")
         _positive("data.decontaminate.n", self.decontaminate.n)
-        _check_benchmarks(self.decontaminate)
         _check_pii(self.pii)
         _positive("data.near_dedup.ngram", self.near_dedup.ngram)
         _positive("data.near_dedup.bands", self.near_dedup.bands)
@@ -261,6 +269,20 @@ class DataConfig:
         if q.enabled and not q.model_path and not (q.positive and q.negative):
             raise ConfigError("data.quality_classifier is enabled but has neither model_path nor both "
                               "positive and negative example files")
+
+
+def _check_keep_fields(keep: list[str], text_key: str) -> None:
+    for i, name in enumerate(keep):
+        key = f"data.keep_fields[{i}]={name!r}"
+        if not isinstance(name, str) or not name:
+            raise ConfigError(f"{key}: name a field of the input records")
+        if name in LOCATION_KEYS:
+            raise ConfigError(f"{key}: kiln writes this meta key itself (where the document was read: "
+                              f"{', '.join(LOCATION_KEYS)}); rename the field in the input to keep it")
+        if name == text_key:
+            raise ConfigError(f"{key} is data.text_key: the text is the output's `text` column already")
+        if name in keep[:i]:
+            raise ConfigError(f"{key} is listed twice")
 
 
 def _check_pii(p: PIIConfig) -> None:
@@ -273,16 +295,3 @@ def _check_pii(p: PIIConfig) -> None:
         if missing:
             raise ConfigError(f"data.pii.engine='presidio' needs Presidio ({', '.join(missing)} not installed): "
                               "pip install 'llmkiln[presidio]', or set data.pii.engine: regex")
-
-
-def _check_benchmarks(d: DecontaminateConfig) -> None:
-    """Names must be known; paths are checked when the data stage reads them (the recipe may travel)."""
-    from kiln.eval import benchmarks as registry   # stdlib-only module: cheap at load time
-
-    for i, entry in enumerate(d.benchmarks):
-        if entry == BENCHMARKS_INSTALLED or entry.lower() in registry.REGISTRY or Path(entry).is_file():
-            continue
-        if not any(c in entry for c in "/\\."):   # looks like a name; a missing path is reported when read
-            raise ConfigError(
-                f"data.decontaminate.benchmarks[{i}]={entry!r} is neither a known benchmark nor a file; known: "
-                f"{', '.join(registry.REGISTRY)} (or `{BENCHMARKS_INSTALLED}`: every one that is installed)")

@@ -12,6 +12,8 @@ from kiln.config.base import ConfigError, round_up
 from kiln.config.base import non_negative as _non_negative
 from kiln.config.base import positive as _positive
 from kiln.config.data import DataConfig
+from kiln.config.deepspeed import check_user_config
+from kiln.config.patterns import check_pattern
 
 
 @dataclass
@@ -37,7 +39,6 @@ class TokenizerConfig:
 
     def validate(self) -> None:
         _positive("tokenizer.vocab_multiple", self.vocab_multiple)
-        from kiln.tokenizer.patterns import check_pattern   # lazy: config must not import tokenizers eagerly
         try:
             check_pattern(self.pattern)
         except ValueError as e:
@@ -109,6 +110,17 @@ class ModelConfig:
         ffn = self.ffn_hidden or round_up(int(8 * d_model / 3), self.ffn_multiple_of)
         return dataclasses.replace(self, d_model=d_model, n_heads=n_heads, n_kv_heads=n_kv_heads, ffn_hidden=ffn)
 
+    def num_params(self) -> int:
+        """Parameters of the model this config builds (a tied matrix once), by arithmetic: the size the plan
+        and the training horizon use before any weight exists. Equals Transformer(cfg).num_params()."""
+        c = self.resolved()
+        if c.vocab_size is None:
+            raise ValueError("model.vocab_size is not set: the parameter count needs the vocabulary")
+        attn = c.d_model * c.head_dim * (2 * c.n_heads + 2 * c.n_kv_heads) + (2 * c.head_dim if c.qk_norm else 0)
+        block = attn + 3 * c.d_model * c.ffn_hidden + 2 * c.d_model
+        embed = c.vocab_size * c.d_model * (1 if c.tie_embeddings else 2)
+        return embed + c.depth * block + c.d_model
+
     def validate(self) -> None:
         _positive("model.depth", self.depth)
         _positive("model.head_dim", self.head_dim)
@@ -124,12 +136,32 @@ class ModelConfig:
             raise ConfigError(f"model.head_dim={r.head_dim} must be even for RoPE")
 
 
+VOLATILE = {"volatile": True}
+"""Field metadata: the setting changes how a run is watched or laid out over devices, not what it produces
+(`kiln run` does not redo training when only these differ)."""
+
+
+def volatile_fields(cls) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls) if f.metadata.get("volatile")}
+
+
+def model_diff(saved: ModelConfig, now: ModelConfig) -> list[str]:
+    """`field: saved -> now` for each field two model configs differ in: the one comparison of model configs
+    (a resume, `kiln run` deciding whether training can continue)."""
+    return [f"model.{f.name}: {getattr(saved, f.name)!r} -> {getattr(now, f.name)!r}"
+            for f in dataclasses.fields(ModelConfig) if getattr(saved, f.name) != getattr(now, f.name)]
+
+
 @dataclass
 class TrainConfig:
     """Pretraining: optimizer, schedule, batch, logging, checkpoints."""
 
-    max_steps: int = 1000
-    """Optimizer steps to train for."""
+    max_steps: int | None = 1000
+    """Optimizer steps to train for; None = derived from tokens_per_param and the model's size."""
+    tokens_per_param: float = 20.0
+    """With max_steps None: train on this many tokens per model parameter (~20 is compute-optimal, Hoffmann
+    et al. 2022); steps = tokens_per_param x parameters / batch_tokens. The run warns when that repeats the
+    data beyond ~4 epochs."""
     micro_batch_size: int = 16
     """Sequences per forward/backward pass on one device."""
     batch_tokens: int | None = None
@@ -161,7 +193,7 @@ class TrainConfig:
     """AdamW epsilon."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this; 0 disables clipping."""
-    device: str = "auto"
+    device: str = field(default="auto", metadata=VOLATILE)
     """`auto` (CUDA if available, else CPU), `cpu`, `cuda`, `cuda:N`."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """`bf16` autocast with fp32 master weights, or `fp32`; `auto` = bf16 on CUDA and on CPUs with native bf16
@@ -185,58 +217,58 @@ class TrainConfig:
     peak from kiln's table; an unknown GPU gets a warning and no MFU), `measured` (a square matmul timed on
     this device at start, in the training dtype) or a number in TFLOP/s. FLOPs per token: 6 x matmul
     weights + the attention term (Transformer.flops_per_token)."""
-    activation_checkpointing: Literal["off", "block", "selective"] = "off"
+    activation_checkpointing: Literal["off", "block", "selective"] = field(default="off", metadata=VOLATILE)
     """Trade compute for memory: `block` recomputes each block in backward, `selective` keeps matmul and
     attention outputs and recomputes the element-wise ops (see kiln/train/memory.py)."""
-    threads: int = 0
+    threads: int = field(default=0, metadata=VOLATILE)
     """CPU threads for torch (0 = leave torch's default)."""
-    eval_every: int = 100
+    eval_every: int = field(default=100, metadata=VOLATILE)
     """Validation loss every N steps (and at the end); 0 = only at the end."""
     eval_batches: int = 20
     """Micro-batches of validation data per periodic evaluation (fixed across runs)."""
-    sample_every: int = 0
+    sample_every: int = field(default=0, metadata=VOLATILE)
     """Generate samples from `sample_prompts` every N steps; 0 = never during training."""
-    sample_prompts: list[str] = field(default_factory=lambda: ["def ", "class "])
+    sample_prompts: list[str] = field(default_factory=lambda: ["def ", "class "], metadata=VOLATILE)
     """Prompts for periodic samples."""
-    checkpoint_every: int = 500
+    checkpoint_every: int = field(default=500, metadata=VOLATILE)
     """Write a checkpoint every N steps (and always at the end)."""
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = field(default=2, metadata=VOLATILE)
     """Keep the newest N step checkpoints (the final one is always kept)."""
-    log_every: int = 1
+    log_every: int = field(default=1, metadata=VOLATILE)
     """Log a metrics line every N steps (reading the loss is a host sync on GPU)."""
     seed: int = 1337
     """Seed for init, data order and sampling."""
-    resume: bool = False
+    resume: bool = field(default=False, metadata=VOLATILE)
     """Continue from the newest complete checkpoint in the run directory (`--resume`)."""
     packing: Literal["concat", "bestfit"] = "concat"
     """How documents fill training rows: `concat` (one stream cut every seq_len tokens, EOS between documents)
     or `bestfit` (every row starts at a document start with BOS; leftover space is padding the loss ignores)."""
-    prefetch: int = 2
+    prefetch: int = field(default=2, metadata=VOLATILE)
     """Batches a background thread prepares ahead of the training step (0 = none)."""
-    pin_memory: bool = True
+    pin_memory: bool = field(default=True, metadata=VOLATILE)
     """Pinned host memory for batches on CUDA, so the copy to the GPU overlaps compute."""
-    force_resume: bool = False
+    force_resume: bool = field(default=False, metadata=VOLATILE)
     """Resume even when the checkpoint was made from different tokens or a different tokenizer (its data
     fingerprint differs); the data loader then restarts at the beginning of the new data if it must."""
-    parallel: Literal["none", "ddp", "fsdp", "deepspeed"] = "none"
+    parallel: Literal["none", "ddp", "fsdp", "deepspeed"] = field(default="none", metadata=VOLATILE)
     """Data parallelism under `torchrun --nproc_per_node=N -m kiln pretrain ...`: `ddp` (replicated weights,
     all-reduced gradients), `fsdp` (PyTorch FSDP2 `fully_shard`: weights, gradients and optimizer state
     sharded; bf16 parameters with fp32 gradient reduction when precision is bf16) or `deepspeed` (DeepSpeed
     ZeRO at `zero_stage`; needs `pip install 'llmkiln[deepspeed]'`). `none` = one process.
     The global batch (`batch_tokens`) is the same at any process count; each rank takes its share."""
-    zero_stage: int = 2
+    zero_stage: int = field(default=2, metadata=VOLATILE)
     """deepspeed only: ZeRO stage. 1 shards the optimizer state, 2 also the gradients, 3 also the weights."""
-    deepspeed_config: str | None = None
+    deepspeed_config: str | None = field(default=None, metadata=VOLATILE)
     """deepspeed only: a DeepSpeed JSON config merged into the one kiln derives (ZeRO tuning, offload,
     communication...). Keys kiln owns (batch sizes, accumulation, clipping, precision, ZeRO stage) must agree
     with kiln's values or be "auto"; `optimizer` and `scheduler` are kiln's (see kiln/train/zero.py)."""
-    cpu_offload: bool = False
+    cpu_offload: bool = field(default=False, metadata=VOLATILE)
     """fsdp only: keep sharded parameters, gradients and optimizer state in CPU memory (slower, less VRAM)."""
     keep_best: bool = True
     """Also keep the checkpoint with the lowest validation loss so far, in checkpoints/best/ (rewritten when
     a periodic evaluation improves on it). A long run on a small corpus can overfit, leaving the final
     checkpoint worse than an earlier one: `--eval.checkpoint best` / `--generate.checkpoint best` use it."""
-    milestone_every: int = 0
+    milestone_every: int = field(default=0, metadata=VOLATILE)
     """Also keep every checkpoint whose step is a multiple of this, beyond `keep_checkpoints`; 0 = none."""
     skip_nonfinite: bool = True
     """Skip the optimizer update of a step whose loss or gradient norm is NaN/Inf (logged as `skipped`)."""
@@ -249,7 +281,12 @@ class TrainConfig:
     """Stop with an error after this many spike rollbacks in one run (the problem is not transient)."""
 
     def validate(self) -> None:
-        _positive("train.max_steps", self.max_steps)
+        if self.max_steps is None:
+            if not self.tokens_per_param > 0:
+                raise ConfigError("train.max_steps is None, so train.tokens_per_param must be > 0 to derive the "
+                                  f"horizon (got {self.tokens_per_param}); set one of them")
+        else:
+            _positive("train.max_steps", self.max_steps)
         _positive("train.micro_batch_size", self.micro_batch_size)
         _non_negative("train.warmup_steps", self.warmup_steps)
         if not 0 <= self.min_lr_ratio <= 1:
@@ -304,7 +341,6 @@ class TrainConfig:
         if self.compile:
             raise ConfigError("train.compile=true with train.parallel=deepspeed is not supported (the DeepSpeed "
                               "engine installs its own hooks around the module); drop --train.compile")
-        from kiln.train.zero import check_user_config   # lazy: reads the JSON, never imports deepspeed
         check_user_config(self)
 
 
@@ -375,6 +411,9 @@ class Config:
     """Run name; the run directory defaults to runs/<name>."""
     run_dir: str | None = None
     """Directory holding every artifact of the run (default runs/<name>)."""
+    overwrite: bool = False
+    """Replace a stage's finished output (checkpoints included) when this run would redo it: without it a
+    stage refuses and says what exists (`--overwrite true`)."""
     data: DataConfig = field(default_factory=DataConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
@@ -414,7 +453,11 @@ def resolve_train(train: TrainConfig, model: ModelConfig, world_size: int = 1) -
         raise ConfigError(
             f"train.batch_tokens={batch_tokens} must be a multiple of micro_batch_size * max_seq_len * world_size"
             f" = {train.micro_batch_size} * {m.max_seq_len} * {world_size} = {tokens_per_micro}")
-    return dataclasses.replace(train, batch_tokens=batch_tokens, lr=train.lr or derived_lr(m.d_model))
+    max_steps = train.max_steps
+    if max_steps is None and m.vocab_size is not None:   # the horizon needs the parameter count
+        max_steps = max(1, math.ceil(train.tokens_per_param * m.num_params() / batch_tokens))
+    return dataclasses.replace(train, batch_tokens=batch_tokens, lr=train.lr or derived_lr(m.d_model),
+                               max_steps=max_steps)
 
 
 def grad_accum_steps(train: TrainConfig, model: ModelConfig, world_size: int = 1) -> int:

@@ -25,7 +25,7 @@ def _examples(paths: list[str], key: str, text_key: str) -> list[str]:
     out = []
     for i, path in enumerate(paths):
         if not Path(path).is_file() or format_of(path) is None:
-            raise ConfigError(f"{key}[{i}]: `{path}` is not a readable .txt/.md/.jsonl/.parquet file")
+            raise ConfigError(f"{key}[{i}]: `{path}` is not a readable .txt/.md/.jsonl/.json/.parquet file")
         out += [" ".join(r.text.split()) for r in read_file(FileTask(path, Path(path).name, path), text_key)
                 if isinstance(r, Doc) and r.text.strip()]
     if not out:

@@ -1,17 +1,15 @@
 """Decontamination: drop (or excise from) documents that share a word n-gram (default 13) with a benchmark.
 
 `data.decontaminate.benchmarks` names registered benchmarks (`humaneval`,
-`mmlu`: `kiln.eval.benchmarks`, read from installed packages, offline),
+`mmlu`: `kiln.data.benchmarks`, read from installed packages, offline),
 `installed` (every registered one that is installed; the default) or files:
-`.jsonl` lines contribute every string value of each object (question,
-choices, answer ...), other formats their text; n-grams of numbers and single
-characters alone (`1 2 3 ... 13`) are left out. All are read once in the
-parent and their n-gram hashes saved as a sorted uint64 array (`ngrams.npy`
-in the stage's work folder) that each worker maps once; the run prints which
-benchmarks went in and which registered ones are not installed. Words are
-lower-cased `\\w+` runs, hashed by rensa (Rust, the same on every machine and
-process, unlike Python's salted `hash`), and combined into n-gram hashes with
-numpy, so a document costs a few vector operations, not a Python loop per word.
+each object of a `.jsonl` file or `.json` array contributes every string value
+(question, choices, answer ...), other formats their text; n-grams of numbers
+and single characters alone (`1 2 3 ... 13`) are left out. All are read once in
+the parent and their n-gram hashes saved as a sorted uint64 array
+(`decontam-ngrams.npy` in the stage's work folder) that each worker maps once;
+the run prints which benchmarks went in and which registered ones are not
+installed. N-gram hashes are those of `ngrams.py` (MinHash's shingles too).
 """
 
 from __future__ import annotations
@@ -24,33 +22,14 @@ import re
 from pathlib import Path
 
 import numpy as np
-import rensa
 import zstandard
 
 from kiln.config import ConfigError, DecontaminateConfig
 from kiln.config.data import BENCHMARKS_INSTALLED
-from kiln.eval import benchmarks as registry
+from kiln.data import benchmarks as registry
+from kiln.data.ngrams import WORD, ngram_hashes, word_hashes
 from kiln.data.readers import format_of
 from kiln.data.records import ALL_KINDS, Doc, Drop
-
-_WORD = re.compile(r"\w+")
-
-
-def word_hashes(words: list[str]) -> np.ndarray:
-    """One uint64 per (lower-cased) word."""
-    return np.array(rensa.RMinHash.hash_token_sets([[w.lower() for w in words]])[0], dtype=np.uint64)
-
-
-def ngram_hashes(hashes: np.ndarray, n: int) -> np.ndarray:
-    """uint64 hash of every run of `n` consecutive word hashes (empty when fewer than n words)."""
-    m = len(hashes) - n + 1
-    if m <= 0:
-        return np.zeros(0, dtype=np.uint64)
-    key = np.zeros(m, dtype=np.uint64)
-    with np.errstate(over="ignore"):
-        for i in range(n):
-            key = (key ^ hashes[i:i + m]) * np.uint64(0x100000001B3)
-    return key
 
 
 def benchmark_ngrams(text: str, n: int) -> np.ndarray:
@@ -60,7 +39,7 @@ def benchmark_ngrams(text: str, n: int) -> np.ndarray:
     copied the benchmark; kept, they flagged 118 of 13,353 files of a Python install (doctest.py,
     heapq.py, numpy's tests) as HumanEval-contaminated.
     """
-    words = _WORD.findall(text)
+    words = WORD.findall(text)
     grams = ngram_hashes(word_hashes(words), n)
     if not len(grams):
         return grams
@@ -75,10 +54,13 @@ def benchmark_texts(path: str, key: str) -> list[str]:
     if not p.is_file():
         raise ConfigError(f"{key}: benchmark file `{path}` does not exist (known benchmark names: "
                           f"{', '.join(registry.REGISTRY)}, or `{BENCHMARKS_INSTALLED}`)")
-    if format_of(p.name) != "jsonl":
+    if format_of(p.name) not in ("jsonl", "json"):
         return [_read_text(p)]
+    text = _read_text(p)
+    if format_of(p.name) == "json" and text.lstrip("\ufeff \t\r\n").startswith("["):
+        return [" ".join(_strings(item)) for item in _json_array(text, path, key)]
     texts = []
-    for i, line in enumerate(_read_text(p).splitlines(), start=1):
+    for i, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -87,6 +69,13 @@ def benchmark_texts(path: str, key: str) -> list[str]:
             raise ConfigError(f"{key}: {path}:{i}: invalid JSON ({e})") from e
         texts.append(" ".join(_strings(obj)))
     return texts
+
+
+def _json_array(text: str, path: str, key: str) -> list:
+    try:   # benchmark files are small: read whole, unlike the data stage's inputs
+        return json.loads(text.lstrip("\ufeff"))
+    except ValueError as e:
+        raise ConfigError(f"{key}: {path}: invalid JSON ({e})") from e
 
 
 def _read_text(p: Path) -> str:
@@ -113,8 +102,9 @@ def _strings(obj) -> list[str]:
 
 def resolve(cfg: DecontaminateConfig) -> tuple[list[tuple[str, str]], list[registry.Benchmark]]:
     """(label, what) per benchmark to use, what being a registered name or a file path; and the registered
-    benchmarks `installed` skipped. ConfigError (naming the key, with the install command) for a benchmark
-    named explicitly that is not installed."""
+    benchmarks `installed` skipped. ConfigError naming the key for an unknown name, and (with the install
+    command) for a benchmark named explicitly that is not installed. The data stage calls this before it
+    reads anything: names are checked here, not at config load, because the registry is data-stage code."""
     chosen: list[tuple[str, str]] = []
     skipped: list[registry.Benchmark] = []
     for i, entry in enumerate(cfg.benchmarks):
@@ -128,8 +118,11 @@ def resolve(cfg: DecontaminateConfig) -> tuple[list[tuple[str, str]], list[regis
                 raise ConfigError(f"{key}={entry!r}: benchmark not installed; {b.install} "
                                   f"(or use `{BENCHMARKS_INSTALLED}` to take only what is installed)")
             chosen.append((b.name, b.name))
-        else:
+        elif any(c in entry for c in "/\\.") or Path(entry).is_file():   # a path: read (and checked) later
             chosen.append((key, entry))
+        else:
+            raise ConfigError(f"{key}={entry!r} is neither a known benchmark nor a file; known: "
+                              f"{', '.join(registry.REGISTRY)} (or `{BENCHMARKS_INSTALLED}`: every one that is installed)")
     unique = list(dict.fromkeys(chosen))   # `installed` and a name may list one benchmark twice
     return unique, [b for b in dict.fromkeys(skipped) if b.name not in {w for _, w in unique}]
 
@@ -197,9 +190,9 @@ class Decontaminate:
         if not len(table):
             return doc   # no benchmark installed
         if self.cfg.action == "drop":   # word strings only: 4x cheaper than match objects
-            hit = self._hits(table, _WORD.findall(doc.text))
+            hit = self._hits(table, WORD.findall(doc.text))
             return Drop(self.name, "contaminated") if len(hit) else doc
-        words = list(_WORD.finditer(doc.text))   # positions in the text itself: lower() can change lengths
+        words = list(WORD.finditer(doc.text))   # positions in the text itself: lower() can change lengths
         hit = self._hits(table, [m.group() for m in words])
         return self._excise(doc, words, hit) if len(hit) else doc
 

@@ -1,4 +1,7 @@
-"""Document ids, exact deduplication and the train/val/test split: the steps run in the parent process.
+"""Document ids and the train/val/test split, decided in the parent process.
+
+Exact dedup is not a step here: it needs every file's documents, so the parent
+runs it on the 128-bit text hashes the workers saved (`run._account`).
 
 Both ids and splits are pure functions of the (normalised) text, hashed with
 xxHash, whose output is defined byte for byte on every platform: the same
@@ -10,11 +13,7 @@ into val.
 
 from __future__ import annotations
 
-import dataclasses
-
 import xxhash
-
-from kiln.data.records import ALL_KINDS, Doc, Drop
 
 SPLITS = ("train", "val", "test")
 
@@ -32,24 +31,3 @@ def split_of(doc_id_hex: str, val_fraction: float, test_fraction: float) -> str:
     if u < val_fraction + test_fraction:
         return "test"
     return "train"
-
-
-@dataclasses.dataclass
-class ExactDedup:
-    """Keeps the first document with a given text, drops later ones as `duplicate`.
-
-    Holds one 128-bit digest per kept document in memory (~100 bytes each in a
-    Python set: ~1 GB per 10M documents). 128 bits make an accidental collision,
-    which would drop a distinct document, practically impossible at any corpus size.
-    """
-
-    name: str = "exact_dedup"
-    kinds: tuple[str, ...] = ALL_KINDS
-    seen: set[int] = dataclasses.field(default_factory=set)
-
-    def __call__(self, doc: Doc) -> Doc | Drop:
-        key = xxhash.xxh3_128_intdigest(doc.text.encode("utf-8"))
-        if key in self.seen:
-            return Drop(self.name, "duplicate")
-        self.seen.add(key)
-        return doc

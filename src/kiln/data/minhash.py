@@ -8,37 +8,27 @@ count or timing). Defaults are FineWeb's: 112 hashes as 14 bands x 8 rows,
 which finds pairs at Jaccard 0.8 with probability 1 - (1 - 0.8^8)^14 = 0.92
 and at 0.75 with 0.70 (one pass; FineWeb's curve).
 
-Shingling is the cost in Python, so it is vectorised: words (lower-cased
-`\\w+` runs) are hashed to uint64 by rensa in Rust, 5-gram hashes are combined
-with numpy, and rensa turns all documents of a file into signatures in one
-call (`digest_matrix_from_flat_token_hashes`).
+Shingling is the cost in Python, so it is vectorised: shingles are the word
+n-gram hashes of `ngrams.py` (the ones decontamination matches, too), and rensa
+turns all documents of a file into signatures in one call
+(`digest_matrix_from_flat_token_hashes`).
 """
 
 from __future__ import annotations
-
-import re
 
 import numpy as np
 import rensa
 
 from kiln.config import NearDedupConfig
+from kiln.data.ngrams import WORD, ngram_hashes, word_hashes
 
-_WORD = re.compile(r"\w+")
 _MIX = np.uint64(0x9E3779B97F4A7C15)
 
 
 def shingles(text: str, n: int) -> np.ndarray:
-    """Distinct uint64 hashes of the word n-grams of `text` (the whole text as one shingle if shorter)."""
-    words = _WORD.findall(text.lower())
-    if not words:
-        return np.zeros(0, dtype=np.uint64)
-    h = np.array(rensa.RMinHash.hash_token_sets([words])[0], dtype=np.uint64)
-    m = max(len(h) - n + 1, 1)
-    key = np.zeros(m, dtype=np.uint64)
-    with np.errstate(over="ignore"):
-        for i in range(min(n, len(h))):
-            key = (key ^ h[i:i + m]) * np.uint64(0x100000001B3)
-    return np.unique(key)
+    """Distinct uint64 hashes of the word n-grams of `text` (all its words as one shingle if fewer than n)."""
+    h = word_hashes(WORD.findall(text))
+    return np.unique(ngram_hashes(h, min(n, len(h)))) if len(h) else h
 
 
 def band_keys(texts: list[str], cfg: NearDedupConfig) -> np.ndarray:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import operator
 import re
-from collections import Counter
 from collections.abc import Iterator
 
 import numpy as np
@@ -160,12 +159,16 @@ def _ngram_chars(lens: np.ndarray, n: int) -> np.ndarray:
     return csum[n:] - csum[:-n] + (n - 1)   # joined with spaces, as datatrove's get_n_grams
 
 
-def _top_ngram_chars(ids: np.ndarray, lens: np.ndarray, n: int, keys: np.ndarray | None = None) -> int:
+# The plain definitions of the n-gram shares: `_ngram_shares` computes the same faster, and the tests hold it
+# to these.
+
+
+def _top_ngram_chars(ids: np.ndarray, lens: np.ndarray, n: int) -> int:
     """Characters of the most frequent n-gram times its count; ties go to the smallest key (as np.unique's
     order did), and the length is that of its first occurrence. A plain sort, no argsort: ~3x cheaper."""
     if len(ids) < n:
         return 0
-    keys = _ngram_keys(ids, n) if keys is None else keys
+    keys = _ngram_keys(ids, n)
     sk = np.sort(keys)
     starts = np.flatnonzero(np.concatenate(([True], sk[1:] != sk[:-1])))
     counts = np.diff(np.append(starts, len(sk)))
@@ -174,10 +177,10 @@ def _top_ngram_chars(ids: np.ndarray, lens: np.ndarray, n: int, keys: np.ndarray
     return int(_ngram_chars(lens, n)[first]) * int(counts[top])
 
 
-def _dup_ngram_chars(ids: np.ndarray, lens: np.ndarray, n: int, keys: np.ndarray | None = None) -> int:
+def _dup_ngram_chars(ids: np.ndarray, lens: np.ndarray, n: int) -> int:
     if len(ids) < n:
         return 0
-    keys = _ngram_keys(ids, n) if keys is None else keys
+    keys = _ngram_keys(ids, n)
     sk = np.sort(keys)
     if not (sk[1:] == sk[:-1]).any():
         return 0   # no n-gram twice (the common case for n >= 6): skip the argsort
@@ -355,9 +358,3 @@ def _alnum_fraction(text: str) -> float:
 
 
 _ASCII_ALNUM = bytes(b for b in range(128) if chr(b).isalnum())
-
-
-def reason_counts(texts: list[str], step) -> Counter:
-    """Drop reasons of `step` over `texts` (for the benchmark and tests)."""
-    return Counter(out.reason if isinstance(out, Drop) else "kept"
-                   for out in (step(Doc(t, "x", {})) for t in texts))

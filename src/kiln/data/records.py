@@ -23,7 +23,8 @@ class Doc:
     source: str
     """The source string as given in `data.sources` (e.g. `python-stdlib` or a path)."""
     meta: dict[str, Any]
-    """Where the text came from: {"path": relative to the source root, "line" or "row": 1-based}."""
+    """Where the text came from: {"path": relative to the source root, "line", "record" (of a JSON array) or
+    "row": 1-based}, and the record's own `id` and `data.keep_fields` when it has them."""
     flags: tuple[str, ...] = field(default=())
     """Things that happened on the way (`decode_replaced`, `normalized`, `pii:email`): counted, never written."""
     kind: str = "prose"
@@ -59,7 +60,8 @@ class Drop:
 class Quarantined:
     file: str
     line: int | None
-    """1-based line (row for Parquet) where the bad input starts; None when the whole file is bad."""
+    """1-based line (row for Parquet) where the bad input starts (a JSON array's record: the line it starts
+    on, its index in `reason`); None when the whole file is bad."""
     reason: str
 
 

@@ -17,12 +17,15 @@ from typing import Any
 from kiln.data.dedup import SPLITS
 from kiln.data.readers import FileTask
 from kiln.data.records import Drop, Quarantined, StepStats
+from kiln.data.sources import Skipped
 from kiln.data.steps import CHANGE_FLAGS
 
 KNOWN_REASONS = ("empty", "too_short", "too_long", "duplicate")
 LIST_MAX = 100
 """Quarantined records (and files with decode warnings) listed by name; the counts are always exact."""
 EXAMPLES_PER_REASON = 3
+SKIPPED_EXAMPLES = 10
+"""Skipped files named per reason; past LIST_MAX reasons, the rest are counted under one."""
 
 
 @dataclasses.dataclass
@@ -47,6 +50,7 @@ class Tally:
         self.decode_replaced_files: list[str] = []            # first LIST_MAX entries
         self.examples: dict[str, list[dict[str, Any]]] = {}   # "step/reason" -> first few dropped docs
         self.sources: dict[str, SourceCounts] = {}
+        self.skipped: dict[str, dict[str, Any]] = {}          # reason -> {"count", "examples"}
         self.files = 0
         self.input_bytes = 0
 
@@ -59,6 +63,16 @@ class Tally:
         self._source(task).files += 1
         self._source(task).input_bytes += size
 
+    def skip_file(self, skipped: Skipped) -> None:
+        """A file of a source that is not read (it holds no records, so the record counts do not change)."""
+        reason = skipped.reason
+        if reason not in self.skipped and len(self.skipped) >= LIST_MAX:
+            reason = "other reasons"
+        entry = self.skipped.setdefault(reason, {"count": 0, "examples": []})
+        entry["count"] += 1
+        if len(entry["examples"]) < SKIPPED_EXAMPLES:
+            entry["examples"].append(f"{skipped.source}:{skipped.rel}")
+
     def record_in(self, task: FileTask) -> None:
         self.records_in += 1
         self._source(task).records_in += 1
@@ -69,7 +83,7 @@ class Tally:
         shown = self.examples.setdefault(f"{drop.step}/{drop.reason}", [])
         if snippet is not None and len(shown) < EXAMPLES_PER_REASON:
             where = json.loads(meta) if meta else {}
-            shown.append({"source": task.source, **where, "text": snippet})
+            shown.append({**where, "source": task.source, "text": snippet})   # kept fields may use these names
 
     def quarantine_one(self, task: FileTask, bad: Quarantined) -> None:
         self.quarantined += 1
@@ -123,6 +137,8 @@ def build_report(t: Tally, splits: dict[str, dict[str, int]], *, steps: list[str
         "pii": {f.split(":", 1)[1]: n for f, n in sorted(t.flags.items()) if f.startswith("pii:")},
         "warnings": {"decode_replaced": {"count": t.flags["decode_replaced"], "files": t.decode_replaced_files}},
         "files": t.files,
+        "skipped_files": {"count": sum(e["count"] for e in t.skipped.values()),
+                          "by_reason": dict(sorted(t.skipped.items(), key=lambda kv: -kv[1]["count"]))},
         "input_bytes": t.input_bytes,
         "max_docs_reached": max_docs_reached,
         "workers": workers,

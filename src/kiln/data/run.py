@@ -35,7 +35,7 @@ from kiln.config import Config, ConfigError, DataConfig
 from kiln.data import decontam
 from kiln.data.dedup import SPLITS, doc_id, split_of
 from kiln.data.minhash import NearDedup
-from kiln.data.readers import FileTask
+from kiln.data.readers import FORMATS, FileTask
 from kiln.data.records import Doc, Drop, Quarantined, StepStats
 from kiln.data.report import Tally, build_report, summary_lines
 from kiln.data.sources import resolve_sources
@@ -43,8 +43,8 @@ from kiln.data.steps import build_steps, enabled, prepare
 from kiln.data.executors import ray_module, task_results
 from kiln.data.tasks import DROPPED, QUARANTINED, TaskSpec, task_paths
 from kiln.data.writer import ShardWriter
-from kiln.eval import benchmarks as registry
-from kiln.rundir import RunDir, clear_done, write_json_atomic
+from kiln.data import benchmarks as registry
+from kiln.config.rundir import RunDir, clear_done, write_json_atomic
 
 ACCOUNT_COLUMNS = ["status", "step", "reason", "snippet", "meta", "line", "file", "flags", "hash_hi", "hash_lo", "bands"]
 
@@ -58,18 +58,25 @@ def run_data(cfg: Config) -> dict:
     """
     d = cfg.data
     _check(d)
-    tasks = resolve_sources(d.sources, d.code_sources, d.prose_sources)   # before deleting anything
+    resolved = resolve_sources(d.sources, d.code_sources, d.prose_sources)   # before deleting anything
+    tasks = resolved.tasks
     out = RunDir(cfg.run_path).data
     work = _prepare_out(out, d)
     workers = _n_workers(d.workers, len(tasks))
     kinds = sorted({t.kind for t in tasks})
     where = f"{workers} worker(s)" if d.executor == "local" else "Ray (RAY_ADDRESS, or a local instance)"
     print(f"data: {len(tasks)} files ({'/'.join(kinds)}) from {', '.join(d.sources)}; {where} -> {out}", flush=True)
+    if resolved.skipped:
+        print(f"data: skipping {len(resolved.skipped)} files no reader takes (supported: {' '.join(FORMATS)}); "
+              "data/report.json lists them under skipped_files", flush=True)
 
     start = time.perf_counter()
     steps = build_steps(d, prepare(d, work, out))
-    spec = TaskSpec(steps, d.text_key, d.max_docs, d.near_dedup if d.near_dedup.enabled else None, str(work))
+    spec = TaskSpec(steps, d.text_key, d.max_docs, d.near_dedup if d.near_dedup.enabled else None, str(work),
+                    tuple(d.keep_fields))
     tally, stats = Tally(), StepStats()
+    for skipped in resolved.skipped:
+        tally.skip_file(skipped)
     taken = _account(task_results(tasks, spec, workers, d.executor), d, tally, stats)
     splits = _write(taken, d, tally, out)
     elapsed = time.perf_counter() - start
@@ -103,6 +110,8 @@ def _account(results: Iterator[tuple[int, FileTask, dict]], d: DataConfig, tally
              stats: StepStats) -> list[Taken]:
     """Count every record, run exact and near dedup over kept ones; returns what pass 2 writes."""
     cap = d.max_docs
+    # One 128-bit text hash per kept document (~100 bytes each in a set: ~1 GB per 10M documents); 128 bits
+    # make an accidental collision, which would drop a distinct document, practically impossible.
     seen: set[tuple[int, int]] = set()
     near = NearDedup(d.near_dedup.bands)
     pending: list[tuple[Taken, int, int]] = []   # (task, row, near index) of exact-unique docs
@@ -179,7 +188,8 @@ def _check(d: DataConfig) -> None:
         raise ConfigError(f"data.min_chars={d.min_chars} and data.max_doc_chars={d.max_doc_chars}: "
                           "need 0 <= min_chars <= max_doc_chars and max_doc_chars >= 1")
     if not d.text_key:
-        raise ConfigError("data.text_key is empty: name the field holding the text in .jsonl / .parquet inputs")
+        raise ConfigError("data.text_key is empty: name the field holding the text in .jsonl / .json / .parquet "
+                          "inputs")
 
 
 def fingerprint(d: DataConfig) -> str:

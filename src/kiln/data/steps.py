@@ -1,6 +1,6 @@
 """The pipeline definition: which per-document steps run, in which order, built from `DataConfig`.
 
-The same list runs in a local process pool or (later) any other executor: steps
+The same list runs in a local process pool or on Ray (`executors.py`): steps
 are small picklable objects; models they need (language ID, fastText) load once
 per process from a path, never travel with the step.
 """

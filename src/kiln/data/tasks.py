@@ -46,6 +46,8 @@ class TaskSpec:
     limit: int | None
     near_dedup: NearDedupConfig | None
     work_dir: str
+    keep_fields: tuple[str, ...] = ()
+    """Record fields copied into each document's meta besides its `id` (`data.keep_fields`)."""
 
 
 def task_paths(work_dir: str | Path, index: int) -> tuple[Path, Path]:
@@ -81,7 +83,7 @@ def run_task(item: tuple[int, FileTask], spec: TaskSpec) -> dict:
     stats = StepStats()
     rows: dict[str, list] = {name: [] for name in SCHEMA.names}
     kept_texts: list[str] = []
-    for record in read_file(task, spec.text_key, spec.limit):
+    for record in read_file(task, spec.text_key, spec.limit, spec.keep_fields):
         origin = record
         if isinstance(record, Doc):
             record.kind = task.kind

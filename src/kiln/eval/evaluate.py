@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -16,33 +17,46 @@ import pyarrow.parquet as pq
 import torch
 
 from kiln.config import Config
-from kiln.rundir import RunDir, write_json_atomic
-from kiln.train.checkpoint import load_model, resolve_checkpoint
-from kiln.train.loader import PackedLoader
-from kiln.train.runtime import autocast, pick_device, use_bf16
+from kiln.config.rundir import RunDir, write_json_atomic
+from kiln.formats.checkpoint import load_model, resolve_checkpoint, step_of
+from kiln.runtime.device import autocast, pick_device, use_bf16
+from kiln.tokenizer.loader import IGNORE, PackedLoader
 
 
 @torch.no_grad()
-def score(model: torch.nn.Module, loader: PackedLoader, batches: int, token_bytes: torch.Tensor,
-          device: torch.device, bf16: bool) -> dict[str, float]:
-    """Loss per token (all targets), loss per byte-bearing token, and bits per byte."""
-    nats = torch.zeros((), dtype=torch.float64, device=device)
-    nats_bytes = torch.zeros((), dtype=torch.float64, device=device)
-    n_tokens = n_bytes = 0
-    token_bytes = token_bytes.to(device)
-    it = iter(loader)
-    for _ in range(batches):
-        x, y = (t.to(device) for t in next(it))
+def loss_sums(model: torch.nn.Module, batches: Iterable, n_batches: int, device: torch.device, bf16: bool,
+              token_bytes: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Summed loss over the real (non-ignored) targets of `n_batches` batches, their count and, with
+    `token_bytes`, the loss and UTF-8 bytes of the byte-bearing ones: fp64 device tensors, so a caller can
+    add them over ranks before dividing (the validation step of training does). A batch is
+    `(inputs, targets)` or a dict with `input_ids` and `targets`."""
+    sums = {k: torch.zeros((), dtype=torch.float64, device=device) for k in ("nats", "tokens", "nats_bytes", "bytes")}
+    if token_bytes is not None:
+        token_bytes = token_bytes.to(device)
+    it = iter(batches)
+    for _ in range(n_batches):
+        batch = next(it)
+        x, y = (batch["input_ids"], batch["targets"]) if isinstance(batch, dict) else batch[:2]
+        x, y = x.to(device), y.to(device)
         with autocast(device, bf16):
-            losses = model(x, y, reduction="none").float()  # (B, T)
-        nb = token_bytes[y]  # (B, T) bytes each target token stands for
-        nats += losses.sum()
-        nats_bytes += (losses * (nb > 0)).sum()
-        n_tokens += y.numel()
-        n_bytes += int(nb.sum())
-    loss = (nats / n_tokens).item()
-    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": n_tokens, "bytes": n_bytes,
-            "bits_per_byte": (nats_bytes / (math.log(2) * max(n_bytes, 1))).item()}
+            losses = model(x, y, reduction="none").float()  # (B, T), 0 at ignored targets
+        real = y != IGNORE
+        sums["nats"] += losses.sum()
+        sums["tokens"] += real.sum()
+        if token_bytes is not None:
+            nb = torch.where(real, token_bytes[y.clamp(min=0)], 0)  # (B, T) bytes each real target stands for
+            sums["nats_bytes"] += (losses * (nb > 0)).sum()
+            sums["bytes"] += nb.sum()
+    return sums
+
+
+def score(model: torch.nn.Module, loader: Iterable, batches: int, token_bytes: torch.Tensor,
+          device: torch.device, bf16: bool) -> dict[str, float]:
+    """Loss per real target token, perplexity, and bits per byte over the byte-bearing targets."""
+    s = {k: v.item() for k, v in loss_sums(model, loader, batches, device, bf16, token_bytes).items()}
+    loss = s["nats"] / max(s["tokens"], 1)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": int(s["tokens"]), "bytes": int(s["bytes"]),
+            "bits_per_byte": s["nats_bytes"] / (math.log(2) * max(s["bytes"], 1))}
 
 
 def unigram_loss(train_files: list[Path], val_files: list[Path], vocab_size: int,
@@ -89,7 +103,7 @@ def run_eval(cfg: Config) -> dict:
     if batches == 0:
         raise ValueError(f"the validation split in {rd.tokens / 'val'} holds fewer than {bs} rows of {seq} tokens; "
                          "raise data.val_fraction or lower eval.batch_size")
-    result = {"checkpoint": str(ckpt), "step": int(ckpt.name.split("_")[-1]), "val": score(model, val, batches, token_bytes, device, bf16)}
+    result = {"checkpoint": str(ckpt), "step": step_of(ckpt), "val": score(model, val, batches, token_bytes, device, bf16)}
     # The same number of training tokens, in the loader's fixed order, for the train/val gap.
     train = PackedLoader(rd.token_files("train"), seq, bs, tok.eos_id, shuffle=False, bos_id=tok.bos_id)
     result["train"] = score(model, train, min(batches, train.rows_per_epoch // bs), token_bytes, device, bf16)

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from kiln.config import Config
-from kiln.rundir import RunDir
-from kiln.train.checkpoint import load_model, resolve_checkpoint
-from kiln.train.runtime import pick_device
+from kiln.config.rundir import RunDir
+from kiln.formats.checkpoint import load_model, resolve_checkpoint
+from kiln.runtime.device import pick_device
 
 
 def run_generate(cfg: Config) -> list[str]:

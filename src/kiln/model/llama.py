@@ -1,6 +1,6 @@
 """Decoder-only transformer in the Hugging Face Llama layout (Llama-3 family).
 
-Architecture only: parallelism, compile, mixed precision and LoRA are applied
+Architecture only: parallelism, compile and mixed precision are applied
 from outside. Parameter names match `transformers`' LlamaForCausalLM exactly
 (`model.layers.N.self_attn.q_proj.weight`, ...) so export is a copy; with
 `qk_norm` the extra `self_attn.{q,k}_norm.weight` match Qwen3ForCausalLM.
@@ -16,7 +16,7 @@ Shape legend (suffixes such as `x_BTD`):
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -24,8 +24,18 @@ from torch import nn
 
 from kiln.config import ModelConfig
 
-if TYPE_CHECKING:
-    from kiln.infer.kv_cache import KVCache
+
+class KVCache(Protocol):
+    """What the model asks of a key/value cache (kiln/infer/kv_cache.py has one): each layer calls
+    `update(layer_idx, k, v)` to store its new keys/values at `pos` and read back everything cached; the
+    model calls `advance(T)` once per forward, after the last layer."""
+
+    pos: int
+
+    def update(self, layer_idx: int, k_BKTE: torch.Tensor, v_BKTE: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def advance(self, n_tokens: int) -> None: ...
 
 
 class RMSNorm(nn.Module):

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from kiln.config import Config
-from kiln.rundir import RunDir, write_text_atomic
+from kiln.config.rundir import RunDir, write_text_atomic
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:

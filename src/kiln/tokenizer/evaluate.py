@@ -22,9 +22,9 @@ import tokenizers
 from tokenizers import Regex, decoders, models, pre_tokenizers
 
 from kiln.config import Config
-from kiln.rundir import RunDir, write_json_atomic
+from kiln.config.rundir import RunDir, write_json_atomic
 from kiln.tokenizer.core import Tokenizer, bytes_to_unicode
-from kiln.tokenizer.patterns import resolve_pattern
+from kiln.config.patterns import resolve_pattern
 from kiln.tokenizer.train import EVAL_BYTES, SampleStats, iter_texts
 
 

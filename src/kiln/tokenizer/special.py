@@ -1,4 +1,4 @@
-"""Special tokens and the chat format: one place, so training, tokenizing, SFT and export agree.
+"""Special tokens and the chat format: one place, so training, tokenizing and generation agree.
 
 Ids are fixed by order: `<|bos|>` is 0, `<|eos|>` 1, `<|pad|>` 2, the chat
 markers 3..6, then `n_reserved` spare tokens, then the 256 byte tokens and

@@ -28,7 +28,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from kiln.config import Config
-from kiln.rundir import RunDir, fsync_dir, write_json_atomic
+from kiln.config.rundir import RunDir, fsync_dir, write_json_atomic
 from kiln.tokenizer.core import Tokenizer
 
 SPLITS = ("train", "val", "test")

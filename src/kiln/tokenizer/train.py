@@ -25,10 +25,10 @@ import pyarrow.parquet as pq
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
-from kiln.config import Config
-from kiln.rundir import RunDir, write_json_atomic
+from kiln.config import Config, round_up
+from kiln.config.rundir import RunDir, write_json_atomic
 from kiln.tokenizer.core import Tokenizer
-from kiln.tokenizer.patterns import GPT4, resolve_pattern
+from kiln.config.patterns import GPT4, resolve_pattern
 from kiln.tokenizer.special import BOS, CHAT_TEMPLATE, EOS, PAD, special_tokens
 
 SPLIT_PATTERN = GPT4      # the default pre-tokenisation pattern
@@ -48,11 +48,6 @@ ROUNDTRIP_PROBES = [
 class SampleStats:
     docs: int = 0
     bytes: int = 0
-
-
-def round_vocab(vocab_size: int, multiple: int) -> int:
-    """vocab_size rounded up to a multiple of `multiple`."""
-    return -(-vocab_size // multiple) * multiple
 
 
 def build_tokenizer(pattern: str = "gpt4") -> HFTokenizer:
@@ -140,7 +135,7 @@ def run_tokenizer(cfg: Config) -> dict[str, Any]:
     out.mkdir(parents=True)
 
     stats = SampleStats()
-    vocab_size = round_vocab(tc.vocab_size, tc.vocab_multiple)
+    vocab_size = round_up(tc.vocab_size, tc.vocab_multiple)
     if vocab_size != tc.vocab_size:
         print(f"tokenizer: vocab_size {tc.vocab_size} rounded up to {vocab_size}, a multiple of {tc.vocab_multiple}")
     t0 = time.perf_counter()

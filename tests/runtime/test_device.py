@@ -11,7 +11,8 @@ from micro import micro_config
 from kiln.config import ConfigError, load_recipe
 from kiln.model.llama import Transformer
 from kiln.pipeline import run_stage
-from kiln.train.runtime import check_sdpa_backend, mfu_peak, sdpa_backend
+from kiln.runtime.device import check_sdpa_backend, sdpa_backend
+from kiln.runtime.peaks import mfu_peak
 
 CPU = torch.device("cpu")
 
@@ -120,14 +121,14 @@ def test_measured_peak_on_the_gpu_is_below_the_datasheet():
 
 @pytest.mark.parametrize("native", [True, False])
 def test_auto_precision_on_cpu_is_bf16_exactly_where_the_cpu_does_bf16(monkeypatch, native):
-    from kiln.train import runtime
+    from kiln.runtime import device as runtime
     monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: native)
     assert runtime.use_bf16("auto", CPU) is native
     assert runtime.use_bf16("fp32", CPU) is False and runtime.use_bf16("bf16", CPU) is True
 
 
 def test_native_bf16_probe_follows_the_cpu_features(monkeypatch):
-    from kiln.train import runtime
+    from kiln.runtime import device as runtime
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
     assert runtime.cpu_has_native_bf16() is False

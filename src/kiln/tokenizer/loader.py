@@ -48,8 +48,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-from kiln.train.packing import bestfit_rows, split_pieces, document_mask
-from kiln.train.prefetch import Prefetcher
+from kiln.tokenizer.packing import bestfit_rows, split_pieces, document_mask
+from kiln.tokenizer.prefetch import Prefetcher
 
 STATE_VERSION = 2
 IGNORE = -100           # target of a padding position; the model's cross-entropy ignores it

@@ -14,9 +14,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kiln.train import loader as loader_mod
-from kiln.train import packing
-from kiln.train.loader import Batch, PackedLoader, document_mask
+from kiln.tokenizer import loader as loader_mod
+from kiln.tokenizer import packing
+from kiln.tokenizer.loader import Batch, PackedLoader, document_mask
 
 EOS = 1
 BOS = 0

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from kiln.config import ModelConfig
-from kiln.model.hf import save_weights, to_hf_config
+from kiln.formats.hf import save_weights, to_hf_config
 from kiln.model.llama import Transformer
 
 transformers = pytest.importorskip("transformers")
