@@ -17,6 +17,9 @@ def local_ray():
 
 
 @pytest.mark.slow
+# "thread", not the suite's "signal": ray.get blocks in Ray's C++ core, which swallows the exception that
+# the SIGALRM handler raises, so a hung task would hang CI; "thread" ends the run with every thread's stack.
+@pytest.mark.timeout(120, method="thread")
 def test_ray_executor_output_is_byte_identical_to_local(tmp_path, local_ray):
     write_mixed_corpus(tmp_path / "in")
     for i in range(20):
