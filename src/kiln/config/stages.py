@@ -78,7 +78,7 @@ class ModelConfig:
     d_model: int | None = None
     """Residual stream width (derived from depth when None)."""
     head_dim: int = 64
-    """Width of one attention head."""
+    """Width of one attention head. n_heads * head_dim may differ from d_model (Qwen3 does that)."""
     n_heads: int | None = None
     """Query heads (derived: d_model // head_dim)."""
     n_kv_heads: int | None = None
@@ -101,6 +101,10 @@ class ModelConfig:
     """RMSNorm on queries and keys per head before RoPE (stabilises training at scale)."""
     init_std: float = 0.02
     """Standard deviation of the normal init of weight matrices (see Transformer.init_weights)."""
+    rope_scaling: dict | None = None
+    """RoPE frequency scaling as Hugging Face writes it (`rope_scaling` in config.json), e.g. Llama 3.1's
+    {rope_type: llama3, factor: 8, low_freq_factor: 1, high_freq_factor: 4, original_max_position_embeddings:
+    8192}; `linear` ({rope_type: linear, factor}) too. None: plain RoPE."""
 
     def resolved(self) -> ModelConfig:
         """A copy with every derived field filled in (vocab_size may stay None until a tokenizer exists)."""
@@ -126,14 +130,27 @@ class ModelConfig:
         _positive("model.head_dim", self.head_dim)
         _positive("model.max_seq_len", self.max_seq_len)
         r = self.resolved()
-        if r.n_heads * r.head_dim != r.d_model:
-            raise ConfigError(
-                f"model: n_heads ({r.n_heads}) * head_dim ({r.head_dim}) = {r.n_heads * r.head_dim} "
-                f"must equal d_model ({r.d_model}); set model.n_heads or model.head_dim to match")
         if r.n_heads % r.n_kv_heads:
             raise ConfigError(f"model.n_kv_heads={r.n_kv_heads} must divide n_heads={r.n_heads}")
         if r.head_dim % 2:
             raise ConfigError(f"model.head_dim={r.head_dim} must be even for RoPE")
+        if self.rope_scaling is not None:
+            check_rope_scaling(self.rope_scaling)
+
+
+ROPE_SCALING_KEYS = {"linear": ("factor",),
+                     "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+"""The RoPE scalings the model implements, and the keys each needs."""
+
+
+def check_rope_scaling(rs: dict) -> None:
+    kind = rs.get("rope_type", rs.get("type"))
+    if kind not in ROPE_SCALING_KEYS:
+        raise ConfigError(f"model.rope_scaling: rope_type {kind!r} is not supported; supported: "
+                          f"{', '.join(ROPE_SCALING_KEYS)} (or null for plain RoPE)")
+    missing = [k for k in ROPE_SCALING_KEYS[kind] if not isinstance(rs.get(k), (int, float))]
+    if missing:
+        raise ConfigError(f"model.rope_scaling ({kind}) lacks numeric {', '.join(missing)}")
 
 
 VOLATILE = {"volatile": True}

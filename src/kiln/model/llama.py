@@ -55,12 +55,34 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x.float(), (x.size(-1),), self.weight.float(), self.eps).type_as(x)
 
 
-def rope_tables(seq_len: int, head_dim: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin (seq_len, E) in fp32, HF layout: the E/2 frequencies repeated twice (pairs i and i + E/2)."""
+def rope_tables(seq_len: int, head_dim: int, theta: float, device=None,
+                scaling: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin (seq_len, E) in fp32, HF layout: the E/2 frequencies repeated twice (pairs i and i + E/2).
+
+    `scaling` (config.json's `rope_scaling`): `linear` divides every frequency by `factor`; `llama3` (Llama
+    3.1) divides only the low frequencies (wavelength above original_max / low_freq_factor) by `factor`, keeps
+    the high ones (wavelength below original_max / high_freq_factor) and blends smoothly in between.
+    """
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
+    if scaling is not None:
+        inv_freq = scale_inv_freq(inv_freq, scaling)
     angles_TE2 = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=device), inv_freq)
     angles_TE = torch.cat((angles_TE2, angles_TE2), dim=-1)
     return angles_TE.cos(), angles_TE.sin()
+
+
+def scale_inv_freq(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
+    kind, factor = scaling.get("rope_type", scaling.get("type")), float(scaling["factor"])
+    if kind == "linear":
+        return inv_freq / factor
+    assert kind == "llama3", kind  # ModelConfig.validate admits only these two
+    low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+    original = float(scaling["original_max_position_embeddings"])
+    wavelen = 2 * math.pi / inv_freq
+    smooth = ((original / wavelen - low) / (high - low)).clamp(0, 1)
+    blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    return torch.where(wavelen > original / low, inv_freq / factor,
+                       torch.where(wavelen < original / high, inv_freq, blended))
 
 
 def apply_rope(x_BHTE: torch.Tensor, cos_TE: torch.Tensor, sin_TE: torch.Tensor) -> torch.Tensor:
@@ -217,7 +239,13 @@ class Transformer(nn.Module):
                 nn.init.normal_(module.weight, 0.0, out_std if is_out else std)
             elif isinstance(module, RMSNorm):
                 nn.init.ones_(module.weight)
-        cos, sin = rope_tables(self.cfg.max_seq_len, self.cfg.head_dim, self.cfg.rope_theta, self.rope_cos.device)
+        self.init_rope()
+
+    @torch.no_grad()
+    def init_rope(self) -> None:
+        """Compute the rope_cos, rope_sin buffers (after loading weights into a meta-built model, say)."""
+        cos, sin = rope_tables(self.cfg.max_seq_len, self.cfg.head_dim, self.cfg.rope_theta, self.rope_cos.device,
+                               self.cfg.rope_scaling)
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)
 
