@@ -11,6 +11,7 @@ come from jsonargparse over the typed dataclasses in `kiln.config`.
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 import typing
 from collections.abc import Callable
@@ -59,6 +60,16 @@ def _cmd_generate(cfg: Config) -> None:
     run_generate(cfg)
 
 
+def _cmd_import(cfg: Config) -> None:
+    from kiln.formats.importer import run_import
+    run_import(cfg)
+
+
+def _cmd_export(cfg: Config) -> None:
+    from kiln.formats.export import run_export
+    run_export(cfg)
+
+
 def _cmd_report(cfg: Config) -> None:
     from kiln.pipeline import run_stage
     run_stage(cfg, "report")
@@ -74,8 +85,30 @@ COMMANDS: dict[str, tuple[Callable[[Config], None], str]] = {
     "pretrain": (_cmd_pretrain, "train the model; --resume continues from the newest checkpoint"),
     "eval": (_cmd_eval, "loss, perplexity, bits per byte and samples of the final checkpoint"),
     "generate": (_cmd_generate, "sample text from a checkpoint with KV-cache decoding"),
+    "import": (_cmd_import, "make a run directory from a Hugging Face folder or a .gguf file: kiln import SRC "
+               "--run_dir DIR"),
+    "export": (_cmd_export, "write a checkpoint as a Hugging Face folder or a GGUF file: kiln export --run_dir DIR "
+               "--format hf|gguf [--quant f16|q8_0|q4_k_m|...] [--out PATH]"),
     "report": (_cmd_report, "write report.md and the loss plot from the run's artifacts"),
 }
+
+
+ALIASES = {"export": {"--format": "--export.format", "--quant": "--export.quant", "--out": "--export.out",
+                      "--checkpoint": "--export.checkpoint"},
+           "import": {"--dtype": "--importing.dtype"}}
+"""Short options of a command, spelled out as their config keys."""
+
+
+def _expand(command: str, argv: list[str]) -> list[str]:
+    """`kiln import SRC` -> `--importing.source SRC`; a command's short options -> their config keys."""
+    out = []
+    aliases = ALIASES.get(command, {})
+    if command == "import" and argv and not argv[0].startswith("-"):
+        argv = ["--importing.source", argv[0], *argv[1:]]
+    for a in argv:
+        key, eq, value = a.partition("=")
+        out.append(aliases[key] + eq + value if key in aliases else a)
+    return out
 
 
 def _usage() -> str:
@@ -171,11 +204,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kiln: unknown command `{command}`\n\n{_usage()}", file=sys.stderr)
         return 2
     try:
-        cfg = parse(command, rest)
+        cfg = parse(command, _expand(command, rest))
         COMMANDS[command][0](cfg)
-    except (ConfigError, FileNotFoundError) as e:
+    except (ConfigError, FileNotFoundError, FileExistsError) as e:
         print(f"kiln {command}: error: {e}", file=sys.stderr)
         return 2
+    except ValueError as e:     # bad input found while working (a file, a tensor, a tokenizer): said, not traced
+        if os.environ.get("KILN_TRACEBACK"):
+            raise
+        print(f"kiln {command}: error: {e}\n(KILN_TRACEBACK=1 shows where)", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"\nkiln {command}: interrupted", file=sys.stderr)
         return 130

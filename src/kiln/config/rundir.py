@@ -123,6 +123,18 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
+def read_json(path: Path, required: bool = False, hint: str = "") -> Any:
+    """A JSON file's content; None when absent and not `required`. Errors name the file (and `hint`)."""
+    if not path.is_file():
+        if required:
+            raise FileNotFoundError(f"{path} does not exist{hint}")
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e}){hint}") from e
+
+
 def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:

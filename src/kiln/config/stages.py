@@ -421,6 +421,47 @@ class GenerateConfig:
 
 
 @dataclass
+class ImportConfig:
+    """`kiln import SRC`: a Hugging Face folder or a .gguf file made into a run directory."""
+
+    source: str | None = None
+    """The model to import: a local Hugging Face folder (config.json, safetensors, tokenizer.json +
+    tokenizer_config.json) or a .gguf file. Given as the first argument of `kiln import`."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Dtype the weights are stored in: auto = the folder's own (config.json torch_dtype), float32 for GGUF
+    (dequantised exactly)."""
+    max_shard_gb: float = 5.0
+    """Weights larger than this are written as shards with an index (as transformers does)."""
+
+    def validate(self) -> None:
+        if self.max_shard_gb <= 0:
+            raise ConfigError(f"importing.max_shard_gb={self.max_shard_gb} must be > 0")
+
+
+@dataclass
+class ExportConfig:
+    """`kiln export --format hf|gguf`: a checkpoint as a Hugging Face folder or a GGUF file."""
+
+    format: Literal["hf", "gguf"] = "hf"
+    """hf: a folder that transformers, vLLM and SGLang load; gguf: one file for llama.cpp and Ollama."""
+    quant: Literal["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q4_k_m"] | None = None
+    """Weight type. hf: f32, f16 or bf16 (default: as stored); gguf: f32 … q4_k_m (default f16)."""
+    out: str | None = None
+    """Output folder (hf) or file (gguf); default <run_dir>/export/hf or <run_dir>/export/model-<quant>.gguf."""
+    checkpoint: str = "latest"
+    """`latest`, `best` or a checkpoint directory."""
+    max_shard_gb: float = 5.0
+    """hf: weights larger than this are sharded with a model.safetensors.index.json."""
+
+    def validate(self) -> None:
+        if self.format == "hf" and self.quant not in (None, "f32", "f16", "bf16"):
+            raise ConfigError(f"export.quant={self.quant} is a GGUF type; the hf format stores f32, f16 or bf16 "
+                              "(use --format gguf to quantise)")
+        if self.max_shard_gb <= 0:
+            raise ConfigError(f"export.max_shard_gb={self.max_shard_gb} must be > 0")
+
+
+@dataclass
 class Config:
     """A whole kiln run: every stage's settings."""
 
@@ -438,6 +479,8 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
+    importing: ImportConfig = field(default_factory=ImportConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
 
     @property
     def run_path(self) -> Path:

@@ -19,8 +19,7 @@ import torch
 import yaml
 
 from kiln.config import Config, ModelConfig, from_dict
-from kiln.formats.hf import load_weights
-from kiln.model.llama import Transformer
+from kiln.formats.hf import load_state, model_from_state
 
 COMPLETE = "COMPLETE"     # written last: a directory without it is never loaded
 MILESTONE = "MILESTONE"   # never pruned (train.milestone_every)
@@ -73,12 +72,13 @@ def checkpoint_config(ckpt: Path) -> Config:
     return from_dict(Config, data)
 
 
-def load_model(ckpt: Path, device: torch.device) -> tuple[torch.nn.Module, Config]:
-    """A model ready for inference from a checkpoint directory."""
+def load_model(ckpt: Path, device: torch.device | str, dtype: torch.dtype | None = None
+               ) -> tuple[torch.nn.Module, Config]:
+    """A model ready for inference from a checkpoint directory (one weights file or shards), its parameters
+    the loaded tensors themselves: in `dtype` (default: as stored), on `device`, no random init first."""
     cfg = checkpoint_config(ckpt)
-    model = Transformer(cfg.model)
-    load_weights(model, ckpt / "model.safetensors")
-    return model.to(device).eval(), cfg
+    model = model_from_state(cfg.model, load_state(ckpt, dtype, str(device)), device, ckpt)
+    return model.eval(), cfg
 
 
 def resolve_checkpoint(run_checkpoints: Path, spec: str) -> Path:

@@ -9,9 +9,12 @@ one tensor, which safetensors refuses to store twice. Like HF, we store only
 from __future__ import annotations
 
 import importlib.util
+import json
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from kiln.config import ModelConfig
@@ -43,7 +46,7 @@ def to_hf_config(cfg: ModelConfig, dtype: str = "float32", bos_token_id: int | N
         # transformers >= 5 reads rope_parameters; transformers 4.x and llama.cpp's
         # convert_hf_to_gguf.py read the top-level rope_theta. Both, so every reader agrees.
         "rope_theta": c.rope_theta,
-        "rope_parameters": {"rope_type": "default", "rope_theta": c.rope_theta},
+        "rope_parameters": {"rope_type": "default", "rope_theta": c.rope_theta, **(c.rope_scaling or {})},
         "rms_norm_eps": c.norm_eps,
         "tie_word_embeddings": c.tie_embeddings,
         "attention_bias": False,
@@ -53,6 +56,8 @@ def to_hf_config(cfg: ModelConfig, dtype: str = "float32", bos_token_id: int | N
         "torch_dtype": dtype,
         "use_cache": True,
     }
+    if c.rope_scaling:
+        hf["rope_scaling"] = dict(c.rope_scaling)
     if bos_token_id is not None:
         hf["bos_token_id"] = bos_token_id
     if eos_token_id is not None:
@@ -109,3 +114,165 @@ def load_weights(model: torch.nn.Module, path: str | Path) -> None:
     if set(missing) - allowed_missing or unexpected:
         raise ValueError(f"{path}: weights do not fit the model config: missing {sorted(set(missing) - allowed_missing)}, "
                          f"unexpected {sorted(unexpected)}")
+
+
+# ---------------------------------------------------------------- reading Hugging Face folders
+
+HF_FAMILIES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+"""model_type -> architecture of the configs kiln imports (SmolLM2 and Llama 3 are `llama`)."""
+INDEX = "model.safetensors.index.json"
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)   # buffers some old exports saved; kiln recomputes them
+
+
+def from_hf_config(hf: dict, where: str | Path = "config.json") -> dict:
+    """ModelConfig field values from a Hugging Face `config.json` of a Llama, Mistral-layout or Qwen3 model.
+    A feature kiln's model lacks (biases, sliding-window attention, another activation) is an error, never a
+    silently different model."""
+    model_type = hf.get("model_type")
+    arch = (hf.get("architectures") or [None])[0]
+    if model_type not in HF_FAMILIES:
+        raise ValueError(f"{where}: architecture {arch or '?'} (model_type {model_type!r}) is not supported; kiln "
+                         f"imports {', '.join(HF_FAMILIES.values())} and models built on them (SmolLM2, Llama 3)")
+    unsupported = [f"{k}={hf[k]!r}" for k, ok in (("attention_bias", False), ("mlp_bias", False)) if hf.get(k, ok) != ok]
+    if hf.get("hidden_act", "silu") != "silu":
+        unsupported.append(f"hidden_act={hf['hidden_act']!r}")
+    window = hf.get("sliding_window") if hf.get("use_sliding_window", model_type == "mistral") else None
+    if window is not None and window < hf.get("max_position_embeddings", 0):
+        unsupported.append(f"sliding_window={window}")
+    if unsupported:
+        raise ValueError(f"{where}: {', '.join(unsupported)} is not supported by kiln's model (a {model_type} "
+                         "with no biases, SiLU and full causal attention)")
+    params = hf.get("rope_parameters") or {}
+    scaling = hf.get("rope_scaling") or {k: v for k, v in params.items() if k != "rope_theta"}
+    if scaling.get("rope_type", scaling.get("type", "default")) == "default":
+        scaling = None
+    try:
+        n_heads = hf["num_attention_heads"]
+        return dict(depth=hf["num_hidden_layers"], d_model=hf["hidden_size"], n_heads=n_heads,
+                    head_dim=hf.get("head_dim") or hf["hidden_size"] // n_heads,
+                    n_kv_heads=hf.get("num_key_value_heads") or n_heads, ffn_hidden=hf["intermediate_size"],
+                    vocab_size=hf["vocab_size"], max_seq_len=hf.get("max_position_embeddings", 2048),
+                    rope_theta=float(hf.get("rope_theta", params.get("rope_theta", 10000.0))),
+                    norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+                    tie_embeddings=bool(hf.get("tie_word_embeddings", False)), qk_norm=model_type == "qwen3",
+                    init_std=float(hf.get("initializer_range", 0.02)), rope_scaling=scaling)
+    except KeyError as e:
+        raise ValueError(f"{where}: no {e.args[0]!r}; not a complete {model_type} config") from e
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The safetensors files of a model folder: `model.safetensors`, or the shards its index names."""
+    index = folder / INDEX
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        missing = [s for s in shards if not (folder / s).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{index} names shard(s) that are missing: {', '.join(missing)}")
+        return [folder / s for s in shards]
+    if (folder / "model.safetensors").is_file():
+        return [folder / "model.safetensors"]
+    pickled = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pt*"))
+    hint = (f"; {', '.join(pickled)} is a pickle, which kiln never loads: save it as safetensors first "
+            "(transformers: model.save_pretrained(dir, safe_serialization=True))") if pickled else ""
+    raise FileNotFoundError(f"{folder}: no model.safetensors or {INDEX}{hint}")
+
+
+def iter_weights(folder: Path, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) of every weight in a folder, one tensor in memory at a time, cast to `dtype`."""
+    for path in weight_files(folder):
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.keys():
+                if name.endswith(IGNORED_SUFFIXES):
+                    continue
+                t = f.get_tensor(name)
+                yield name, t if dtype is None or not t.is_floating_point() else t.to(dtype)
+
+
+def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every parameter's name and shape for `cfg`, from a meta-device model (nothing allocated)."""
+    from kiln.model.llama import Transformer
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    return {k: tuple(v.shape) for k, v in storable(model.state_dict(), model.cfg).items()}
+
+
+def check_weights(names_shapes: dict[str, tuple[int, ...]], cfg: ModelConfig, where: str | Path) -> None:
+    """Raise naming every tensor that is missing, unexpected or of the wrong shape for `cfg`."""
+    want = expected_shapes(cfg)
+    got = dict(names_shapes)
+    if cfg.tie_embeddings:
+        got.pop(TIED_KEY, None)
+    wrong = [f"{k}: file {tuple(got[k])} vs config {want[k]}" for k in want if k in got and tuple(got[k]) != want[k]]
+    missing = sorted(set(want) - set(got))
+    extra = sorted(set(got) - set(want))
+    if wrong or missing or extra:
+        parts = ([f"shape mismatch: {'; '.join(wrong)}"] if wrong else []) + \
+            ([f"missing: {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}"] if missing else []) + \
+            ([f"unexpected: {', '.join(extra[:8])}{' ...' if len(extra) > 8 else ''}"] if extra else [])
+        raise ValueError(f"{where}: the weights do not fit the model config: {' | '.join(parts)}")
+
+
+# ---------------------------------------------------------------- sharded safetensors
+
+def save_sharded(tensors: Iterable[tuple[str, torch.Tensor]], folder: Path, max_shard_bytes: int,
+                 metadata: dict[str, str] | None = None) -> list[Path]:
+    """Write `model.safetensors`, or shards `model-0000i-of-0000n.safetensors` + the index once the weights
+    pass `max_shard_bytes` (the layout transformers writes and reads). Tensors arrive one at a time; at most a
+    shard is held. Returns the files written."""
+    folder.mkdir(parents=True, exist_ok=True)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    written: list[Path] = []
+    size = total = 0
+
+    def flush():
+        path = folder / f".shard-{len(written):05d}.tmp"
+        save_file(shards[-1], str(path), metadata={"format": "pt", **(metadata or {})})
+        written.append(path)
+        shards[-1] = {}
+
+    for name, t in tensors:
+        t = t.detach().contiguous()
+        n = t.numel() * t.element_size()
+        if shards[-1] and size + n > max_shard_bytes:
+            flush()
+            size = 0
+        shards[-1][name] = t
+        size, total = size + n, total + n
+    flush()
+    if len(written) == 1:
+        final = [folder / "model.safetensors"]
+    else:
+        final = [folder / f"model-{i + 1:05d}-of-{len(written):05d}.safetensors" for i in range(len(written))]
+    weight_map = {}
+    for tmp, path in zip(written, final):
+        tmp.replace(path)
+        with safe_open(str(path), framework="pt") as f:
+            weight_map.update({k: path.name for k in f.keys()})
+    if len(final) > 1:
+        (folder / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
+                                               indent=2) + "\n", encoding="utf-8")
+    return final
+
+
+def load_state(folder: Path, dtype: torch.dtype | None = None, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """Every weight of a folder (single file or shards), cast to `dtype`, on `device`."""
+    return {k: v.to(device) for k, v in iter_weights(folder, dtype)}
+
+
+def model_from_state(cfg: ModelConfig, state_dict: dict[str, torch.Tensor], device: torch.device | str = "cpu",
+                     where: str | Path = "weights") -> torch.nn.Module:
+    """A Transformer whose parameters ARE the given tensors (built on the meta device, nothing initialised
+    or copied twice), rope tables computed on `device`."""
+    from kiln.model.llama import Transformer
+    sd = dict(state_dict)
+    if cfg.tie_embeddings:
+        sd.pop(TIED_KEY, None)
+    check_weights({k: tuple(v.shape) for k, v in sd.items()}, cfg, where)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model.load_state_dict({k: v.to(device) for k, v in sd.items()}, strict=False, assign=True)
+    model.tie_weights()
+    model.rope_cos = torch.empty(model.rope_cos.shape, device=device)
+    model.rope_sin = torch.empty(model.rope_sin.shape, device=device)
+    model.init_rope()
+    return model

@@ -17,7 +17,7 @@ def run_generate(cfg: Config) -> list[str]:
     ckpt = resolve_checkpoint(rd.checkpoints, g.checkpoint)
     model, _ = load_model(ckpt, pick_device(cfg.train.device))
     tok = Tokenizer.from_file(rd.tokenizer_file())
-    stop_ids = (tok.eos_id,) + tuple(tok.special_ids[s] for s in g.stop if s in tok.special_ids)
+    stop_ids = tok.stop_ids + tuple(tok.special_ids[s] for s in g.stop if s in tok.special_ids)
     text_stops = [s for s in g.stop if s not in tok.special_ids]
     outputs = []
     for i in range(g.num_samples):
@@ -26,7 +26,7 @@ def run_generate(cfg: Config) -> list[str]:
         print(g.prompt, end="", flush=True)
         ids: list[int] = []
         shown = text = ""
-        for token in stream(model, tok.encode(g.prompt, add_bos=True), max_new_tokens=g.max_new_tokens,
+        for token in stream(model, tok.encode(g.prompt, add_bos=tok.add_bos_token), max_new_tokens=g.max_new_tokens,
                             temperature=g.temperature, top_k=g.top_k, top_p=g.top_p, stop_ids=stop_ids,
                             seed=g.seed + i):
             ids.append(token)

@@ -36,7 +36,6 @@ byte fallback (`<0x0A>`) vocabularies both map every token to its bytes.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from functools import cached_property
@@ -46,6 +45,7 @@ from typing import Any
 import numpy as np
 import tokenizers
 
+from kiln.config.rundir import read_json
 from kiln.tokenizer.special import BOS, CHAT_TEMPLATE, END, EOS, PAD, chat_segments
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
@@ -131,8 +131,8 @@ class Tokenizer:
             path = path / "tokenizer.json"
         if not path.is_file():
             raise FileNotFoundError(f"{path} does not exist; run `kiln tokenizer` (or `kiln import`) first")
-        return cls(tokenizers.Tokenizer.from_file(str(path)), path, _read_json(path.parent / "tokenizer_config.json"),
-                   _read_json(path.parent / "generation_config.json"))
+        return cls(tokenizers.Tokenizer.from_file(str(path)), path, read_json(path.parent / "tokenizer_config.json"),
+                   read_json(path.parent / "generation_config.json"))
 
     # ------------------------------------------------------------ encode / decode
 
@@ -343,15 +343,6 @@ class Tokenizer:
 
     def __repr__(self) -> str:
         return f"Tokenizer(vocab_size={self.vocab_size}, path={str(self.path) if self.path else None!r})"
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e}); restore it or re-run the stage that wrote it") from e
 
 
 def _id_list(value: Any) -> list[int]:
