@@ -79,7 +79,8 @@ def export_gguf(ckpt: Path, rd: RunDir, out: Path, quant: str, overwrite: bool =
     tok = Tokenizer.from_file(rd.tokenizer_file())
     out.parent.mkdir(parents=True, exist_ok=True)
     summary = write_gguf(out, model_cfg, load_state(ckpt, torch.float32), rd.tokenizer, quant=quant,
-                         generation=generation_config(tok), metadata={"general.name": rd.root.name})
+                         generation=generation_config(tok), metadata={"general.name": rd.root.name},
+                         overwrite=overwrite)
     print(f"exported {ckpt} as GGUF {quant}: {out} ({summary})")
     return out
 

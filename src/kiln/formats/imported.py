@@ -1,28 +1,36 @@
-"""What an importer hands over: a model config, the weights under kiln's (= Hugging Face Llama) names, and the
-tokenizer as the source defines it. `kiln import` turns one into a run directory (kiln/formats/importer.py)."""
+"""What an importer hands over: a model read from a file kiln did not write (a GGUF file, a Hugging Face
+folder), in kiln's terms, before anything is written to a run directory.
+
+Every importer returns one `ImportedModel`, so `kiln import` writes a run directory the same way whatever the
+source: `model` becomes the run's ModelConfig, `state_dict` its weights (HF Llama names), `tokenizer_json` and
+`tokenizer_config` its tokenizer/ folder, `generation` its generation_config.json.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
 
 @dataclass
 class ImportedModel:
-    model: dict[str, Any]
-    """ModelConfig field values (depth, d_model, head_dim, n_heads, n_kv_heads, ffn_hidden, vocab_size,
-    max_seq_len, rope_theta, norm_eps, tie_embeddings, qk_norm, rope_scaling)."""
+    model: dict
+    """ModelConfig field values: depth, d_model, head_dim, n_heads, n_kv_heads, ffn_hidden, vocab_size,
+    max_seq_len, rope_theta, norm_eps, tie_embeddings, qk_norm, rope_scaling (None or an HF-style dict such as
+    {"rope_type": "llama3", "factor": 8.0, ...})."""
     state_dict: dict[str, torch.Tensor]
-    """Weights under Hugging Face Llama names, in the import dtype; no `lm_head.weight` when tied."""
+    """Weights under HF Llama names (model.embed_tokens.weight, model.layers.N.self_attn.q_proj.weight, ...,
+    lm_head.weight unless tied), in the dtype asked for."""
     tokenizer_json: str
-    """A `tokenizers` tokenizer.json."""
-    tokenizer_config: dict[str, Any]
-    """tokenizer_config.json: bos/eos/pad/unk tokens, add_bos_token, chat_template, model_max_length."""
-    generation: dict[str, Any] = field(default_factory=dict)
-    """generation_config.json: bos_token_id, eos_token_id (an int or a list with the end-of-turn id)."""
+    """A `tokenizers` tokenizer.json (loads with `tokenizers.Tokenizer.from_str`)."""
+    tokenizer_config: dict = field(default_factory=dict)
+    """HF tokenizer_config.json content: bos_token, eos_token, pad_token, unk_token (str or None), add_bos_token,
+    add_eos_token, chat_template, model_max_length."""
+    generation: dict = field(default_factory=dict)
+    """generation_config.json content: bos_token_id, eos_token_id (int, or a list with the end-of-turn ids),
+    pad_token_id."""
     source: str = ""
-    """The file or folder imported."""
+    """Where it came from (a path)."""
     architecture: str = ""
-    """The source's architecture name (LlamaForCausalLM, qwen3, ...)."""
+    """The source's own architecture name ("llama", "qwen3", ...)."""
