@@ -16,7 +16,7 @@ import typing
 from collections.abc import Callable
 from pathlib import Path
 
-from kiln.config import Config, ConfigError, from_dict, recipe_path, unknown_key_message
+from kiln.config import Config, ConfigError, from_dict, recipe_names, recipe_path, unknown_key_message
 
 
 def _cmd_run(cfg: Config) -> None:
@@ -59,6 +59,11 @@ def _cmd_generate(cfg: Config) -> None:
     run_generate(cfg)
 
 
+def _cmd_estimate(cfg: Config) -> None:
+    from kiln.plan.estimate import run_estimate
+    run_estimate(cfg)
+
+
 def _cmd_report(cfg: Config) -> None:
     from kiln.pipeline import run_stage
     run_stage(cfg, "report")
@@ -74,6 +79,8 @@ COMMANDS: dict[str, tuple[Callable[[Config], None], str]] = {
     "pretrain": (_cmd_pretrain, "train the model; --resume continues from the newest checkpoint"),
     "eval": (_cmd_eval, "loss, perplexity, bits per byte and samples of the final checkpoint"),
     "generate": (_cmd_generate, "sample text from a checkpoint with KV-cache decoding"),
+    "estimate": (_cmd_estimate, "parameters, training memory per GPU, inference memory, tokens, FLOPs, time and cost "
+                 "of a recipe, a preset (124m ... 70b) or a Hugging Face config, before spending any"),
     "report": (_cmd_report, "write report.md and the loss plot from the run's artifacts"),
 }
 
@@ -159,6 +166,17 @@ def _option_value(argv: list[str], name: str) -> str | None:
     return None
 
 
+def _estimate_argv(argv: list[str]) -> list[str]:
+    """`kiln estimate 7b` / `kiln estimate path/to/hf_folder`: a first argument that is no recipe names the model;
+    `--json` is `--estimate.json true`."""
+    argv = ["--estimate.json=true" if a == "--json" else a for a in argv]
+    first = argv[0] if argv and not argv[0].startswith("-") else None
+    if first and (Path(first).is_dir() or first.endswith(".json") or first.lower() not in recipe_names()
+                  and not first.endswith((".yaml", ".yml"))):
+        return ["--estimate.model", first, *argv[1:]]
+    return argv
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -167,6 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     command, rest = argv[0], argv[1:]
     if command == "tokenizer" and rest[:1] == ["eval"]:
         command, rest = "tokenizer-eval", rest[1:]
+    if command == "estimate":
+        rest = _estimate_argv(rest)
     if command not in COMMANDS:
         print(f"kiln: unknown command `{command}`\n\n{_usage()}", file=sys.stderr)
         return 2
