@@ -95,17 +95,33 @@ def _usage() -> str:
 
 
 def _build_parser(command: str):
-    from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
+    from jsonargparse import ActionConfigFile, ArgumentParser, DefaultHelpFormatter, set_parsing_settings
     set_parsing_settings(docstring_parse_attribute_docstrings=True)
     parser = ArgumentParser(
         prog=f"kiln {command} [RECIPE]", usage=f"kiln {command} [RECIPE] [--section.key VALUE ...]",
         description=COMMANDS[command][1] + ". RECIPE is a built-in name or a .yaml path (default: tiny, "
         "or the saved config of an existing --run_dir).",
-        exit_on_error=True, default_meta=False)
+        exit_on_error=True, default_meta=False, epilog=_epilog(command),
+        formatter_class=_formatter(DefaultHelpFormatter) if command == "estimate" else DefaultHelpFormatter)
     parser.add_argument("--config", action=ActionConfigFile, help="Read options from a YAML file (like RECIPE).")
     parser.add_argument("--resume", action="store_true", help="Same as --train.resume true.")
     parser.add_class_arguments(Config, nested_key=None, fail_untyped=True, sub_configs=True)
     return parser
+
+
+def _formatter(base: type) -> type:
+    """jsonargparse's help formatter, with the epilog (worked examples) kept as written."""
+    class Formatter(base):
+        def _fill_text(self, text, width, indent):
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+    return Formatter
+
+
+def _epilog(command: str) -> str | None:
+    if command == "estimate":
+        from kiln.plan.estimate import HELP_EXAMPLES
+        return HELP_EXAMPLES
+    return None
 
 
 def _check_keys(args: list[str]) -> None:

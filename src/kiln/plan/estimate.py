@@ -26,6 +26,36 @@ from kiln.plan.memory import (TrainSetup, dtype_weight_bytes, infer_memory, kv_c
                               lora_params, param_counts, train_memory)
 from kiln.plan.presets import resolve_model
 
+HELP_EXAMPLES = """\
+examples (figures in GiB = 2^30 bytes; check them by hand):
+
+  kiln estimate 70b --estimate.context 8192
+    Llama 3.1 70B, 70.55B parameters, at 4 bits. Rule of thumb: 0.5-0.7 GB per billion parameters, so
+    35-49 GB, plus 10-20% for the KV cache. kiln: Q4_0 is 18 bytes per 32 weights = 4.5 bits, so
+    70.55e9 x 4.5 / 8 = 39.7e9 bytes = 37.0 GiB; Q4_K_M (Q6_K = 6.56 bits for the output head and for
+    attn_v / ffn_down in the first and last eighth of the layers and every third between, Q4_K = 4.5
+    bits elsewhere) averages 4.82 bits = 39.6 GiB. The KV cache is 2 x 80 layers x 8 KV heads x 128 x
+    8192 tokens x 2 bytes = 2.5 GiB: 6% of the weights, below the rule's 10-20% because grouped-query
+    attention keeps 8 KV heads for 64 query heads; it is linear in context and batch (10 GiB at 32k,
+    a quarter of the weights). Total with llama.cpp's prefill buffers and the CUDA context: ~45 GiB, so
+    one 48 GB L40S, not one 24 GB RTX 4090.
+
+  kiln estimate --model.depth 96 --model.d_model 12288 --model.head_dim 128 --model.n_kv_heads 96 \\
+      --model.vocab_size 50304 --model.max_seq_len 2048 --estimate.optimizer adamw \\
+      --estimate.parallel zero3 --estimate.gpus 64 --estimate.activation_checkpointing block \\
+      --estimate.micro_batch 1
+    A GPT-3-sized model (96 x 12288, SwiGLU 32768): 174.6B parameters. Rule of thumb: 16 bytes per
+    parameter with AdamW = 2.79e12 bytes = 2,601 GiB. kiln on one process: fp32 weights 4 + fp32
+    gradients 4 + AdamW m and v 8 = the same 16 bytes (650 + 650 + 1,301 GiB), plus what the rule leaves
+    out: autocast's bf16 copies of the matmul weights, kept for backward (2 bytes, 325 GiB), and the
+    activations (1,705 GiB for 16 x 2048 tokens without checkpointing, 144 GiB with block checkpointing).
+    ZeRO-3 over 64 GPUs shards ZeRO's 2 (bf16 weights) + 2 (bf16 gradients) + 12 (fp32 master, m, v) =
+    16 bytes: 174.6e9 x 16 / 64 = 40.6 GiB per GPU, plus the gathered layers (2 x 3.6 GB in bf16),
+    one sequence's activations with block checkpointing (4.5 GiB) and one layer's unsharded gradient:
+    a 60 GiB peak, so it fits an 80 GB H100. Training on Chinchilla's 20 tokens per parameter (3.5T
+    tokens): 6ND = 3.66e24 FLOPs (3.76e24 with attention), 2.4M H100-hours at kiln's 44.5% MFU.
+"""
+
 CHINCHILLA_TOKENS_PER_PARAM = 20.0   # Hoffmann et al. 2022, compute-optimal
 LLAMA_CPP_UBATCH = 512               # llama.cpp's default n_ubatch: prompt tokens per forward
 
@@ -211,6 +241,7 @@ def startup_estimate(cfg: Config, free_bytes: int, device_name: str, world_size:
     """What `kiln pretrain` prints at start for its own (resolved) configuration: the predicted peak per GPU by
     part, and a warning when it exceeds the free memory of this GPU."""
     e = dataclasses.replace(cfg.estimate, model=None, gpus=world_size, seq_len=None, micro_batch=None,
+                            precision="fp32" if cfg.train.precision == "fp32" else "bf16",
                             batch_tokens=None, optimizer="auto", parallel="auto", activation_checkpointing="auto",
                             cpu_offload=None, finetune="full")
     run = dataclasses.replace(cfg, estimate=e)

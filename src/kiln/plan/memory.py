@@ -253,6 +253,8 @@ def train_memory(cfg: ModelConfig, s: TrainSetup) -> TrainMemory:
     # one block's backward: its recomputed activations (checkpointing), its gradients in the compute dtype and
     # the gradient of the residual stream, with every earlier block's activations still held
     layer_grad_tmp = pc.per_layer * (2 if autocast else 0) + N * (4 * D * 2 + a * c.ffn_hidden * 2)
+    if gathered and not adapters:   # the block's unsharded gradient, in bf16 and as the fp32 copy reduce-scattered
+        layer_grad_tmp += pc.per_layer * (a + 4)
     phases["backward"] = (base_mem + gradients + copies_head + acts / L + recompute + layer_grad_tmp
                           + (copies_all / L if s.checkpointing == "off" else pc.per_layer * 2 * autocast))
     # the optimizer step: Muon's lerps, Nesterov update and orthogonalised results, four fp32 copies of the
