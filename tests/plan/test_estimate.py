@@ -107,3 +107,13 @@ def test_qwen3_shape_uses_head_dim_independently():
     m = ModelConfig(depth=2, d_model=64, head_dim=32, n_heads=4, n_kv_heads=2, ffn_hidden=96, vocab_size=100)
     pc = param_counts(m)   # q: 64 x 128, k/v: 64 x 64, o: 128 x 64
     assert pc.per_layer == 64 * 128 * 2 + 64 * 64 * 2 + 3 * 64 * 96 + 2 * 64
+
+
+def test_pretrain_start_warns_when_the_run_will_not_fit():
+    from kiln.config import load_recipe
+    from kiln.plan.estimate import startup_estimate
+    cfg = load_recipe("tiny", {"model": {"vocab_size": 4096}})
+    fits = startup_estimate(cfg, 80 * 2 ** 30, "GPU X")
+    assert len(fits) == 1 and "estimate: peak" in fits[0]
+    lines = startup_estimate(cfg, 10 ** 6, "GPU X")
+    assert lines[-1].startswith("warning:") and "GPU X" in lines[-1] and "micro-batch" in lines[-1]
