@@ -17,7 +17,7 @@ import typing
 from collections.abc import Callable
 from pathlib import Path
 
-from kiln.config import Config, ConfigError, from_dict, recipe_path, unknown_key_message
+from kiln.config import Config, ConfigError, from_dict, recipe_names, recipe_path, unknown_key_message
 
 
 def _cmd_run(cfg: Config) -> None:
@@ -68,6 +68,9 @@ def _cmd_import(cfg: Config) -> None:
 def _cmd_export(cfg: Config) -> None:
     from kiln.formats.export import run_export
     run_export(cfg)
+def _cmd_estimate(cfg: Config) -> None:
+    from kiln.plan.estimate import run_estimate
+    run_estimate(cfg)
 
 
 def _cmd_report(cfg: Config) -> None:
@@ -89,6 +92,8 @@ COMMANDS: dict[str, tuple[Callable[[Config], None], str]] = {
                "--run_dir DIR"),
     "export": (_cmd_export, "write a checkpoint as a Hugging Face folder or a GGUF file: kiln export --run_dir DIR "
                "--format hf|gguf [--quant f16|q8_0|q4_k_m|...] [--out PATH]"),
+    "estimate": (_cmd_estimate, "parameters, training memory per GPU, inference memory, tokens, FLOPs, time and cost "
+                 "of a recipe, a preset (124m ... 70b) or a Hugging Face config, before spending any"),
     "report": (_cmd_report, "write report.md and the loss plot from the run's artifacts"),
 }
 
@@ -121,17 +126,33 @@ def _usage() -> str:
 
 
 def _build_parser(command: str):
-    from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
+    from jsonargparse import ActionConfigFile, ArgumentParser, DefaultHelpFormatter, set_parsing_settings
     set_parsing_settings(docstring_parse_attribute_docstrings=True)
     parser = ArgumentParser(
         prog=f"kiln {command} [RECIPE]", usage=f"kiln {command} [RECIPE] [--section.key VALUE ...]",
         description=COMMANDS[command][1] + ". RECIPE is a built-in name or a .yaml path (default: tiny, "
         "or the saved config of an existing --run_dir).",
-        exit_on_error=True, default_meta=False)
+        exit_on_error=True, default_meta=False, epilog=_epilog(command),
+        formatter_class=_formatter(DefaultHelpFormatter) if command == "estimate" else DefaultHelpFormatter)
     parser.add_argument("--config", action=ActionConfigFile, help="Read options from a YAML file (like RECIPE).")
     parser.add_argument("--resume", action="store_true", help="Same as --train.resume true.")
     parser.add_class_arguments(Config, nested_key=None, fail_untyped=True, sub_configs=True)
     return parser
+
+
+def _formatter(base: type) -> type:
+    """jsonargparse's help formatter, with the epilog (worked examples) kept as written."""
+    class Formatter(base):
+        def _fill_text(self, text, width, indent):
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+    return Formatter
+
+
+def _epilog(command: str) -> str | None:
+    if command == "estimate":
+        from kiln.plan.estimate import HELP_EXAMPLES
+        return HELP_EXAMPLES
+    return None
 
 
 def _check_keys(args: list[str]) -> None:
@@ -192,6 +213,17 @@ def _option_value(argv: list[str], name: str) -> str | None:
     return None
 
 
+def _estimate_argv(argv: list[str]) -> list[str]:
+    """`kiln estimate 7b` / `kiln estimate path/to/hf_folder`: a first argument that is no recipe names the model;
+    `--json` is `--estimate.json true`."""
+    argv = ["--estimate.json=true" if a == "--json" else a for a in argv]
+    first = argv[0] if argv and not argv[0].startswith("-") else None
+    if first and (Path(first).is_dir() or first.endswith(".json") or first.lower() not in recipe_names()
+                  and not first.endswith((".yaml", ".yml"))):
+        return ["--estimate.model", first, *argv[1:]]
+    return argv
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -200,6 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     command, rest = argv[0], argv[1:]
     if command == "tokenizer" and rest[:1] == ["eval"]:
         command, rest = "tokenizer-eval", rest[1:]
+    if command == "estimate":
+        rest = _estimate_argv(rest)
     if command not in COMMANDS:
         print(f"kiln: unknown command `{command}`\n\n{_usage()}", file=sys.stderr)
         return 2

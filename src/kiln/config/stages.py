@@ -462,6 +462,77 @@ class ExportConfig:
 
 
 @dataclass
+class EstimateConfig:
+    """`kiln estimate`: parameters, memory, tokens, FLOPs, time and cost by arithmetic (kiln/plan/), before any
+    run. Left at None/auto, a setting follows the recipe's model and train sections."""
+
+    model: str | None = None
+    """A preset (124m, 350m, 1b, 3b, 7b/8b, 13b, 70b), a Hugging Face folder or config.json, or None for the
+    recipe's model (`kiln estimate 7b` sets this)."""
+    seq_len: int | None = None
+    """Training sequence length (default: the model's max_seq_len)."""
+    micro_batch: int | None = None
+    """Sequences per GPU per forward (default: train.micro_batch_size; the largest that fits is reported too)."""
+    batch_tokens: int | None = None
+    """Tokens per optimizer step over all GPUs, reached by accumulation (default: train.batch_tokens)."""
+    precision: Literal["bf16", "fp32"] = "bf16"
+    """bf16 (autocast over fp32 weights, or bf16 weights under FSDP2 / ZeRO / LoRA) or fp32."""
+    optimizer: Literal["auto", "adamw", "muon", "adamw8bit"] = "auto"
+    """auto = train.optimizer; adamw8bit = bitsandbytes-style 8-bit states (estimate only: kiln trains with adamw/muon)."""
+    parallel: Literal["auto", "none", "ddp", "fsdp", "zero1", "zero2", "zero3"] = "auto"
+    """Sharding over `gpus`: ddp replicates; fsdp (FSDP2) and zero3 shard weights, gradients and optimizer
+    state; zero2 gradients and optimizer state; zero1 the optimizer state. auto = train.parallel."""
+    gpus: int = 1
+    """GPUs in the job (data parallel)."""
+    cpu_offload: bool | None = None
+    """Keep parameters, gradients and optimizer state in CPU memory (FSDP2 / ZeRO offload); None = train.cpu_offload."""
+    activation_checkpointing: Literal["auto", "off", "block", "selective"] = "auto"
+    """auto = train.activation_checkpointing; all three are reported, this one decides the peak."""
+    finetune: Literal["full", "lora", "qlora"] = "full"
+    """full (every weight trained), lora (bf16 base frozen, adapters trained) or qlora (NF4 base)."""
+    lora_rank: int = 16
+    """LoRA rank r: r x (in + out) adapter weights per targeted linear."""
+    lora_targets: list[str] = field(default_factory=lambda: ["q", "k", "v", "o", "gate", "up", "down"])
+    """Linears that get adapters: q, k, v, o, gate, up, down."""
+    gpu: str = "h100"
+    """Hardware from kiln's table (h100, h100-pcie, h200, a100-80gb, a100-40gb, l40s, l4, rtx-4090, rtx-3090,
+    apple-m4-max, apple-m3-ultra, apple-m2-ultra) or any name with gpu_memory_gb and gpu_tflops."""
+    gpu_memory_gb: float | None = None
+    """Memory per GPU in GiB (overrides the table; required for hardware it lacks)."""
+    gpu_tflops: float | None = None
+    """Dense bf16 TFLOP/s per GPU (overrides the table; required for hardware without a published figure)."""
+    mfu: float | None = None
+    """Model FLOPs utilisation for the time estimate (default: kiln's measured MFU at the nearest size, BENCHMARKS.md)."""
+    price_per_gpu_hour: float = 2.0
+    """Price of one GPU-hour in your currency (an assumption: set your provider's)."""
+    tokens: float | None = None
+    """Training tokens; None = tokens_per_param x parameters."""
+    tokens_per_param: float | None = None
+    """Training tokens per parameter (default: train.tokens_per_param; Chinchilla's compute-optimal is 20)."""
+    context: int | None = None
+    """Inference context for the KV cache (default: seq_len)."""
+    infer_batch: int = 1
+    """Sequences decoded at once (KV cache and prefill scale with it)."""
+    json: bool = False
+    """Print the estimate as JSON instead of the table (`--json`)."""
+
+    def validate(self) -> None:
+        for key in ("seq_len", "micro_batch", "batch_tokens", "context", "gpu_memory_gb", "gpu_tflops", "tokens",
+                    "tokens_per_param"):
+            if getattr(self, key) is not None:
+                _positive(f"estimate.{key}", getattr(self, key))
+        _positive("estimate.gpus", self.gpus)
+        _positive("estimate.lora_rank", self.lora_rank)
+        _positive("estimate.infer_batch", self.infer_batch)
+        _non_negative("estimate.price_per_gpu_hour", self.price_per_gpu_hour)
+        if self.mfu is not None and not 0 < self.mfu <= 1:
+            raise ConfigError(f"estimate.mfu={self.mfu} must be in (0, 1] (0.4 = 40% of the peak)")
+        bad = [t for t in self.lora_targets if t not in ("q", "k", "v", "o", "gate", "up", "down")]
+        if bad:
+            raise ConfigError(f"estimate.lora_targets: {bad} unknown; choose among q, k, v, o, gate, up, down")
+
+
+@dataclass
 class Config:
     """A whole kiln run: every stage's settings."""
 
@@ -481,6 +552,7 @@ class Config:
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     importing: ImportConfig = field(default_factory=ImportConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    estimate: EstimateConfig = field(default_factory=EstimateConfig)
 
     @property
     def run_path(self) -> Path:

@@ -13,6 +13,7 @@ from kiln.config import Config, resolve_train, round_up
 from kiln.config.rundir import RunDir
 from kiln.eval.evaluate import loss_sums
 from kiln.formats.checkpoint import latest_checkpoint
+from kiln.plan.estimate import startup_estimate
 from kiln.tokenizer.loader import IGNORE, PackedLoader
 from kiln.train import loop
 from kiln.train.checkpoint import data_fingerprint
@@ -102,6 +103,10 @@ def _pretrain(cfg: Config, d: Dist, device: torch.device) -> dict:
     m, t = cfg.model, cfg.train
     fingerprint = data_fingerprint(rd.tokens / "meta.json", rd.tokenizer_file())
 
+    if device.type == "cuda":   # the plan's figures for this very run, and a warning before one that cannot fit
+        for line in startup_estimate(cfg, torch.cuda.mem_get_info(device)[0], torch.cuda.get_device_name(device),
+                                     d.world_size):
+            say(line)
     torch.manual_seed(t.seed)
     model = Transformer(m).to("cpu" if t.cpu_offload else device)
     n_params = model.num_params()   # counted before sharding (ZeRO-3 empties the parameters it partitions)
