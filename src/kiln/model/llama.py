@@ -274,6 +274,18 @@ class Transformer(nn.Module):
             raise ValueError(f"reduction={reduction!r}: use 'mean', 'sum' or 'none'")
         return self.loss(h_BTD, targets_BT, reduction)
 
+    def hidden(self, input_ids_BT: torch.Tensor, positions_BT: torch.Tensor, cache: KVCache | None = None,
+               mask_B1TS: torch.Tensor | None = None) -> torch.Tensor:
+        """Final-norm hidden states (B, T, D), each token at its own position (a ragged batch).
+
+        The batched engine's entry point (kiln/infer/engine.py): it applies `lm_head` to the positions it
+        needs only, and the cache tracks each row's length itself, so nothing is advanced here. `mask_B1TS`
+        (True = may attend) is needed whenever a row must not see every key S; without it S == T is causal.
+        """
+        cos_B1TE = self.rope_cos[positions_BT].unsqueeze(1)   # broadcasts over heads in apply_rope
+        sin_B1TE = self.rope_sin[positions_BT].unsqueeze(1)
+        return self.model(input_ids_BT, cos_B1TE, sin_B1TE, cache, mask_B1TS)
+
     def loss(self, h_BTD: torch.Tensor, targets_BT: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
         """fp32 cross-entropy of the head's logits against `targets_BT` (-100: ignored). Training may
         replace this on the instance with a fused head (kiln/train/cross_entropy.py)."""

@@ -1,0 +1,173 @@
+"""Decode throughput of kiln's batched engine against `transformers` generate, same weights, same run.
+
+    python bench/serve_engine.py [--shapes gpt2-small,smollm2-135m] [--batches 1,32,128]
+                                 [--peers kiln,hf,hf-static] [--prompt 128] [--new 256]
+
+Greedy decoding of random weights (stop tokens ignored, so every row makes `--new` tokens), bf16,
+a `--prompt`-token random prompt per row. Decode tokens/s is aggregate over the batch and excludes
+the prefill: kiln's is timed from after the step that prefilled every row to the last step; a
+peer's is (generate(new) - generate(1)) over new - 1 steps. The memory-bandwidth bound counts the
+bytes a decode step must read: every weight once (the embedding table once, it is the tied head)
+plus the keys and values of the mean context (prompt + new / 2), over the card's peak bandwidth.
+Imports only torch and kiln's model and engine (no server dependencies), so it runs on a bare GPU box.
+Writes bench/results/serve_engine.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from kiln.config import ModelConfig  # noqa: E402
+from kiln.infer.engine import Engine  # noqa: E402
+from kiln.infer.sampling import SamplingParams  # noqa: E402
+from kiln.model.llama import Transformer  # noqa: E402
+
+SHAPES = {   # the issue's two shapes
+    "gpt2-small": dict(depth=12, d_model=768, n_heads=6, head_dim=128, n_kv_heads=6, ffn_hidden=2048,
+                       vocab_size=50304, rope_theta=10000.0),
+    "smollm2-135m": dict(depth=30, d_model=576, n_heads=9, head_dim=64, n_kv_heads=3, ffn_hidden=1536,
+                         vocab_size=49152, rope_theta=100000.0),
+}
+PEAK_BW = {"H100": 3.35e12, "H200": 4.8e12}   # bytes/s, SXM datasheets
+
+
+def peak_bandwidth() -> float | None:
+    name = torch.cuda.get_device_name() if torch.cuda.is_available() else ""
+    return next((bw for k, bw in PEAK_BW.items() if k in name), None)
+
+
+def build(shape: str, max_len: int, device: str) -> Transformer:
+    torch.manual_seed(0)
+    cfg = ModelConfig(max_seq_len=max_len, tie_embeddings=True, **SHAPES[shape])
+    return Transformer.from_config(cfg, device=device).to(torch.bfloat16).eval()
+
+
+def step_bytes(model: Transformer, batch: int, context: float) -> float:
+    c = model.cfg
+    weights = sum(p.numel() for p in model.parameters()) * 2
+    kv = 2 * c.depth * c.n_kv_heads * c.head_dim * 2 * context * batch
+    return weights + kv
+
+
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def time_kiln(model, prompts, new: int, graphs: bool) -> float:
+    B = len(prompts)
+    engine = Engine(model, max_slots=B, max_len=len(prompts[0]) + new, prefill_tokens=B * len(prompts[0]), max_queue=B,
+                    cuda_graphs=graphs)
+    params = SamplingParams(max_tokens=new, temperature=0, ignore_stop_ids=True)
+    engine.generate(prompts[:1], SamplingParams(max_tokens=4, temperature=0, ignore_stop_ids=True))  # warm-up
+    done = [0]
+    for p in prompts:
+        engine.submit(p, params, lambda o: done.__setitem__(0, done[0] + (o.finish_reason is not None)))
+    engine.step()   # prefill of every row (+ its first decode step)
+    sync()
+    steps0, t0 = engine.stats["decode_steps"], time.perf_counter()
+    while done[0] < B:
+        engine.step()
+    sync()
+    return B * (engine.stats["decode_steps"] - steps0) / (time.perf_counter() - t0)
+
+
+def hf_model(model: Transformer, static: bool):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    c = model.cfg
+    hf_cfg = LlamaConfig(vocab_size=c.vocab_size, hidden_size=c.d_model, intermediate_size=c.ffn_hidden,
+                         num_hidden_layers=c.depth, num_attention_heads=c.n_heads, num_key_value_heads=c.n_kv_heads,
+                         head_dim=c.head_dim, max_position_embeddings=c.max_seq_len, rope_theta=c.rope_theta,
+                         rms_norm_eps=c.norm_eps, tie_word_embeddings=True, torch_dtype="bfloat16")
+    hf = LlamaForCausalLM(hf_cfg).to(device=model.lm_head.weight.device, dtype=torch.bfloat16).eval()
+    hf.load_state_dict(model.state_dict())   # the same names: strict
+    if static:
+        hf.generation_config.cache_implementation = "static"
+        hf.forward = torch.compile(hf.forward, mode="reduce-overhead", fullgraph=True)
+    return hf
+
+
+def time_hf(hf, prompts, new: int) -> float:
+    ids = torch.tensor(prompts, device=hf.device)
+    kw = dict(do_sample=False, eos_token_id=None, pad_token_id=0, attention_mask=torch.ones_like(ids))
+
+    def run(n):
+        sync()
+        t = time.perf_counter()
+        with torch.inference_mode():
+            hf.generate(ids, max_new_tokens=n, min_new_tokens=n, **kw)
+        sync()
+        return time.perf_counter() - t
+
+    run(new), run(1)   # warm-up (and, with the static cache, compilation at this batch size)
+    t_new, t_one = run(new), run(1)
+    return len(prompts) * (new - 1) / (t_new - t_one)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--shapes", default="gpt2-small,smollm2-135m")
+    ap.add_argument("--batches", default="1,32,128")
+    ap.add_argument("--peers", default="kiln,kiln-eager,hf,hf-static")
+    ap.add_argument("--prompt", type=int, default=128)
+    ap.add_argument("--new", type=int, default=256)
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "serve_engine.json"))
+    a = ap.parse_args(argv)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    bw = peak_bandwidth()
+    rows = []
+    print(f"{'shape':<14} {'peer':<11} {'batch':>5} {'tok/s':>10} {'bw bound':>9}", flush=True)
+    for shape in a.shapes.split(","):
+        model = build(shape, a.prompt + a.new, device)
+        for peer in a.peers.split(","):
+            hf = hf_model(model, peer == "hf-static") if peer.startswith("hf") else None
+            for B in map(int, a.batches.split(",")):
+                g = torch.Generator().manual_seed(B)
+                prompts = torch.randint(0, model.cfg.vocab_size, (B, a.prompt), generator=g).tolist()
+                try:
+                    t0 = time.perf_counter()
+                    if hf is None:
+                        tps = time_kiln(model, prompts, a.new, graphs=peer == "kiln" and device == "cuda")
+                    else:
+                        tps = time_hf(hf, prompts, a.new)
+                    err = None
+                except Exception as e:   # one peer failing must not lose the others' rows
+                    tps, err = None, f"{type(e).__name__}: {e}"[:300]
+                frac = None
+                if tps and bw:
+                    frac = tps / B * step_bytes(model, B, a.prompt + a.new / 2) / bw
+                rows.append(dict(shape=shape, peer=peer, batch=B, tokens_per_s=tps, bandwidth_fraction=frac,
+                                 seconds=time.perf_counter() - t0, error=err))
+                shown = f"{tps:10.0f}" if tps else f"{'failed':>10}"
+                print(f"{shape:<14} {peer:<11} {B:>5} {shown} {frac if frac else 0:9.1%}"
+                      + (f"  {err}" if err else ""), flush=True)
+                write(a.out, rows, a)   # after every row: a run cut short keeps what it measured
+            del hf
+            torch.cuda.empty_cache() if device == "cuda" else None
+    return 0
+
+
+def write(out: str, rows: list[dict], a) -> None:
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    meta = dict(date=time.strftime("%Y-%m-%d"), device=torch.cuda.get_device_name() if device == "cuda" else
+                platform.processor(), torch=torch.__version__, prompt=a.prompt, new=a.new, argv=sys.argv[1:])
+    try:
+        import transformers
+        meta["transformers"] = transformers.__version__
+    except ImportError:
+        pass
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

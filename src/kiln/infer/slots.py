@@ -1,0 +1,95 @@
+"""A key/value cache in slots: one row of `max_len` positions per sequence, allocated once.
+
+Shape legend: L layers, N slots, K key/value heads, M max_len (positions per slot), E head_dim,
+B rows of one forward, T new tokens per row.
+
+Unlike `kv_cache.KVCache` (one shared `pos`, a batch that starts and ends together), every slot has
+its own length, so sequences join and leave between decode steps (continuous batching) and the
+tensors never change shape: a decode step over the first B slots is the same kernels every time,
+which is what lets CUDA graphs replay it. The model sees one of two views per forward:
+
+- `prefill(slots_B)`: a right-padded batch of prompts, all starting at position 0, written into
+  slots `slots_B`. Keys are returned as they came (S == T), so the model's plain causal attention
+  applies; a padded tail is written too but lies beyond the row's length and is never read.
+- `decode(pos_B)`: one new token for each of slots 0 .. B-1, written at that slot's own position;
+  every layer reads its slots' whole rows (S == M) under the mask `keys_mask(pos_B)`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class SlotCache:
+    def __init__(self, n_layers: int, n_slots: int, n_kv_heads: int, max_len: int, head_dim: int,
+                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32):
+        shape = (n_layers, n_slots, n_kv_heads, max_len, head_dim)
+        self.k_LNKME = torch.zeros(shape, device=device, dtype=dtype)
+        self.v_LNKME = torch.zeros(shape, device=device, dtype=dtype)
+        self.n_slots, self.max_len = n_slots, max_len
+        self.rows_N = torch.arange(n_slots, device=device)
+        self.keys_M = torch.arange(max_len, device=device)
+
+    @classmethod
+    def for_model(cls, model, n_slots: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> SlotCache:
+        cfg = model.cfg
+        param = next(model.parameters())
+        return cls(cfg.depth, n_slots, cfg.n_kv_heads, max_len or cfg.max_seq_len, cfg.head_dim, param.device,
+                   dtype or param.dtype)
+
+    @property
+    def nbytes(self) -> int:
+        return self.k_LNKME.nbytes + self.v_LNKME.nbytes
+
+    def prefill(self, slots_B: torch.Tensor) -> _Prefill:
+        return _Prefill(self, slots_B)
+
+    def decode(self, pos_B: torch.Tensor) -> _Decode:
+        return _Decode(self, pos_B)
+
+    def keys_mask(self, pos_B: torch.Tensor) -> torch.Tensor:
+        """(B, 1, 1, M) True where a row's query (at pos_B) may attend: keys 0 .. pos_B."""
+        return (self.keys_M[None, :] <= pos_B[:, None])[:, None, None, :]
+
+    def copy_slot(self, src: int, dst: int, length: int) -> None:
+        """Give slot `dst` the first `length` cached positions of `src` (n samples of one prompt)."""
+        self.k_LNKME[:, dst, :, :length] = self.k_LNKME[:, src, :, :length]
+        self.v_LNKME[:, dst, :, :length] = self.v_LNKME[:, src, :, :length]
+
+
+class _Prefill:
+    pos = 0   # the model's KVCache protocol; unused by `Transformer.hidden`
+
+    def __init__(self, cache: SlotCache, slots_B: torch.Tensor):
+        self.cache, self.slots_B = cache, slots_B
+
+    def update(self, layer_idx: int, k_BKTE: torch.Tensor, v_BKTE: torch.Tensor):
+        T = k_BKTE.size(2)
+        if T > self.cache.max_len:
+            raise ValueError(f"a prompt of {T} tokens does not fit a slot of {self.cache.max_len} positions")
+        self.cache.k_LNKME[layer_idx][self.slots_B, :, :T] = k_BKTE
+        self.cache.v_LNKME[layer_idx][self.slots_B, :, :T] = v_BKTE
+        return k_BKTE, v_BKTE
+
+    def advance(self, n_tokens: int) -> None:
+        pass
+
+
+class _Decode:
+    pos = 0
+
+    def __init__(self, cache: SlotCache, pos_B: torch.Tensor):
+        self.cache, self.pos_B = cache, pos_B
+        self.rows_B = cache.rows_N[:pos_B.size(0)]
+
+    def update(self, layer_idx: int, k_BK1E: torch.Tensor, v_BK1E: torch.Tensor):
+        B = k_BK1E.size(0)
+        k_NKME, v_NKME = self.cache.k_LNKME[layer_idx], self.cache.v_LNKME[layer_idx]
+        # Advanced indices around a slice: the indexed shape is (B, K, E). index_put_ takes device
+        # tensors, so no host sync and the step stays capturable.
+        k_NKME[self.rows_B, :, self.pos_B] = k_BK1E[:, :, 0]
+        v_NKME[self.rows_B, :, self.pos_B] = v_BK1E[:, :, 0]
+        return k_NKME[:B], v_NKME[:B]
+
+    def advance(self, n_tokens: int) -> None:
+        pass
