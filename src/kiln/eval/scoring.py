@@ -1,0 +1,223 @@
+"""Batched log-likelihood scoring: the one scorer every benchmark, the lm-eval adapter and file perplexity use.
+
+A request is a (context, continuation) pair; its score is the summed log-probability of the
+continuation's tokens given the context, and whether greedy decoding would have produced them.
+
+Batching and padding never change a score: rows are right-padded and the model is causal, so a real
+token never attends to a pad; only the hidden states at the continuation's positions go through the
+output head (the head is a fifth of a 135M model's FLOPs and every other position would be thrown
+away). Requests whose model inputs are identical (the four one-token answers " A" .. " D" of a
+letter-format question) share one row. Rows run longest first, so a batch pads little and the
+first batch shows at once whether memory suffices.
+
+Encoding follows lm-evaluation-harness (`HFLM._encode_pair`): trailing spaces of the context move to
+the continuation, the pair is encoded whole and the context alone, and the continuation is what the
+whole has beyond the context; so kiln's scores and the adapter's agree token for token.
+
+Shape legend: B rows in a batch, T padded length, D d_model, N scored positions in a batch, V vocab.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+
+import torch
+
+from kiln.runtime.device import autocast
+
+
+@dataclasses.dataclass(frozen=True)
+class Scored:
+    logprob: float
+    """Summed log-probability (nats) of the continuation's tokens."""
+    greedy: bool
+    """Every continuation token is the argmax at its position."""
+    n_tokens: int
+
+
+class Scorer:
+    """A kiln Transformer and its tokenizer, scoring and generating in batches on one device."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer, batch_size: int = 32, bf16: bool = False,
+                 max_len: int | None = None, head_chunk: int = 8192):
+        self.model, self.tok = model, tokenizer
+        self.device = next(model.parameters()).device
+        self.batch_size, self.bf16 = batch_size, bf16
+        self.max_len = max_len or model.cfg.max_seq_len
+        self.head_chunk = head_chunk   # positions through the head at once: bounds the (N, V) fp32 logits
+
+    # ------------------------------------------------------------ encoding
+
+    @property
+    def prefix(self) -> list[int]:
+        """What every scored text starts with: BOS when the tokenizer adds one, else nothing."""
+        bos = getattr(self.tok, "bos_id", None)
+        return [bos] if bos is not None and getattr(self.tok, "add_bos_token", True) else []
+
+    def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        """Context ids (with the prefix) and continuation ids, split as lm-eval splits them."""
+        return self.encode_pairs([(context, continuation)])[0]
+
+    def encode_pairs(self, pairs: Sequence[tuple[str, str]]) -> list[tuple[list[int], list[int]]]:
+        """`encode_pair` of many pairs, each distinct text encoded once, on the tokenizer's thread pool."""
+        split = []
+        for context, continuation in pairs:
+            n_spaces = len(context) - len(context.rstrip())
+            if n_spaces:
+                context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
+            split.append((context, context + continuation))
+        texts = list(dict.fromkeys(t for pair in split for t in pair))
+        ids = dict(zip(texts, self.tok.encode_batch(texts)))
+        out = []
+        for context, whole in split:
+            ctx = ids[context] if context else []
+            ctx_ids = self.prefix + ctx
+            if not ctx_ids:   # nothing to condition the first token on: lm-eval's HFLM uses EOS there
+                ctx_ids = [self.tok.eos_id]
+            out.append((ctx_ids, ids[whole][len(ctx):]))
+        return out
+
+    # ------------------------------------------------------------ scoring
+
+    def loglikelihood(self, pairs: Sequence[tuple[str, str]]) -> list[Scored]:
+        return self.loglikelihood_tokens(self.encode_pairs(pairs))
+
+    @torch.inference_mode()
+    def loglikelihood_tokens(self, pairs: Sequence[tuple[list[int], list[int]]]) -> list[Scored]:
+        """Scores of (context ids, continuation ids) pairs; contexts longer than the window lose their start."""
+        rows: dict[tuple[int, ...], int] = {}     # model input -> row number
+        where = []                                 # per request: its row, first target position, targets
+        for ctx, cont in pairs:
+            if not cont:
+                raise ValueError("empty continuation: nothing to score")
+            if len(cont) > self.max_len:
+                raise ValueError(f"continuation of {len(cont)} tokens exceeds the model's {self.max_len}-token window")
+            full = (list(ctx) + list(cont))[-(self.max_len + 1):]
+            key = tuple(full[:-1])
+            row = rows.setdefault(key, len(rows))
+            where.append((row, len(key) - len(cont), cont))
+        inputs = list(rows)
+        order = sorted(range(len(inputs)), key=lambda r: -len(inputs[r]))
+        by_row: dict[int, list[int]] = {}
+        for i, (row, _, _) in enumerate(where):
+            by_row.setdefault(row, []).append(i)
+        out: list[Scored | None] = [None] * len(where)
+        for b in range(0, len(order), self.batch_size):
+            chunk = order[b:b + self.batch_size]
+            reqs = [i for r in chunk for i in by_row[r]]
+            self._score_batch([inputs[r] for r in chunk], {r: j for j, r in enumerate(chunk)}, reqs, where, out)
+        return out  # type: ignore[return-value]
+
+    def _score_batch(self, rows: list[tuple[int, ...]], slot: dict[int, int], reqs: list[int],
+                     where: list, out: list) -> None:
+        T = len(rows[0])
+        ids_BT = torch.zeros(len(rows), T, dtype=torch.long)
+        for j, r in enumerate(rows):
+            ids_BT[j, :len(r)] = torch.as_tensor(r)
+        b_idx, t_idx, targets, owner = [], [], [], []
+        for k, i in enumerate(reqs):
+            row, start, cont = where[i]
+            n = len(cont)
+            b_idx += [slot[row]] * n
+            t_idx += range(start, start + n)
+            targets += cont
+            owner += [k] * n
+        h_BTD = self._hidden(ids_BT.to(self.device))
+        h_ND = h_BTD[torch.as_tensor(b_idx, device=self.device), torch.as_tensor(t_idx, device=self.device)]
+        tgt_N = torch.as_tensor(targets, device=self.device)
+        lp_N, hit_N = self._target_logprobs(h_ND, tgt_N)
+        own_N = torch.as_tensor(owner, device=self.device)
+        lp = torch.zeros(len(reqs), dtype=torch.float64, device=self.device).index_add_(0, own_N, lp_N.double())
+        miss = torch.zeros(len(reqs), dtype=torch.long, device=self.device).index_add_(0, own_N, (~hit_N).long())
+        lp, miss = lp.tolist(), miss.tolist()   # one host sync per batch
+        for k, i in enumerate(reqs):
+            out[i] = Scored(lp[k], miss[k] == 0, len(where[i][2]))
+
+    def _hidden(self, ids_BT: torch.Tensor) -> torch.Tensor:
+        """Final-norm hidden states (B, T, D) of the backbone: the model's forward up to its head."""
+        m, T = self.model, ids_BT.size(1)
+        with autocast(self.device, self.bf16):
+            return m.model(ids_BT, m.rope_cos[:T], m.rope_sin[:T])
+
+    def _target_logprobs(self, h_ND: torch.Tensor, tgt_N: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """fp32 log-probability of each target and whether it is the argmax, `head_chunk` positions at a time."""
+        lps, hits = [], []
+        for s in range(0, h_ND.size(0), self.head_chunk):
+            with autocast(self.device, self.bf16):
+                logits_NV = self.model.lm_head(h_ND[s:s + self.head_chunk]).float()
+            t = tgt_N[s:s + self.head_chunk]
+            logp_NV = torch.log_softmax(logits_NV, dim=-1)
+            lps.append(logp_NV.gather(1, t[:, None])[:, 0])
+            hits.append(logits_NV.argmax(dim=-1) == t)
+        if not lps:
+            return h_ND.new_zeros(0, dtype=torch.float32), torch.zeros(0, dtype=torch.bool, device=h_ND.device)
+        return torch.cat(lps), torch.cat(hits)
+
+    # ------------------------------------------------------------ whole texts
+
+    def rolling_windows(self, ids: list[int], stride: int | None = None) -> list[tuple[list[int], list[int]]]:
+        """(context, continuation) pairs that score every token of `ids` once, each with up to a full window
+        of context. The first window scores its first `max_len` tokens; each later one moves by `stride`
+        (default: the window, lm-eval's disjoint windows) and scores only the tokens it adds, seeing
+        `max_len - stride` tokens before them. `ids` starts with what conditions its first token (BOS)."""
+        W = self.max_len
+        S = stride or W
+        if not 0 < S <= W:
+            raise ValueError(f"stride {S} must be between 1 and the window ({W})")
+        pairs, a = [], 1
+        while a < len(ids):
+            b = min(len(ids), a + (W if a == 1 else S))
+            pairs.append((ids[max(0, b - 1 - W):a], ids[a:b]))
+            a = b
+        return pairs
+
+    def loglikelihood_rolling(self, texts: Sequence[str], stride: int | None = None) -> list[Scored]:
+        """Log-likelihood of each whole text (every token, conditioned on the prefix), by sliding windows."""
+        spans, pairs = [], []
+        for text in texts:
+            ids = self.prefix + self.tok.encode(text)
+            if not self.prefix:
+                ids = [self.tok.eos_id] + ids
+            w = self.rolling_windows(ids, stride)
+            spans.append((len(pairs), len(pairs) + len(w)))
+            pairs += w
+        scored = self.loglikelihood_tokens(pairs)
+        return [Scored(sum(s.logprob for s in scored[a:b]), all(s.greedy for s in scored[a:b]),
+                       sum(s.n_tokens for s in scored[a:b])) for a, b in spans]
+
+    # ------------------------------------------------------------ generation
+
+    def generate(self, prompt_ids: list[int], max_new_tokens: int, stop: Sequence[str] = (),
+                 temperature: float = 0.0, seed: int = 0) -> str:
+        """Decode from `prompt_ids` (greedy at temperature 0) until a stop id, a stop string or the budget;
+        the text is cut before the first stop string."""
+        from kiln.infer.generate import stream
+
+        stop_ids = getattr(self.tok, "stop_ids", (self.tok.eos_id,))
+        prompt_ids = prompt_ids[-(self.max_len - 1):]
+        budget = min(max_new_tokens, self.max_len - len(prompt_ids) + 1)
+        new: list[int] = []
+        text = ""
+        with autocast(self.device, self.bf16):
+            for token in stream(self.model, prompt_ids, budget, temperature=temperature, stop_ids=stop_ids,
+                                seed=seed):
+                new.append(token)
+                text = self.tok.decode(new)
+                if stop and any(s in text for s in stop):
+                    break
+        return cut_at_stop(text, stop)
+
+
+def cut_at_stop(text: str, stop: Sequence[str]) -> str:
+    """`text` up to the earliest of the stop strings."""
+    cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=len(text))
+    return text[:cut]
+
+
+def perplexity_stats(nats: float, n_tokens: int, n_bytes: int) -> dict[str, float | int]:
+    """Loss per token, perplexity and bits per UTF-8 byte from summed nats."""
+    loss = nats / max(n_tokens, 1)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": n_tokens, "bytes": n_bytes,
+            "bits_per_byte": nats / (math.log(2) * max(n_bytes, 1))}
