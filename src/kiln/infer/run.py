@@ -19,14 +19,20 @@ def run_generate(cfg: Config) -> list[str]:
     tok = Tokenizer.from_file(rd.tokenizer_file())
     stop_ids = tok.stop_ids + tuple(tok.special_ids[s] for s in g.stop if s in tok.special_ids)
     text_stops = [s for s in g.stop if s not in tok.special_ids]
+    if g.chat:   # the reply alone is printed and returned: the rendered turn markers are the template's, not text
+        messages = ([{"role": "system", "content": g.system}] if g.system else []) + \
+                   [{"role": "user", "content": g.prompt}]
+        prompt_ids, shown_prompt = tok.encode_chat(messages, add_generation_prompt=True), ""
+    else:
+        prompt_ids, shown_prompt = tok.encode(g.prompt, add_bos=tok.add_bos_token), g.prompt
     outputs = []
     for i in range(g.num_samples):
         if g.num_samples > 1:
             print(f"--- sample {i + 1}")
-        print(g.prompt, end="", flush=True)
+        print(shown_prompt, end="", flush=True)
         ids: list[int] = []
         shown = text = ""
-        for token in stream(model, tok.encode(g.prompt, add_bos=tok.add_bos_token), max_new_tokens=g.max_new_tokens,
+        for token in stream(model, prompt_ids, max_new_tokens=g.max_new_tokens,
                             temperature=g.temperature, top_k=g.top_k, top_p=g.top_p, stop_ids=stop_ids,
                             seed=g.seed + i):
             ids.append(token)
@@ -41,7 +47,7 @@ def run_generate(cfg: Config) -> list[str]:
             if cut is not None:
                 break
         print(text[len(shown):], flush=True)
-        outputs.append(g.prompt + text)
+        outputs.append(shown_prompt + text)
     return outputs
 
 
