@@ -307,11 +307,13 @@ def _wanted_type(name: str, quant: str, layer: int, depth: int, tied: bool) -> T
             return T.Q6_K
         if name.endswith(("attn_v.weight", "ffn_down.weight")) and _use_more_bits(layer, depth):
             return T.Q6_K
+        if name.endswith("attn_v.weight") and depth == 80:
+            return T.Q5_K   # llama.cpp's LLM_TYPE_70B (80 layers): V shared by 8 heads gets more bits
     return base
 
 
 # llama.cpp's fallbacks when a row does not divide into the type's blocks (tensor_type_fallback).
-_FALLBACK = {T.Q4_K: T.Q5_0, T.Q6_K: T.Q8_0}
+_FALLBACK = {T.Q4_K: T.Q5_0, T.Q5_K: T.Q5_1, T.Q6_K: T.Q8_0}
 
 
 def _fit(qtype: T, cols: int, is_output: bool) -> T:
@@ -340,11 +342,22 @@ def tensor_plan(model_cfg: ModelConfig, quant: str) -> list[TensorPlan]:
         if len(shape) == 1:
             plan.append(TensorPlan(name, hf, shape, T.F32, T.F32))
             continue
-        layer = int(name.split(".")[1]) if name.startswith("blk.") else 0
-        wanted = _wanted_type(name, quant, layer, c.depth, c.tie_embeddings)
-        is_output = name == "output.weight" or (c.tie_embeddings and name == "token_embd.weight")
-        plan.append(TensorPlan(name, hf, shape, _fit(wanted, shape[-1], is_output), wanted))
+        plan.append(TensorPlan(name, hf, shape, tensor_qtype(name, shape, quant, c.depth, c.tie_embeddings),
+                               _wanted_type(name, quant, _layer(name), c.depth, c.tie_embeddings)))
     return plan
+
+
+def tensor_qtype(name: str, shape: tuple[int, ...], quant: str, depth: int, tied: bool) -> T:
+    """The ggml type tensor `name` (GGUF name, torch shape) is stored in by an export of type `quant`: kiln's
+    writer for the pure-Python types, llama-quantize's rule for q4_k_m."""
+    if len(shape) == 1:
+        return T.F32
+    is_output = name == "output.weight" or (tied and name == "token_embd.weight")
+    return _fit(_wanted_type(name, quant, _layer(name), depth, tied), shape[-1], is_output)
+
+
+def _layer(name: str) -> int:
+    return int(name.split(".")[1]) if name.startswith("blk.") else 0
 
 
 def tensor_bytes(shape: tuple[int, ...], qtype: T) -> int:
