@@ -300,13 +300,11 @@ def test_bad_files_get_clear_errors(tmp_path, tok_dir, monkeypatch):
     monkeypatch.setattr(gguf.quants, "dequantize", real)
 
 
-def test_unknown_pre_and_sentencepiece_are_refused():
+def test_unknown_pre_is_refused():   # SentencePiece vocabularies: tests/formats/test_gguf_spm.py
     from kiln.formats.gguf_vocab import tokenizer_from_gguf
     base = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": ["a"], "tokenizer.ggml.merges": []}
     with pytest.raises(ValueError, match=r"tokenizer.ggml.pre 'mystery'.*known: .*llama-bpe.*smollm"):
         tokenizer_from_gguf(base | {"tokenizer.ggml.pre": "mystery"}, "f.gguf", 8)
-    with pytest.raises(ValueError, match="SentencePiece GGUF tokenizers .* are not supported yet"):
-        tokenizer_from_gguf(base | {"tokenizer.ggml.model": "llama"}, "f.gguf", 8)
 
 
 # ---------------------------------------------------------------- transformers' GGUF loader as the reference

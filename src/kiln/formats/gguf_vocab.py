@@ -10,8 +10,12 @@ llama.cpp applies a list of regexes one after another, each splitting every piec
 between them; `tokenizers`' Split with behavior "isolated" does the same, so a list of regexes becomes a
 Sequence of Splits followed by the byte-to-character mapping (ByteLevel without its own regex).
 
-Only byte-level BPE (`tokenizer.ggml.model` "gpt2") is supported; SentencePiece ("llama") vocabularies are
-refused with a clear error.
+SentencePiece vocabularies (`tokenizer.ggml.model` "llama": Llama 2, Mistral v0.1, TinyLlama) carry pieces
+and scores, no merges. llama.cpp tokenises them as SentencePiece's BPE does: spaces become `▁` (one is
+prepended unless `add_space_prefix` is false), then the adjacent pair whose concatenation is a piece with the
+highest score merges first, and what no piece covers falls back to `<0xNN>` byte tokens. A BPE whose
+merges are every split of every piece, ranked by that piece's score, makes the same choices; that is the
+tokenizer.json transformers' Llama converter builds too. Import only: export writes byte-level BPE.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
 from kiln.config.patterns import GPT4, PATTERNS
 from kiln.tokenizer.special import END
@@ -71,17 +75,10 @@ def known_pre_names() -> list[str]:
 def tokenizer_from_gguf(fields: dict[str, Any], source: str, max_len: int) -> tuple[str, dict, dict]:
     """(tokenizer_json, tokenizer_config, generation) from the `tokenizer.*` fields of a GGUF file."""
     kind = fields.get("tokenizer.ggml.model")
-    if kind == "llama":
-        raise ValueError(f"{source}: SentencePiece GGUF tokenizers (tokenizer.ggml.model 'llama', e.g. Llama 2, "
-                         "Mistral v0.1) are not supported yet; only byte-level BPE ('gpt2') is")
-    if kind != "gpt2":
-        raise ValueError(f"{source}: tokenizer.ggml.model {kind!r} is not supported; only byte-level BPE "
-                         "('gpt2': Llama 3, Qwen, SmolLM2, kiln's own)")
-    pre_name = fields.get("tokenizer.ggml.pre") or "default"
-    pre = _BY_NAME.get(pre_name)
-    if pre is None:
-        raise ValueError(f"{source}: tokenizer.ggml.pre {pre_name!r} is not a pre-tokenizer kiln can rebuild; "
-                         f"known: {', '.join(known_pre_names())}")
+    if kind not in ("gpt2", "llama"):
+        raise ValueError(f"{source}: tokenizer.ggml.model {kind!r} is not supported; kiln reads byte-level BPE "
+                         "('gpt2': Llama 3, Qwen, SmolLM2, kiln's own) and SentencePiece BPE ('llama': Llama 2, "
+                         "Mistral v0.1)")
     tokens = list(fields["tokenizer.ggml.tokens"])
     types = list(fields.get("tokenizer.ggml.token_type") or [NORMAL] * len(tokens))
     while tokens and types[-1] == UNUSED and tokens[-1].startswith(PAD_PREFIX):  # embedding padding rows
@@ -92,18 +89,10 @@ def tokenizer_from_gguf(fields: dict[str, Any], source: str, max_len: int) -> tu
             raise ValueError(f"{source}: token {t!r} appears twice in tokenizer.ggml.tokens (ids {vocab[t]} "
                              f"and {i}); a tokenizer.json vocabulary cannot hold that")
         vocab[t] = i
-    merges = []
-    for i, m in enumerate(fields.get("tokenizer.ggml.merges") or []):
-        pair = m.split(" ")
-        if len(pair) != 2:
-            raise ValueError(f"{source}: tokenizer.ggml.merges[{i}] = {m!r} is not two tokens split by one space")
-        merges.append((pair[0], pair[1]))
-    try:
-        tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=pre.ignore_merges, fuse_unk=False))
-    except Exception as e:   # tokenizers raises its own Exception for a merge of unknown tokens
-        raise ValueError(f"{source}: the merges do not fit the tokens: {e}") from None
-    tok.pre_tokenizer = splitter(pre.splits)
-    tok.decoder = decoders.ByteLevel()
+    if kind == "llama":
+        tok, default_bos = _sentencepiece_bpe(fields, tokens, types, vocab, source), True
+    else:
+        tok, default_bos = _byte_level_bpe(fields, vocab, source)
     # llama.cpp matches control and user-defined tokens whole before splitting: so do added tokens.
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
                             for t, ty in zip(tokens, types) if ty == CONTROL])
@@ -117,8 +106,8 @@ def tokenizer_from_gguf(fields: dict[str, Any], source: str, max_len: int) -> tu
         return tokens[i]
 
     bos, eos = token("bos_token_id"), token("eos_token_id")
-    # llama.cpp's defaults where the flags are absent: BOS for the llama3 family, never EOS.
-    add_bos = bool(fields.get("tokenizer.ggml.add_bos_token", pre.ignore_merges and bos is not None))
+    # llama.cpp's defaults where the flags are absent: BOS for SentencePiece and the llama3 family, never EOS.
+    add_bos = bool(fields.get("tokenizer.ggml.add_bos_token", default_bos and bos is not None))
     add_eos = bool(fields.get("tokenizer.ggml.add_eos_token", False))
     tok.post_processor = _post_processor(vocab, bos if add_bos else None, eos if add_eos else None, source)
     config = {
@@ -138,6 +127,64 @@ def tokenizer_from_gguf(fields: dict[str, Any], source: str, max_len: int) -> tu
                   "eos_token_id": stops[0] if len(stops) == 1 else (stops or None),
                   "pad_token_id": fields.get("tokenizer.ggml.padding_token_id")}
     return tok.to_str(), config, generation
+
+
+def _byte_level_bpe(fields: dict[str, Any], vocab: dict[str, int], source: str) -> tuple[Tokenizer, bool]:
+    """The byte-level BPE of a 'gpt2' vocabulary, and whether llama.cpp adds BOS when the file does not say."""
+    pre_name = fields.get("tokenizer.ggml.pre") or "default"
+    pre = _BY_NAME.get(pre_name)
+    if pre is None:
+        raise ValueError(f"{source}: tokenizer.ggml.pre {pre_name!r} is not a pre-tokenizer kiln can rebuild; "
+                         f"known: {', '.join(known_pre_names())}")
+    merges = []
+    for i, m in enumerate(fields.get("tokenizer.ggml.merges") or []):
+        pair = m.split(" ")
+        if len(pair) != 2:
+            raise ValueError(f"{source}: tokenizer.ggml.merges[{i}] = {m!r} is not two tokens split by one space")
+        merges.append((pair[0], pair[1]))
+    try:
+        tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=pre.ignore_merges, fuse_unk=False))
+    except Exception as e:   # tokenizers raises its own Exception for a merge of unknown tokens
+        raise ValueError(f"{source}: the merges do not fit the tokens: {e}") from None
+    tok.pre_tokenizer = splitter(pre.splits)
+    tok.decoder = decoders.ByteLevel()
+    return tok, pre.ignore_merges   # llama.cpp adds BOS by default for the llama3 family
+
+
+SPM_SPACE = "\u2581"
+
+
+def _sentencepiece_bpe(fields: dict[str, Any], tokens: list[str], types: list[int], vocab: dict[str, int],
+                       source: str) -> Tokenizer:
+    """A 'llama' (SentencePiece BPE) vocabulary as a tokenizers BPE: merges from the pieces' scores."""
+    scores = list(fields.get("tokenizer.ggml.scores") or [])
+    if len(scores) < len(tokens):
+        raise ValueError(f"{source}: a SentencePiece vocabulary needs tokenizer.ggml.scores for every token "
+                         f"({len(scores)} scores for {len(tokens)} tokens)")
+    # Every split of a mergeable piece into two pieces, the highest-scoring result first (SentencePiece's and
+    # llama.cpp's order); ties by the halves' ids, as transformers' converter orders them.
+    ranked = []
+    for piece, i in vocab.items():
+        if types[i] not in (NORMAL, USER_DEFINED) or len(piece) < 2:
+            continue
+        for k in range(1, len(piece)):
+            a, b = piece[:k], piece[k:]
+            if a in vocab and b in vocab:
+                ranked.append((-scores[i], vocab[a], vocab[b], a, b))
+    ranked.sort()
+    unk = next((t for t, ty in zip(tokens, types) if ty == UNKNOWN), None)
+    has_bytes = all(f"<0x{b:02X}>" in vocab for b in range(256))
+    try:
+        tok = Tokenizer(models.BPE(vocab=vocab, merges=[(a, b) for *_, a, b in ranked], unk_token=unk,
+                                   fuse_unk=True, byte_fallback=has_bytes))
+    except Exception as e:
+        raise ValueError(f"{source}: cannot build a BPE from the SentencePiece pieces: {e}") from None
+    prefix = bool(fields.get("tokenizer.ggml.add_space_prefix", True))
+    steps = [normalizers.Prepend(SPM_SPACE)] if prefix else []
+    tok.normalizer = normalizers.Sequence(steps + [normalizers.Replace(" ", SPM_SPACE)])
+    tok.decoder = decoders.Sequence([decoders.Replace(SPM_SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
+                                    + ([decoders.Strip(" ", 1, 0)] if prefix else []))
+    return tok
 
 
 def splitter(splits: tuple[str, ...]) -> pre_tokenizers.PreTokenizer:
