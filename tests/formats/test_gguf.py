@@ -269,6 +269,11 @@ def rewrite(src: Path, dst: Path, arch: str | None = None, **config_changes) -> 
     w = gguf.GGUFWriter(dst, arch or imported.architecture)
     vocab = kg.vocab_for_gguf(src.parent / "tok", cfg.vocab_size) if (src.parent / "tok").exists() else None
     kg._add_metadata(w, cfg, "f32", vocab, None)
+    write_tensors_of(reader, w)
+
+
+def write_tensors_of(reader: gguf.GGUFReader, w: gguf.GGUFWriter) -> None:
+    """Finish `w` with the tensors `reader` holds, as they are stored."""
     for t in reader.tensors:
         w.add_tensor(t.name, t.data.copy(), raw_dtype=t.tensor_type)
     w.write_header_to_file()

@@ -21,7 +21,7 @@ from kiln.infer.generate import stream
 from kiln.tokenizer import Tokenizer
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_gguf import TEXTS, kiln_tokenizer_dir, random_model, stdlib_text, tiny_cfg  # noqa: E402
+from test_gguf import TEXTS, kiln_tokenizer_dir, random_model, stdlib_text, tiny_cfg, write_tensors_of  # noqa: E402
 
 spm = pytest.importorskip("sentencepiece")
 
@@ -102,12 +102,7 @@ def write_spm_gguf(path: Path, tmp: Path, proc) -> torch.nn.Module:
     w.add_bos_token_id(proc.bos_id())
     w.add_eos_token_id(proc.eos_id())
     w.add_unk_token_id(proc.unk_id())
-    for t in reader.tensors:
-        w.add_tensor(t.name, t.data.copy(), raw_dtype=t.tensor_type)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    write_tensors_of(reader, w)
     return model
 
 
