@@ -56,7 +56,8 @@ def make_run(root: Path, shape: str, tokenizer: Path, max_len: int, dtype: torch
     tok_json = (tokenizer / "tokenizer.json").read_text(encoding="utf-8")
     tok_cfg = json.loads((tokenizer / "tokenizer_config.json").read_text(encoding="utf-8"))
     gen_file = tokenizer / "generation_config.json"
-    vocab = len(json.loads(tok_json)["model"]["vocab"]) + len(json.loads(tok_json).get("added_tokens", []))
+    import tokenizers
+    vocab = tokenizers.Tokenizer.from_str(tok_json).get_vocab_size(with_added_tokens=True)
     torch.manual_seed(0)
     cfg = ModelConfig(max_seq_len=max_len, tie_embeddings=True, vocab_size=-(-vocab // 64) * 64, **SHAPES[shape])
     model = Transformer.from_config(cfg.resolved()).to(dtype)
