@@ -181,9 +181,14 @@ def test_bad_requests_get_openai_errors_and_the_server_goes_on(srv, client):
         (dict(body=[1, 2]), 400, None, None, "JSON object"),
         (dict(body={"model": "run"}), 400, "prompt", None, "prompt"),
     ]
+    # A stream runs beside the bad requests and still gets every token.
+    beside = client.completions.create(model="run", prompt="Hi", max_tokens=80, stream=True,
+                                       stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+    first = next(iter(beside))
     for kw, status, param, code, says in cases:
         assert_error(post(srv, "/completions", **kw), status, param, code, says)
         assert client.completions.create(model="run", prompt="Hi", max_tokens=2).choices[0].text is not None
+    assert first.choices and list(beside)[-1].usage.completion_tokens == 80
     chat_cases = [
         ({"messages": "hi"}, "messages"),
         ({"messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role"),
