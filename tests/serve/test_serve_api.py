@@ -218,6 +218,9 @@ def test_api_key(run):
         assert_error(httpx.post(srv.url + "/completions", json={"prompt": "x"}), 401, code="missing_api_key")
         assert httpx.get(srv.base + "/health").status_code == 200      # health and the page stay open
         assert good.models.list().data[0].id == "run"
+        srv.engine.stop()                       # /health tells a stopped engine
+        assert not srv.engine.alive
+        assert_error(httpx.get(srv.base + "/health"), 503, code="engine_down")
 
 
 def test_full_queue_gets_503_and_a_disconnect_frees_the_slot(run):

@@ -185,7 +185,7 @@ def build_app(served: Served, cfg: ServeConfig) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app):
         state.bridge = _Bridge(asyncio.get_running_loop())
-        if served.engine._thread is None:
+        if not served.engine.alive:
             served.engine.start()
         yield
         served.engine.stop()
@@ -196,8 +196,7 @@ def build_app(served: Served, cfg: ServeConfig) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        thread = served.engine._thread
-        if thread is None or not thread.is_alive():
+        if not served.engine.alive:
             raise ApiError(503, "The engine is not running.", "server_error", code="engine_down")
         return {"status": "ok", "model": served.name, "active_slots": served.engine.active_slots,
                 "waiting": served.engine.waiting}
