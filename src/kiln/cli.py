@@ -68,6 +68,16 @@ def _cmd_import(cfg: Config) -> None:
 def _cmd_export(cfg: Config) -> None:
     from kiln.formats.export import run_export
     run_export(cfg)
+def _cmd_serve(cfg: Config) -> None:
+    from kiln.serve.run import run_serve
+    run_serve(cfg)
+
+
+def _cmd_chat(cfg: Config) -> None:
+    from kiln.serve.chat import run_chat
+    run_chat(cfg)
+
+
 def _cmd_estimate(cfg: Config) -> None:
     from kiln.plan.estimate import run_estimate
     run_estimate(cfg)
@@ -94,13 +104,20 @@ COMMANDS: dict[str, tuple[Callable[[Config], None], str]] = {
                "--format hf|gguf [--quant f16|q8_0|q4_k_m|...] [--out PATH]"),
     "estimate": (_cmd_estimate, "parameters, training memory per GPU, inference memory, tokens, FLOPs, time and cost "
                  "of a recipe, a preset (124m ... 70b) or a Hugging Face config, before spending any"),
+    "serve": (_cmd_serve, "the run's model behind an OpenAI-compatible API (/v1/completions, /v1/chat/completions) "
+              "with a chat page at /: kiln serve --run_dir DIR [--port 8000] [--api_key KEY]"),
+    "chat": (_cmd_chat, "chat with the run's model in the terminal: kiln chat --run_dir DIR"),
     "report": (_cmd_report, "write report.md and the loss plot from the run's artifacts"),
 }
 
 
 ALIASES = {"export": {"--format": "--export.format", "--quant": "--export.quant", "--out": "--export.out",
                       "--checkpoint": "--export.checkpoint"},
-           "import": {"--dtype": "--importing.dtype"}}
+           "import": {"--dtype": "--importing.dtype"},
+           "serve": {"--host": "--serve.host", "--port": "--serve.port", "--api_key": "--serve.api_key",
+                     "--checkpoint": "--serve.checkpoint", "--model_name": "--serve.model_name"},
+           "chat": {"--checkpoint": "--serve.checkpoint", "--system": "--serve.system",
+                    "--temperature": "--serve.temperature"}}
 """Short options of a command, spelled out as their config keys."""
 
 

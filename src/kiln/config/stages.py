@@ -538,6 +538,56 @@ class EstimateConfig:
 
 
 @dataclass
+class ServeConfig:
+    """`kiln serve` (OpenAI-compatible HTTP API and chat page) and `kiln chat` (terminal): a run's model behind
+    the batched engine."""
+
+    checkpoint: str = "latest"
+    """`latest`, `best` or a checkpoint directory of the run (an imported run has one: step 0)."""
+    host: str = "127.0.0.1"
+    """Address to bind; 127.0.0.1 keeps the server on this machine (`0.0.0.0` opens it to the network: set
+    api_key then)."""
+    port: int = 8000
+    """TCP port."""
+    model_name: str | None = None
+    """The model's name in the API (`model` of requests, /v1/models); default: the run directory's name."""
+    api_key: str | None = None
+    """Require `Authorization: Bearer <key>` on /v1/*; default: the KILN_API_KEY environment variable, if set."""
+    device: str = "auto"
+    """auto (CUDA if present, else CPU), cuda, cuda:N or cpu."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Weights and KV cache dtype: auto = bfloat16 on CUDA, float32 on CPU."""
+    max_batch: int = 16
+    """Sequences decoded at once (engine slots; a request of n samples takes n)."""
+    max_len: int | None = None
+    """Context per sequence, prompt plus output (default: the model's max_seq_len); the KV cache holds
+    max_batch x max_len positions."""
+    max_queue: int = 64
+    """Requests waiting for a slot beyond which new ones get 503."""
+    max_tokens_limit: int | None = None
+    """Largest `max_tokens` a request may ask for (default: the context)."""
+    max_request_bytes: int = 4_000_000
+    """Largest request body; a larger one gets 413."""
+    cuda_graphs: bool = True
+    """Capture the decode step in CUDA graphs (CUDA only)."""
+    system: str | None = None
+    """`kiln chat`: a system message that starts every conversation."""
+    temperature: float = 0.7
+    """`kiln chat`: sampling temperature (0 = greedy)."""
+    max_tokens: int = 512
+    """`kiln chat`: most tokens per reply."""
+
+    def validate(self) -> None:
+        for key in ("port", "max_batch", "max_queue", "max_request_bytes", "max_tokens"):
+            _positive(f"serve.{key}", getattr(self, key))
+        for key in ("max_len", "max_tokens_limit"):
+            if getattr(self, key) is not None:
+                _positive(f"serve.{key}", getattr(self, key))
+        if not 0 <= self.temperature <= 2:
+            raise ConfigError(f"serve.temperature={self.temperature} must be in [0, 2]")
+
+
+@dataclass
 class Config:
     """A whole kiln run: every stage's settings."""
 
@@ -558,6 +608,7 @@ class Config:
     importing: ImportConfig = field(default_factory=ImportConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     estimate: EstimateConfig = field(default_factory=EstimateConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
 
     @property
     def run_path(self) -> Path:

@@ -137,6 +137,11 @@ class Engine:
     def waiting(self) -> int:
         return len(self._waiting)
 
+    @property
+    def alive(self) -> bool:
+        """Whether the engine's own thread (`start()`) is running."""
+        return self._thread is not None and self._thread.is_alive()
+
     # ------------------------------------------------------------ the loop
 
     def start(self) -> Engine:

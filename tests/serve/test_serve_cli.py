@@ -1,0 +1,81 @@
+"""`kiln serve` and `kiln chat` as a user runs them: subprocesses on a real run directory."""
+
+import signal
+import sys
+import time
+
+import httpx
+import pytest
+
+from kiln.infer.engine import Engine
+from kiln.infer.sampling import SamplingParams
+from kiln.serve.loader import load_served
+from kiln.config import Config
+from servekit import free_port, make_run
+from subprocess_util import run_child
+
+openai = pytest.importorskip("openai")
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    return make_run(tmp_path_factory.mktemp("cli"), max_seq_len=128)
+
+
+def greedy_reply(run, messages, max_tokens):
+    cfg = Config(run_dir=str(run))
+    cfg.serve.device = "cpu"
+    served = load_served(cfg, start=False)
+    tok = served.tokenizer
+    engine = Engine(served.engine.model, tok, max_slots=1)
+    ids = tok.encode_chat(messages, add_generation_prompt=True)
+    out = engine.generate([ids], SamplingParams(max_tokens=max_tokens, temperature=0, stop_ids=tok.stop_ids))
+    return tok.decode(out[0][0], skip_special=True)
+
+
+@pytest.mark.timeout(120)
+def test_kiln_serve_command(run, spawn):
+    port = free_port()
+    child = spawn([sys.executable, "-m", "kiln", "serve", "--run_dir", str(run), "--port", str(port),
+                   "--serve.device", "cpu", "--model_name", "tiny-chat"], timeout=90)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if httpx.get(base + "/health", timeout=2).status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        assert child.returncode is None and child.proc.poll() is None, child.stderr
+        assert time.monotonic() < deadline, child.stdout + child.stderr
+        time.sleep(0.2)
+    client = openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0)
+    messages = [{"role": "user", "content": "Hello"}]
+    r = client.chat.completions.create(model="tiny-chat", messages=messages, max_tokens=8, temperature=0)
+    assert r.choices[0].message.content == greedy_reply(run, messages, 8)
+    child.send_signal(signal.SIGINT)
+    assert child.wait() == 0, child.stderr
+    assert "model `tiny-chat`" in child.stdout
+
+
+def test_kiln_serve_and_chat_help():
+    for command in ("serve", "chat"):
+        out = run_child([sys.executable, "-m", "kiln", command, "--help"], timeout=60)
+        assert out.returncode == 0 and "--serve.max_batch" in out.stdout
+
+
+@pytest.mark.timeout(120)
+def test_kiln_chat_keeps_history_and_resets(run, tmp_path):
+    lines = ["Hello there", "How are you?", "/reset", "Hello there", "/exit"]
+    (tmp_path / "stdin").write_text("\n".join(lines) + "\n")
+    with open(tmp_path / "stdin") as stdin:
+        out = run_child([sys.executable, "-m", "kiln", "chat", "--run_dir", str(run), "--serve.device", "cpu",
+                         "--temperature", "0", "--serve.max_tokens", "10"], timeout=90, stdin=stdin)
+    assert out.returncode == 0, out.stderr
+    first = greedy_reply(run, [{"role": "user", "content": "Hello there"}], 10)
+    second = greedy_reply(run, [{"role": "user", "content": "Hello there"}, {"role": "assistant", "content": first},
+                                {"role": "user", "content": "How are you?"}], 10)
+    replies = [line.removeprefix("> ") for line in out.stdout.split("\n") if line.startswith("> ")]
+    assert first and replies[:2] == [first, second]
+    assert "(conversation cleared)" in out.stdout
+    assert out.stdout.count(first) >= 2            # the same first turn again after /reset
