@@ -335,7 +335,8 @@ def test_transformers_loads_the_export(tmp_path, tok_dir, quant):
         hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file=path.name)
         kiln_tok = Tokenizer.from_file(str(tok_dir / "tokenizer.json"))
         for text in TEXTS:
-            assert hf_tok(text, add_special_tokens=False)["input_ids"] == kiln_tok.encode(text).ids, text
+            assert hf_tok(text, add_special_tokens=False)["input_ids"] == kiln_tok.encode(text, add_special_tokens=False).ids, text
+            assert hf_tok(text)["input_ids"] == kiln_tok.encode(text).ids, text   # BOS first, as kiln trains
 
 
 # ---------------------------------------------------------------- SmolLM2-135M-Instruct, a real GGUF

@@ -81,7 +81,8 @@ def test_same_ids_as_tokenizers_and_transformers(trained, tok):
         assert raw.encode(text, add_special_tokens=False).ids == ids, text
         assert fast.encode(text, add_special_tokens=False) == ids, text
         assert auto.encode(text, add_special_tokens=False) == ids, text
-        assert auto(text)["input_ids"] == ids, text        # no BOS post-processor
+        assert auto(text)["input_ids"] == tok.encode(text, add_bos=True), text   # BOS first, as kiln trains
+        assert raw.encode(text).ids == tok.encode(text, add_bos=True), text
         assert auto.decode(ids) == raw.decode(ids) == tok.decode(ids) == text
 
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, trainers
+from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
 from kiln.config import Config, round_up
@@ -73,6 +73,10 @@ def train_bpe(texts: Iterator[list[str]], vocab_size: int, min_frequency: int, n
         show_progress=False,
     )
     tok.train_from_iterator(texts, trainer=trainer)
+    # BOS before every document, as kiln trains: for readers of tokenizer.json (transformers, the HF and GGUF
+    # exports). kiln's own Tokenizer encodes without it and adds BOS explicitly.
+    tok.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B",
+                                                       special_tokens=[(BOS, tok.token_to_id(BOS))])
     return tok
 
 
@@ -215,7 +219,8 @@ def write_hf_configs(out: Path, hf_tok: HFTokenizer, n_reserved: int, model_max_
         "unk_token": None,                      # byte-level: every string is representable
         "additional_special_tokens": extra,
         "added_tokens_decoder": added,
-        "add_bos_token": False,                 # no post-processor; the chat template writes BOS itself
+        "add_bos_token": True,                  # as trained; chat templates render BOS themselves (tokenized
+                                                # by transformers without special tokens, so never twice)
         "add_eos_token": False,
         "clean_up_tokenization_spaces": False,  # would change decoded text (" ." -> ".")
         "model_max_length": model_max_length,
