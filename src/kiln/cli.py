@@ -83,6 +83,26 @@ def _cmd_estimate(cfg: Config) -> None:
     run_estimate(cfg)
 
 
+def _cmd_sft(cfg: Config) -> None:
+    from kiln.post.sft import run_sft
+    run_sft(cfg)
+
+
+def _cmd_dpo(cfg: Config) -> None:
+    from kiln.post.dpo import run_dpo
+    run_dpo(cfg)
+
+
+def _cmd_dpo_build_pairs(cfg: Config) -> None:
+    from kiln.post.pairs import run_build_pairs
+    run_build_pairs(cfg)
+
+
+def _cmd_grpo(cfg: Config) -> None:
+    from kiln.post.grpo import run_grpo
+    run_grpo(cfg)
+
+
 def _cmd_report(cfg: Config) -> None:
     from kiln.pipeline import run_stage
     run_stage(cfg, "report")
@@ -102,6 +122,14 @@ COMMANDS: dict[str, tuple[Callable[[Config], None], str]] = {
                "--run_dir DIR"),
     "export": (_cmd_export, "write a checkpoint as a Hugging Face folder or a GGUF file: kiln export --run_dir DIR "
                "--format hf|gguf [--quant f16|q8_0|q4_k_m|...] [--out PATH]"),
+    "sft": (_cmd_sft, "supervised fine-tuning on conversations (loss on assistant tokens only), full or --lora / "
+            "--qlora: kiln sft --run_dir DIR [--sft.data.sources '[chats.jsonl]']"),
+    "dpo": (_cmd_dpo, "Direct Preference Optimisation on prompt/chosen/rejected pairs: kiln dpo --run_dir DIR "
+            "--dpo.pairs '[pairs.jsonl]' [--lora]"),
+    "dpo-build-pairs": (_cmd_dpo_build_pairs, "sample answers from a model and rank them with a verifier or your "
+                        "scoring function into DPO pairs (also `kiln dpo build-pairs`)"),
+    "grpo": (_cmd_grpo, "reinforcement learning on verifiable rewards (GRPO) with a reasoning-gym task: kiln grpo "
+             "--run_dir DIR [--grpo.task basic_arithmetic]"),
     "estimate": (_cmd_estimate, "parameters, training memory per GPU, inference memory, tokens, FLOPs, time and cost "
                  "of a recipe, a preset (124m ... 70b) or a Hugging Face config, before spending any"),
     "serve": (_cmd_serve, "the run's model behind an OpenAI-compatible API (/v1/completions, /v1/chat/completions) "
@@ -118,7 +146,12 @@ ALIASES = {"export": {"--format": "--export.format", "--quant": "--export.quant"
                      "--checkpoint": "--serve.checkpoint", "--model_name": "--serve.model_name"},
            "chat": {"--checkpoint": "--serve.checkpoint", "--system": "--serve.system",
                     "--temperature": "--serve.temperature"}}
-"""Short options of a command, spelled out as their config keys."""
+for _stage in ("sft", "dpo", "grpo", "dpo-build-pairs"):
+    _key = _stage.split("-")[0]
+    ALIASES[_stage] = {"--base": f"--{_key}.base", "--out": f"--{_key}.out",
+                       "--lora": f"--{_key}.lora.enabled=true",
+                       "--qlora": (f"--{_key}.lora.enabled=true", f"--{_key}.lora.base_dtype=nf4")}
+"""Short options of a command, spelled out as their config keys (a flag may stand for several)."""
 
 
 def _expand(command: str, argv: list[str]) -> list[str]:
@@ -129,7 +162,13 @@ def _expand(command: str, argv: list[str]) -> list[str]:
         argv = ["--importing.source", argv[0], *argv[1:]]
     for a in argv:
         key, eq, value = a.partition("=")
-        out.append(aliases[key] + eq + value if key in aliases else a)
+        full = aliases.get(key)
+        if isinstance(full, tuple):     # a flag standing for several settings
+            out += full
+        elif full is not None and "=" in full:   # a flag standing for one setting
+            out.append(full)
+        else:
+            out.append(full + eq + value if full is not None else a)
     return out
 
 
@@ -249,6 +288,8 @@ def main(argv: list[str] | None = None) -> int:
     command, rest = argv[0], argv[1:]
     if command == "tokenizer" and rest[:1] == ["eval"]:
         command, rest = "tokenizer-eval", rest[1:]
+    if command == "dpo" and rest[:1] == ["build-pairs"]:
+        command, rest = "dpo-build-pairs", rest[1:]
     if command == "estimate":
         rest = _estimate_argv(rest)
     if command not in COMMANDS:

@@ -45,9 +45,27 @@ def _eval(cfg: Config):
     return run_eval(cfg)
 
 
+def _sft(cfg: Config):
+    from kiln.post.sft import run_sft
+    return run_sft(cfg)
+
+
+def _dpo(cfg: Config):
+    from kiln.post.dpo import run_dpo
+    return run_dpo(cfg)
+
+
+def _grpo(cfg: Config):
+    from kiln.post.grpo import run_grpo
+    return run_grpo(cfg)
+
+
 def _report(cfg: Config):
     from kiln.report.report import write_report
     return write_report(cfg)
+
+
+POST = ("sft", "dpo", "grpo")
 
 
 @dataclass(frozen=True)
@@ -58,6 +76,7 @@ class Stage:
     output: Callable[[RunDir], Path]
     always: bool = False        # cheap and derived from the others: rerun every time
     keeps_work: bool = True     # its finished output is costly to remake: never replaced without --overwrite
+    post: bool = False          # a post-training stage: `kiln run` runs it only when cfg.post names it
 
 
 STAGES: tuple[Stage, ...] = (
@@ -67,15 +86,29 @@ STAGES: tuple[Stage, ...] = (
     Stage("pretrain", _pretrain, ("data", "tokenizer", "tokenize", "model", "train"), lambda rd: rd.checkpoints),
     Stage("eval", _eval, ("data", "tokenizer", "tokenize", "model", "train", "eval"), lambda rd: rd.eval,
           keeps_work=False),
+    # a post-training stage depends on the stages before it (dpo and grpo start from sft's model)
+    *(Stage(name, fn, ("data", "tokenizer", "tokenize", "model", "train", *POST[:i + 1]),
+            lambda rd, n=name: rd.root / n, post=True)
+      for i, (name, fn) in enumerate((("sft", _sft), ("dpo", _dpo), ("grpo", _grpo)))),
     Stage("report", _report, (), lambda rd: rd.root, always=True),
 )
 
 
+def post_output(cfg: Config, stage: Stage, rd: RunDir) -> Path:
+    """A post-training stage writes where its section's `out` says (default <run_dir>/<stage>)."""
+    out = getattr(cfg, stage.name).out
+    return Path(out) if out else stage.output(rd)
+
+
 def fingerprint(cfg: Config, stage: Stage) -> dict:
     fp = {s: dataclasses.asdict(getattr(cfg, s)) for s in stage.sections}
-    if "train" in fp:
+    # pretraining's train section and each post-training stage's own: settings that change how a run is
+    # watched, not what it produces, do not redo it
+    trains = [fp["train"]] if "train" in fp else []
+    trains += [fp[s]["train"] for s in POST if s in fp]
+    for train in trains:
         for k in volatile_fields(TrainConfig):
-            fp["train"].pop(k, None)
+            train.pop(k, None)
     return fp
 
 
@@ -85,6 +118,8 @@ def refuse_to_replace(cfg: Config, stage: Stage, rd: RunDir) -> None:
     if stage.name == "pretrain":   # its checkpoints, whatever the config (a fresh start would delete them)
         from kiln.train.pretrain import check_start
         return check_start(cfg)
+    if stage.post:                 # the loop refuses to start fresh over a stage's checkpoints by itself
+        return None
     out = stage.output(rd)
     fp = fingerprint(cfg, stage)
     if cfg.overwrite or stage.always or not stage.keeps_work or not is_done(out) or is_done(out, fp):
@@ -100,7 +135,7 @@ def run_stage(cfg: Config, name: str) -> object:
     stage = next(s for s in STAGES if s.name == name)
     rd = RunDir(cfg.run_path)
     rd.root.mkdir(parents=True, exist_ok=True)
-    out = stage.output(rd)
+    out = post_output(cfg, stage, rd) if stage.post else stage.output(rd)
     refuse_to_replace(cfg, stage, rd)
     if not stage.always:
         clear_done(out)
@@ -128,7 +163,9 @@ def run_all(cfg: Config) -> None:
     t0 = time.perf_counter()
     print(f"kiln run `{cfg.name}` -> {rd.root}")
     for stage in STAGES:
-        out = stage.output(rd)
+        if stage.post and stage.name not in cfg.post:
+            continue
+        out = post_output(cfg, stage, rd) if stage.post else stage.output(rd)
         if not stage.always and is_done(out, fingerprint(cfg, stage)):
             print(f"== {stage.name}: already done with this config, skipped")
             continue
@@ -137,6 +174,12 @@ def run_all(cfg: Config) -> None:
             # An interrupted training run continues from its newest checkpoint, if that was made
             # from the same data, tokenizer and model; otherwise training starts over.
             cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, resume=_can_resume(cfg, rd)))
+        if stage.post:   # an interrupted stage continues from its newest checkpoint (the loop checks its inputs)
+            from kiln.formats.checkpoint import latest_checkpoint
+            section = getattr(cfg, stage.name)
+            resume = latest_checkpoint(out / "checkpoints") is not None and not cfg.overwrite
+            cfg = dataclasses.replace(cfg, **{stage.name: dataclasses.replace(
+                section, train=dataclasses.replace(section.train, resume=resume))})
         run_stage(cfg, stage.name)
     total = time.perf_counter() - t0
     print(f"kiln run finished in {total:.0f}s ({total / 60:.1f} min); report: {rd.report}")

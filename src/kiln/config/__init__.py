@@ -9,7 +9,9 @@ config is what each stage writes beside its output.
 
     base.py    errors, checks, from_dict (key-checked), YAML
     data.py    DataConfig and its cleaning steps
-    stages.py  tokenizer, model, train, eval, generate, and Config
+    stages.py  tokenizer, model, eval, generate, import/export, estimate, serve, and Config
+    train.py   the training loop's settings (pretraining's and each post-training stage's)
+    post.py    sft, dpo, grpo and LoRA
     deepspeed.py  the DeepSpeed JSON merged with the keys kiln owns
     patterns.py   the tokenizer's named pre-tokenisation patterns
     rundir.py  the run directory's layout and the finished-stage markers
@@ -23,6 +25,7 @@ from typing import Any
 from kiln.config.base import (ConfigError, dump_yaml, from_dict, load_yaml, merge, non_negative, positive,
                               round_up, unknown_key_message)
 from kiln.config.data import (CONTENT_TYPES, DOC_STEPS, LanguageConfig, GopherQualityConfig, GopherRepetitionConfig, C4Config, FineWebConfig, CodeQualityConfig, ClassifierConfig, PIIConfig, DecontaminateConfig, NearDedupConfig, DataConfig)
+from kiln.config.post import LORA_TARGETS, ChatDataConfig, DPOConfig, GRPOConfig, LoRAConfig, SFTConfig, finetune_train
 from kiln.config.stages import (Config, EstimateConfig, EvalConfig, ExportConfig, GenerateConfig, ImportConfig, ModelConfig, TokenizeConfig, TokenizerConfig,
                                 TrainConfig, derived_lr, grad_accum_steps, model_diff, resolve_train)
 

@@ -32,6 +32,11 @@ def from_dict(cls: type, data: dict[str, Any] | None, prefix: str = "") -> Any:
         if dataclasses.is_dataclass(hint):
             if value is not None and not isinstance(value, dict):
                 raise ConfigError(f"{prefix}{key} must be a mapping of {hint.__name__} fields, got {value!r}")
+            factory = fields[key].default_factory
+            if value is not None and factory is not dataclasses.MISSING:
+                # a partial section sits on the field's own default (a stage's fine-tuning `train`
+                # defaults), not on the bare class's
+                value = merge(dataclasses.asdict(factory()), value)
             kwargs[key] = from_dict(hint, value, prefix=f"{prefix}{key}.")
         else:
             kwargs[key] = _coerce(prefix + key, hint, value)

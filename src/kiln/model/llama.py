@@ -250,22 +250,33 @@ class Transformer(nn.Module):
         self.rope_sin.copy_(sin)
 
     def forward(self, input_ids_BT: torch.Tensor, targets_BT: torch.Tensor | None = None,
-                cache: KVCache | None = None, reduction: str = "mean") -> torch.Tensor:
+                cache: KVCache | None = None, reduction: str = "mean",
+                segments_BT: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, T, V) in fp32 when `targets_BT` is None, else the fp32 cross-entropy.
 
         reduction: "mean" (scalar over non-ignored tokens; NaN if all are ignored), "sum", or
         "none" ((B, T), 0 where the target is -100). With a `cache`, the T tokens sit at
         positions cache.pos .. cache.pos + T - 1 and the cache advances by T.
+
+        segments_BT (no cache): several documents packed in a row, each token labelled with its
+        document's id. Attention stays inside a document (a block-diagonal causal mask) and positions
+        restart at 0 in each, so every document is computed exactly as if it were alone in its row.
+        Ids must be non-decreasing along a row (documents are contiguous).
         """
         T = input_ids_BT.shape[1]
         pos = 0 if cache is None else cache.pos  # a Python int: no host sync
         if pos + T > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {pos + T} tokens exceeds model.max_seq_len={self.cfg.max_seq_len}")
-        mask_TS = None
-        if pos > 0 and T > 1:  # several new queries after a cached prefix: query i sits at pos + i
-            q_pos_T1 = torch.arange(pos, pos + T, device=input_ids_BT.device)[:, None]
-            mask_TS = torch.arange(pos + T, device=input_ids_BT.device)[None, :] <= q_pos_T1
-        h_BTD = self.model(input_ids_BT, self.rope_cos[pos:pos + T], self.rope_sin[pos:pos + T], cache, mask_TS)
+        if segments_BT is not None:
+            assert cache is None, "packed documents (segments_BT) are a training / scoring input, not a cache's"
+            cos, sin, mask = self._document_rope_and_mask(segments_BT)
+            h_BTD = self.model(input_ids_BT, cos, sin, None, mask)
+        else:
+            mask_TS = None
+            if pos > 0 and T > 1:  # several new queries after a cached prefix: query i sits at pos + i
+                q_pos_T1 = torch.arange(pos, pos + T, device=input_ids_BT.device)[:, None]
+                mask_TS = torch.arange(pos + T, device=input_ids_BT.device)[None, :] <= q_pos_T1
+            h_BTD = self.model(input_ids_BT, self.rope_cos[pos:pos + T], self.rope_sin[pos:pos + T], cache, mask_TS)
         if cache is not None:
             cache.advance(T)  # once per forward, after every layer has written its slot
         if targets_BT is None:
@@ -273,6 +284,22 @@ class Transformer(nn.Module):
         if reduction not in ("mean", "sum", "none"):
             raise ValueError(f"reduction={reduction!r}: use 'mean', 'sum' or 'none'")
         return self.loss(h_BTD, targets_BT, reduction)
+
+    def _document_rope_and_mask(self, seg_BT: torch.Tensor):
+        """RoPE tables at each token's position inside its document, and the block-diagonal causal mask
+        (B, 1, T, T), True = may attend."""
+        B, T = seg_BT.shape
+        idx_T = torch.arange(T, device=seg_BT.device)
+        starts_BT = torch.ones_like(seg_BT, dtype=torch.bool)
+        starts_BT[:, 1:] = seg_BT[:, 1:] != seg_BT[:, :-1]
+        # position = index - index of the document's first token (a running max of start indices)
+        first_BT = torch.cummax(torch.where(starts_BT, idx_T, 0), dim=1).values
+        positions_BT = idx_T - first_BT
+        cos_B1TE = self.rope_cos[positions_BT].unsqueeze(1)
+        sin_B1TE = self.rope_sin[positions_BT].unsqueeze(1)
+        same_BTT = seg_BT[:, :, None] == seg_BT[:, None, :]
+        causal_TT = idx_T[None, :] <= idx_T[:, None]
+        return cos_B1TE, sin_B1TE, (same_BTT & causal_TT).unsqueeze(1)
 
     def hidden(self, input_ids_BT: torch.Tensor, positions_BT: torch.Tensor, cache: KVCache | None = None,
                mask_B1TS: torch.Tensor | None = None) -> torch.Tensor:

@@ -8,6 +8,7 @@ from typing import Any
 
 from kiln.config import Config
 from kiln.config.rundir import RunDir, write_text_atomic
+from kiln.report.post import POST_STAGES, post_section
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -79,6 +80,7 @@ def write_report(cfg: Config) -> Path:
         out += ["## Samples", ""]
         for s in samples:
             out += [f"Prompt `{s['prompt']!r}`:", "", "```", s["prompt"] + s["completion"], "```", ""]
+    out += post_section(rd.root, {n: Path(getattr(cfg, n).out) for n in POST_STAGES if getattr(cfg, n).out})
     write_text_atomic(rd.report, "\n".join(out) + "\n")
     print(f"report: {rd.report}")
     return rd.report

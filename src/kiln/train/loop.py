@@ -8,6 +8,8 @@ A `Task` supplies:
     loss     (model, batch) -> the SUM of the per-item losses over those items
     source   the batch source's state_dict / load_state_dict, saved in every checkpoint
     evaluate, sample   optional hooks: validation loss (every rank calls it), printed samples (rank 0)
+    metrics  optional: the task's own figures of the step just taken (DPO's rewards, GRPO's reward), read
+             at log steps only and written with the loss
 
 The loop divides each step's summed loss by the count summed over the step's micro-batches and every rank:
 each valid token weighs the same wherever it falls, so padded or masked micro-batches of any size give the
@@ -66,6 +68,7 @@ class Task:
     source: Stateful
     evaluate: Callable[[], float] | None = None
     sample: Callable[[int], None] | None = None
+    metrics: Callable[[], dict[str, float]] | None = None
 
 
 @dataclasses.dataclass
@@ -85,6 +88,7 @@ class Trainer:
     fingerprint: dict         # identifies the data a resume must continue on
     flops_per_token: float
     peak: float | None        # per-device FLOP/s that MFU is measured against
+    meta: dict = dataclasses.field(default_factory=dict)   # written into every checkpoint's state.json (LoRA's shape)
 
 
 @dataclasses.dataclass
@@ -261,7 +265,8 @@ def run(tr: Trainer, task: Task, ts: TrainState, say=print) -> dict:
         """A step checkpoint, or with `best` the one checkpoint under checkpoints/best/."""
         ts.elapsed_s = elapsed_before + time.perf_counter() - t0
         ts.skipped_steps, ts.tokens_seen, ts.spike = int(skipped.item()), int(tokens.item()), guard.state_dict()
-        state = {**dataclasses.asdict(ts), "loader": task.source.state_dict(), "fingerprint": tr.fingerprint}
+        state = {**dataclasses.asdict(ts), "loader": task.source.state_dict(), "fingerprint": tr.fingerprint,
+                 **tr.meta}
         if best is not None:
             return ckpt_io.save_checkpoint(rd.checkpoints / BEST, ts.step, tr.holder, tr.optimizer,
                                            {**state, "val_loss": best}, tr.cfg, 1, d)
@@ -294,11 +299,15 @@ def run(tr: Trainer, task: Task, ts: TrainState, say=print) -> dict:
                           "elapsed_s": elapsed_before + now - t0}
                 if tr.peak:
                     record["mfu"] = mfu(tr.flops_per_token, record["tok_per_s"], tr.peak, d.world_size)
+                if task.metrics is not None:
+                    extra = task.metrics()
+                    record.update(extra)
                 record.update(cuda_memory_stats(tr.device))  # allocator counters on the host: no sync
                 if t.skip_nonfinite and not math.isfinite(record["grad_norm"]):
                     record["skipped"] = True
                 eta = (now - t0) / steps_run * (t.max_steps - done)
-                say(log_line(record, t.max_steps, eta), flush=True)
+                say(log_line({**record, "task_keys": list(extra) if task.metrics is not None else []},
+                             t.max_steps, eta), flush=True)
                 if guard.observe(done, record["loss"]):
                     # Every rank saw the same (global) loss, so every rank rolls back together.
                     ts = _rollback(tr, ts, guard, metrics, say)
@@ -460,6 +469,8 @@ def log_line(r: dict, max_steps: int, eta_s: float) -> str:
             f"gnorm {r['grad_norm']:.3f} | {r['tok_per_s'] / 1e3:.1f}k tok/s")
     if "mfu" in r:
         line += f" | mfu {100 * r['mfu']:.1f}%"
+    for key in r.get("task_keys", ()):
+        line += f" | {key} {r[key]:.4g}"
     if "peak_mem_gb" in r:
         line += f" | mem {r['peak_mem_gb']:.1f}GB"
         if r["alloc_retries"]:  # the allocator emptied its cache to fit: slow, and near an OOM

@@ -1,0 +1,213 @@
+"""kiln sft: packed rows with document masks, the assistant-only loss, the stage end to end (full and LoRA),
+resume, and a tiny model that learns to answer in the chat format and stop."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from kiln.config import ModelConfig
+from kiln.model.llama import Transformer
+from kiln.post.sft import ChatBatches, chat_loss, count_targets, example_of, pack_rows
+from kiln.tokenizer.loader import IGNORE
+
+from postkit import post_config
+
+
+def _examples(lengths, seed=0):
+    rng = np.random.default_rng(seed)
+    out = []
+    for n in lengths:
+        ids = rng.integers(3, 60, n + 1)
+        mask = rng.random(n + 1) < 0.5
+        out.append(example_of(ids.tolist(), mask.tolist()))
+    return out
+
+
+def test_example_targets_are_the_next_trained_token():
+    x, y = example_of([5, 6, 7, 8], [False, False, True, True])
+    assert x.tolist() == [5, 6, 7]
+    assert y.tolist() == [IGNORE, 7, 8]
+
+
+def test_pack_rows_never_splits_and_respects_the_length():
+    lengths = [5, 9, 3, 12, 7, 1, 16]
+    rows = pack_rows(lengths, range(len(lengths)), 16)
+    assert sorted(i for r in rows for i in r) == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in r) <= 16 for r in rows)
+    assert rows[0] == [0, 1]          # 5 + 9 = 14; 3 more would not fit
+
+
+def test_packed_batches_keep_conversations_apart():
+    ex = _examples([5, 9, 3, 12, 7, 1, 15])
+    src = ChatBatches(ex, 16, 2, "pack", pad_id=2, seed=1)
+    b = next(src)
+    assert b["input_ids"].shape == (2, 16) and b["segments"].shape == (2, 16)
+    seg = b["segments"]
+    assert (seg[:, 1:] >= seg[:, :-1]).all()               # contiguous documents
+    # every target belongs to its own conversation: the targets of a row are the examples' targets in order
+    for r, row in enumerate(src._rows[:2]):
+        want = np.concatenate([ex[i][1] for i in row])
+        assert b["targets"][r, :len(want)].tolist() == want.tolist()
+        assert (b["targets"][r, len(want):] == IGNORE).all()
+
+
+def test_padded_batches_one_conversation_per_row():
+    ex = _examples([5, 9, 3])
+    src = ChatBatches(ex, 64, 3, "pad", pad_id=2, shuffle=False)
+    b = next(src)
+    assert "segments" not in b and b["input_ids"].shape == (3, 16)   # longest 9, rounded up to 16
+    assert b["targets"][0, :5].tolist() == ex[0][1].tolist()
+
+
+def test_packed_loss_equals_each_conversation_alone():
+    """The document mask and per-document positions make a packed row compute exactly what each
+    conversation computes alone."""
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(depth=2, aspect_ratio=32, head_dim=16, n_kv_heads=1, vocab_size=64,
+                                    max_seq_len=32)).eval()
+    ex = _examples([6, 9, 4, 11], seed=3)
+    packed = ChatBatches(ex, 32, 1, "pack", pad_id=2, shuffle=False)
+    b = next(packed)
+    assert b["segments"].max() >= 2                         # several conversations in the row
+    alone = sum(chat_loss(model, {"input_ids": torch.from_numpy(x)[None], "targets": torch.from_numpy(y)[None]})
+                for x, y in (ex[i] for i in packed._rows[0]))
+    assert torch.allclose(chat_loss(model, b), alone, rtol=1e-5)
+    assert count_targets(b) == sum(int((ex[i][1] != IGNORE).sum()) for i in packed._rows[0])
+
+
+def test_batches_resume_where_they_stopped():
+    ex = _examples(list(range(3, 20)))
+    a = ChatBatches(ex, 24, 2, "pack", pad_id=2, seed=4)
+    for _ in range(5):
+        next(a)
+    state = a.state_dict()
+    want = [next(a)["input_ids"] for _ in range(6)]      # crosses an epoch boundary
+    b = ChatBatches(ex, 24, 2, "pack", pad_id=2, seed=4)
+    b.load_state_dict(json.loads(json.dumps(state)))
+    assert all(torch.equal(w, next(b)["input_ids"]) for w in want)
+    with pytest.raises(ValueError, match="conversations"):
+        ChatBatches(ex[:-1], 24, 2, "pack", pad_id=2).load_state_dict(state)
+
+
+def test_ranks_split_the_rows():
+    ex = _examples(list(range(3, 20)))
+    whole = ChatBatches(ex, 24, 1, "pack", pad_id=2, seed=4)
+    r0 = ChatBatches(ex, 24, 1, "pack", pad_id=2, seed=4, rank=0, world_size=2)
+    r1 = ChatBatches(ex, 24, 1, "pack", pad_id=2, seed=4, rank=1, world_size=2)
+    assert r0._rows + r1._rows and sorted(map(tuple, r0._rows + r1._rows)) == sorted(map(tuple, whole._rows))
+
+
+# ---------------------------------------------------------------- the stage, end to end
+
+CHATS = [
+    {"messages": [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "hi there"}]},
+    {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."},
+                  {"role": "assistant", "content": "blue"}, {"role": "user", "content": "Another?"},
+                  {"role": "assistant", "content": "green"}]},
+    {"conversations": [{"from": "human", "value": "What is 2 + 2?"}, {"from": "gpt", "value": "4"}]},
+    {"instruction": "Repeat the word", "input": "cat", "output": "cat"},
+]
+
+
+def _write_chats(path, n=40):
+    with open(path, "w") as f:
+        for i in range(n):
+            rec = json.loads(json.dumps(CHATS[i % len(CHATS)]))
+            rec.setdefault("id", i)
+            # vary the text so exact dedup keeps them
+            if "messages" in rec:
+                rec["messages"][-1]["content"] += f" {i}"
+            elif "conversations" in rec:
+                rec["conversations"][-1]["value"] += f" {i}"
+            else:
+                rec["output"] += f" {i}"
+            f.write(json.dumps(rec) + "\n")
+    return path
+
+
+def _sft_cfg(run, chats, out=None, **train):
+    t = {"max_steps": 6, "micro_batch_size": 4, "lr": 3e-3, "eval_every": 3, "checkpoint_every": 3,
+         "log_every": 1, "warmup_steps": 1, "precision": "fp32", "threads": 1, "sample_prompts": ["Say hi."]}
+    t.update(train)
+    return post_config(run, "sft", out=out, data={"sources": [str(chats)], "val_fraction": 0.2, "languages": []},
+                       train=t)
+
+
+def _losses(path):
+    return [json.loads(line)["loss"] for line in open(path) if '"loss"' in line]
+
+
+def test_sft_trains_and_writes_a_normal_run(base_run, tmp_path):
+    from kiln.formats.checkpoint import latest_checkpoint, load_model
+    from kiln.post.sft import run_sft
+    chats = _write_chats(tmp_path / "chats.jsonl")
+    summary = run_sft(_sft_cfg(base_run, chats))
+    out = base_run / "sft"
+    ckpt = latest_checkpoint(out / "checkpoints")
+    assert ckpt is not None and ckpt.name == "step_0000006"
+    assert (out / "tokenizer" / "tokenizer.json").is_file() and (out / "config.yaml").is_file()
+    report = json.loads((out / "data_report.json").read_text())
+    assert report["train_conversations"] + report["val_conversations"] == 40
+    losses = _losses(out / "metrics.jsonl")
+    assert len(losses) == 6 and losses[-1] < losses[0]
+    assert summary["final_val_loss"] is not None
+    model, _ = load_model(ckpt, "cpu")           # the stage's checkpoint is a plain model checkpoint
+    assert model.cfg.max_seq_len == 128
+    assert json.loads((out / "samples.json").read_text())[0]["prompt"] == "Say hi."
+
+
+def test_sft_resume_continues_exactly(base_run, tmp_path):
+    import shutil
+    from kiln.post.sft import run_sft
+    chats = _write_chats(tmp_path / "chats.jsonl")
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    run_sft(_sft_cfg(base_run, chats, out=str(whole)))
+    shutil.copytree(whole, cut)                                     # the same run, as if killed after step 3:
+    shutil.rmtree(cut / "checkpoints" / "step_0000006")            # its newest checkpoint is step 3
+    run_sft(_sft_cfg(base_run, chats, out=str(cut), resume=True))
+    a, b = _losses(whole / "metrics.jsonl"), _losses(cut / "metrics.jsonl")
+    assert len(a) == len(b) == 6
+    assert a == b                                                   # bitwise: same batches, RNG, optimizer
+
+
+def test_sft_refuses_to_overwrite_its_checkpoints(base_run, tmp_path):
+    from kiln.config import ConfigError
+    from kiln.post.sft import run_sft
+    chats = _write_chats(tmp_path / "chats.jsonl")
+    cfg = _sft_cfg(base_run, chats, max_steps=2)
+    run_sft(cfg)
+    with pytest.raises(ConfigError, match="--overwrite"):
+        run_sft(cfg)
+
+
+def test_sft_lora_writes_a_peft_adapter_and_a_mergeable_checkpoint(base_run, tmp_path):
+    from kiln.formats.checkpoint import latest_checkpoint, load_model
+    from kiln.post.sft import run_sft
+    chats = _write_chats(tmp_path / "chats.jsonl")
+    cfg = _sft_cfg(base_run, chats, max_steps=3, lr=1e-2)
+    cfg.sft.lora.enabled = True
+    cfg.sft.lora.rank = 4
+    run_sft(cfg)
+    out = base_run / "sft"
+    assert (out / "adapter" / "adapter_config.json").is_file()
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    merged, _ = load_model(latest_checkpoint(out / "checkpoints"), "cpu")
+    base, _ = load_model(latest_checkpoint(base_run / "checkpoints"), "cpu")
+    x = torch.randint(0, 300, (1, 12))
+    assert not torch.allclose(merged(x), base(x))        # the adapters changed the model...
+    names = {k for k, _ in merged.named_parameters()}
+    assert not any("lora" in n for n in names)            # ...and loading merged them into plain weights
+
+
+def test_sft_rejects_and_counts_conversations_without_assistant_turns(base_run, tmp_path):
+    from kiln.post.sft import run_sft
+    chats = _write_chats(tmp_path / "chats.jsonl", n=12)
+    with open(chats, "a") as f:
+        f.write(json.dumps({"messages": [{"role": "user", "content": "only a question"}]}) + "\n")
+        f.write("{not json\n")
+    run_sft(_sft_cfg(base_run, chats, max_steps=1))
+    report = json.loads((base_run / "sft" / "data_report.json").read_text())
+    text = json.dumps(report["data"])
+    assert "chats.jsonl" in text and report["train_conversations"] + report["val_conversations"] == 12
