@@ -211,3 +211,24 @@ def test_sft_rejects_and_counts_conversations_without_assistant_turns(base_run, 
     report = json.loads((base_run / "sft" / "data_report.json").read_text())
     text = json.dumps(report["data"])
     assert "chats.jsonl" in text and report["train_conversations"] + report["val_conversations"] == 12
+
+
+def test_a_tiny_model_learns_to_answer_in_the_chat_format_and_stop(base_run):
+    """SFT on built-in conversations (chatterbot): greedy replies to their questions end with the end-of-turn
+    token; the base model, never shown the chat format, does not stop."""
+    from kiln.formats.checkpoint import latest_checkpoint, load_model
+    from kiln.post.sft import chat_samples, run_sft
+    from kiln.tokenizer import Tokenizer
+    cfg = post_config(base_run, "sft", packing="pad",
+                      data={"sources": ["chatterbot"], "max_examples": 16, "val_fraction": 0.0},
+                      train={"max_steps": 120, "micro_batch_size": 8, "lr": 1e-2, "warmup_steps": 5,
+                             "eval_every": 1000, "checkpoint_every": 1000, "log_every": 20, "precision": "fp32",
+                             "threads": 2, "sample_prompts": ["What is AI?", "Are you sentient?",
+                                                              "Are you sapient?"]})
+    run_sft(cfg)
+    samples = json.loads((base_run / "sft" / "samples.json").read_text())
+    assert all(s["stopped"] and s["reply"].strip() for s in samples), samples
+    tok = Tokenizer.from_file(base_run / "tokenizer")
+    base, _ = load_model(latest_checkpoint(base_run / "checkpoints"), "cpu")
+    before = chat_samples(base, tok, [s["prompt"] for s in samples])
+    assert not any(s["stopped"] for s in before), before

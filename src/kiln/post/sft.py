@@ -268,7 +268,8 @@ def chat_samples(model: nn.Module, tok, prompts: list[str], seed: int = 0, max_n
         ids = tok.encode_chat([{"role": "user", "content": prompt}], add_generation_prompt=True)
         new = generate(model, ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=50,
                        stop_ids=tok.stop_ids, seed=seed + i)
-        stopped = bool(new) and new[-1] in tok.stop_ids
+        # generate() drops the stop token: a reply shorter than allowed, with context left, ended on one
+        stopped = len(new) < max_new_tokens and len(ids) + len(new) < model.cfg.max_seq_len
         out.append({"prompt": prompt, "reply": tok.decode(new, skip_special=True), "stopped": stopped,
                     "tokens": len(new)})
     model.train(was_training)

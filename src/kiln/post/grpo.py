@@ -1,0 +1,599 @@
+"""`kiln grpo`: group-relative policy optimisation (Shao et al. 2024, DeepSeekMath) on verifiable rewards, a task of
+the one loop (kiln/train/loop.py).
+
+The batch source, `Rollouts`, makes every micro-batch fresh:
+  1. take grpo.prompts_per_step problems from the stream of training items (reshuffled every epoch);
+  2. render each with the chat template: the system prompt, the question as the user turn, the assistant header;
+  3. sample grpo.group_size completions of each with kiln's batched engine (kiln/infer/engine.py) over the very
+     model object that trains: no second engine and no copy of the weights; the optimizer updates them in place
+     and the next batch samples from the new ones;
+  4. score each: the task's verifier on the extracted answer plus grpo.format_reward, or the user's grpo.reward;
+  5. advantages within each group: A = (r - mean) / (std + eps);
+  6. log-probabilities of the completions under the sampling policy (one no-grad pass) and, with kl_beta > 0,
+     under the reference.
+The loss (`GRPOLoss`) is PPO's clipped surrogate plus kl_beta times the k3 estimate of KL(policy || reference),
+summed over completion tokens; the loop divides by the step's completion tokens.
+
+Choices (and their hazards):
+- Sampling mode: eval() while the engine or a log-prob pass runs (`Rollouts.sampling`; Engine() also sets it when
+  built), the model's own mode restored after. Sampling and both log-prob passes run under the loss's own bf16
+  autocast and SDPA backend, so the policy that samples is the one that is scored. CUDA graphs are off: the
+  engine captures them once, at construction and outside autocast (they would decode in fp32, not in the bf16
+  the policy trains in), and their memory pool would sit beside training's activations for the whole run.
+- Stop tokens: the engine runs without stop ids and each completion is cut after its first stop id, which is
+  kept: the policy must learn when to stop, and the engine's outputs do not say *which* stop id ended a sample
+  (a chat model has two: <|end|> and <|eos|>). A request is cancelled once all its samples stopped, so decoding
+  ends when the longest completion does, as with stop ids in the engine.
+- One update per sample: the loop draws every micro-batch of a step before its first backward, so all of a
+  step's completions come from the weights being updated and r = exp(logp - old_logp) is 1 up to rounding at
+  the update (mu = 1 in DeepSeekMath's notation; the gradient is then A * grad log p, REINFORCE with the group
+  baseline). The clip binds only where r drifts from 1 (several updates per sample; LoRA dropout, which is off
+  while sampling and on in the loss: keep grpo.lora.dropout = 0). Log-probabilities are the model's own
+  (temperature 1) whatever grpo.temperature samples with.
+- Advantages are divided by the group's standard deviation (unbiased, eps 1e-4), as DeepSeekMath; Dr. GRPO
+  (Liu et al. 2025) drops the division, which otherwise up-weights groups that nearly agree. A group whose
+  rewards are all equal gives A = 0 (only the KL term acts on it); DAPO's dynamic sampling, which would draw
+  more groups instead, is not done: `zero_var_groups` reports the share.
+- Token-level normalisation (DAPO): every completion token of a step weighs the same, not every completion
+  (GRPO's per-completion mean penalises a long wrong answer less per token, Dr. GRPO shows: lengths grow).
+- A reward function that raises (or returns something not a finite number) drops its sample: it is not trained
+  on (its tokens are masked) nor part of its group's statistics; `reward_errors` counts them and
+  reward_errors.jsonl keeps each one with its item. A micro-batch whose every sample fails stops the run.
+- Evaluation: greedy accuracy (the verifier scores 1) on grpo.eval_items held-out problems, before training and
+  at every train.eval_every; the loop gets 1 - accuracy as its "validation loss" (lower is better, so
+  checkpoints/best is the most accurate one; the loop's "ppl" printed beside it means nothing here).
+- Resume: the source's state is the count of micro-batches drawn; problems follow from it and the sampling seed
+  of a micro-batch from (train.seed, that count, rank), so a resumed run samples the very same completions.
+- Reference (kl_beta > 0): with LoRA the model with adapters switched off; else a frozen copy of the starting
+  weights (twice the weight memory).
+
+Shapes: B rows (prompts_per_step x group_size completions), T positions (prompt + completion - 1, padded),
+P prompts, G samples per prompt.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from kiln.config import ConfigError, GRPOConfig
+from kiln.infer.engine import Engine, Output
+from kiln.infer.sampling import SamplingParams
+from kiln.post.common import Stage, begin, finish, fingerprint_of, load_base, trainer
+from kiln.tokenizer.loader import IGNORE
+from kiln.train import loop
+from kiln.train.distributed import broadcast_object, shutdown, sum_over_ranks
+
+TRAIN_PROBLEMS = 4096
+"""Problems generated for training (besides the held-out ones), cycled in epochs. Fixed, not derived from
+train.max_steps, so that a run resumed with more steps continues on the same problems."""
+ADV_EPS = 1e-4      # added to the group's std (TRL's value): groups that nearly agree get large but finite A
+ROW_MULTIPLE = 16   # rows are padded to a multiple of this: fewer distinct shapes for the allocator and kernels
+
+
+# ---------------------------------------------------------------- advantages and loss
+
+def group_advantages(rewards_PG: torch.Tensor, valid_PG: torch.Tensor, eps: float = ADV_EPS) -> torch.Tensor:
+    """(r - mean) / (std + eps) within each group (row) over its valid samples; 0 for invalid samples and for
+    groups with fewer than 2 valid ones (no baseline to compare with). std is the unbiased one."""
+    valid = valid_PG.float()
+    n_P1 = valid.sum(dim=1, keepdim=True)
+    r = torch.where(valid_PG, rewards_PG.float(), 0.0)
+    mean_P1 = r.sum(dim=1, keepdim=True) / n_P1.clamp(min=1)
+    var_P1 = (((r - mean_P1) * valid) ** 2).sum(dim=1, keepdim=True) / (n_P1 - 1).clamp(min=1)
+    adv = (r - mean_P1) / (var_P1.sqrt() + eps)
+    return torch.where(valid_PG & (n_P1 >= 2), adv, 0.0)
+
+
+class GRPOLoss:
+    """The clipped surrogate -min(r A, clip(r, 1 - eps, 1 + eps) A) per completion token, r = exp(logp - old_logp),
+    plus kl_beta * (exp(ref - logp) - (ref - logp) - 1) (Schulman's k3: unbiased, always >= 0); the SUM over
+    completion tokens. Keeps the KL and the clipped share on the device for `take_stats` (no host sync here)."""
+
+    def __init__(self, clip_eps: float, kl_beta: float):
+        self.clip_eps, self.kl_beta = clip_eps, kl_beta
+        self._kl = self._clipped = self._tokens = None
+
+    def __call__(self, model: nn.Module, batch: loop.Batch) -> torch.Tensor:
+        logp_BT = -model(batch["input_ids"], batch["targets"], reduction="none").float()
+        mask_BT = batch["mask"]
+        adv_B1 = batch["advantages"].float()[:, None]
+        ratio_BT = torch.exp(logp_BT - batch["old_logp"])
+        plain_BT = ratio_BT * adv_B1
+        clipped_BT = ratio_BT.clamp(1 - self.clip_eps, 1 + self.clip_eps) * adv_B1
+        per_token_BT = -torch.minimum(plain_BT, clipped_BT)
+        kl_BT = None
+        if self.kl_beta > 0:
+            d_BT = batch["ref_logp"] - logp_BT
+            kl_BT = torch.exp(d_BT) - d_BT - 1
+            per_token_BT = per_token_BT + self.kl_beta * kl_BT
+        # where(), not a product with the mask: an overflowing ratio (inf) times 0 would be NaN
+        loss = torch.where(mask_BT, per_token_BT, 0.0).sum()
+        self._accumulate(mask_BT, clipped_BT < plain_BT, kl_BT)
+        return loss
+
+    @torch.no_grad()
+    def _accumulate(self, mask_BT: torch.Tensor, clip_BT: torch.Tensor, kl_BT: torch.Tensor | None) -> None:
+        if self._tokens is None:
+            self._kl, self._clipped, self._tokens = (torch.zeros((), dtype=torch.float64, device=mask_BT.device)
+                                                     for _ in range(3))
+        self._tokens += mask_BT.sum()
+        self._clipped += (clip_BT & mask_BT).sum()
+        if kl_BT is not None:
+            self._kl += torch.where(mask_BT, kl_BT.detach(), 0.0).sum().double()
+
+    def take_stats(self) -> torch.Tensor | None:
+        """(KL sum, clipped tokens, tokens) since the last call, a device tensor; None before any loss."""
+        if self._tokens is None:
+            return None
+        out = torch.stack([self._kl, self._clipped, self._tokens])
+        self._kl, self._clipped, self._tokens = None, None, None
+        return out
+
+
+def count_tokens(batch: loop.Batch) -> torch.Tensor:
+    return batch["mask"].sum()
+
+
+def token_logp(model: nn.Module, input_ids_BT: torch.Tensor, targets_BT: torch.Tensor) -> torch.Tensor:
+    """log p of each target under `model` (B, T) fp32, 0 where the target is IGNORE; no gradient."""
+    with torch.no_grad():
+        return -model(input_ids_BT, targets_BT, reduction="none").float()
+
+
+# ---------------------------------------------------------------- rewards
+
+@dataclass
+class Score:
+    reward: float | None      # None: the reward function failed (the sample is dropped)
+    correct: bool             # the task's verifier scores 1
+    formatted: bool           # <think>...</think><answer>...</answer>
+    error: str | None = None
+
+
+class Rewarder:
+    """The reward of a completion: the task's verifier (kiln/post/reasoning.py) plus format_reward when the format
+    holds, or `fn(prompt, completion, item)` (grpo.reward) alone. prompt is the question (the user turn), item
+    the reasoning.TaskItem (question, answer, raw). The verifier's verdict is kept either way (accuracy)."""
+
+    def __init__(self, task, format_reward: float, fn: Callable[[str, str, Any], float] | None = None,
+                 spec: str | None = None):
+        self.task, self.format_reward, self.fn, self.spec = task, format_reward, fn, spec
+
+    def __call__(self, completion: str, item) -> Score:
+        from kiln.post.reasoning import format_ok
+        formatted = format_ok(completion)
+        try:
+            verdict = float(self.task.score(completion, item))
+        except Exception as e:   # noqa: BLE001 - a user task's verifier may raise anything; counted, not trained on
+            return Score(None, False, formatted, f"the verifier of task {self.task.name}: {type(e).__name__}: {e}")
+        if self.fn is None:
+            return Score(verdict + (self.format_reward if formatted else 0.0), verdict >= 1.0, formatted)
+        try:
+            value = self.fn(item.question, completion, item)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise TypeError(f"returned {value!r}, not a finite number")
+        except Exception as e:   # noqa: BLE001 - the user's code may raise anything; counted, never trained on
+            return Score(None, verdict >= 1.0, formatted, f"grpo.reward {self.spec}: {type(e).__name__}: {e}")
+        return Score(float(value), verdict >= 1.0, formatted)
+
+
+# ---------------------------------------------------------------- sampling
+
+@dataclass
+class Problem:
+    item: Any                 # reasoning.TaskItem
+    prompt_ids: list[int]     # the rendered chat prompt, ending with the assistant header
+
+
+def sample_completions(engine: Engine, prompts: list[list[int]], params: list[SamplingParams],
+                       stop_ids: set[int]) -> list[list[list[int]]]:
+    """Each prompt's n completions, on the calling thread. The engine runs without stop ids (see the module
+    docstring); a completion is cut after its first stop id, which it keeps, and a request is cancelled once
+    every one of its samples has stopped."""
+    outs = [[[] for _ in range(p.n)] for p in params]
+    stopped = [[False] * p.n for p in params]
+    finished = [0]
+    requests: list[Any] = []
+
+    def collect(i: int):
+        def on_output(o: Output) -> None:
+            ids, done = outs[i][o.index], stopped[i]
+            for t in o.token_ids:
+                if done[o.index]:
+                    break
+                ids.append(t)
+                done[o.index] = t in stop_ids
+            if o.finish_reason is not None:
+                finished[0] += 1
+                done[o.index] = True
+            if all(done) and requests[i].unfinished > 0:
+                engine.cancel(requests[i])   # honoured at the next step; its samples come back as "abort"
+        return on_output
+
+    for i, (p, prm) in enumerate(zip(prompts, params)):
+        requests.append(engine.submit(p, prm, collect(i)))   # callbacks run in step(), never in submit()
+    total = sum(p.n for p in params)
+    while finished[0] < total:
+        engine.step()
+    return outs
+
+
+def derive_seed(*parts: int) -> int:
+    """A 32-bit seed from integers (train.seed, micro-batch, rank, prompt): no two draws share a stream."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, dtype=np.uint32)[0])
+
+
+def build_rows(prompts: list[list[int]], completions: list[list[int]], trained: list[bool], pad_id: int,
+               max_len: int) -> dict[str, torch.Tensor]:
+    """Prompt + completion rows, right-padded: input_ids (B, T), targets (B, T) = the next token where it is a
+    completion token of a trained sample (else IGNORE), mask (B, T) = targets != IGNORE."""
+    n = [len(p) + len(c) - 1 for p, c in zip(prompts, completions)]
+    T = min(-(-max(n) // ROW_MULTIPLE) * ROW_MULTIPLE, max_len)
+    B = len(prompts)
+    x = np.full((B, T), pad_id, dtype=np.int64)
+    y = np.full((B, T), IGNORE, dtype=np.int64)
+    for b, (p, c) in enumerate(zip(prompts, completions)):
+        full = np.asarray(p + c, dtype=np.int64)
+        x[b, :n[b]] = full[:-1]
+        if trained[b]:
+            y[b, len(p) - 1:n[b]] = full[len(p):]
+    targets = torch.from_numpy(y)
+    return {"input_ids": torch.from_numpy(x), "targets": targets, "mask": targets != IGNORE}
+
+
+class Rollouts:
+    """The batch source (see the module docstring): endless micro-batches of input_ids, targets, mask (B, T),
+    advantages (B,), old_logp (B, T) and with a reference ref_logp (B, T); CPU tensors. Resumable: the state is
+    the count of micro-batches drawn on this rank."""
+
+    def __init__(self, policy: nn.Module, tok, problems: list[Problem], rewarder: Rewarder, sec: GRPOConfig,
+                 device: torch.device, amp: bool, seed: int, reference: Callable | None = None,
+                 eval_problems: list[Problem] = (), rank: int = 0, world_size: int = 1,
+                 error_log: Path | None = None, say=print):
+        if not problems:
+            raise ValueError("grpo: no training problems")
+        self.policy, self.tok, self.problems, self.rewarder, self.sec = policy, tok, problems, rewarder, sec
+        self.device, self.amp, self.seed, self.reference = device, amp, seed, reference
+        self.rank, self.world, self.error_log, self.say = rank, world_size, error_log, say
+        self.stop_ids = set(tok.stop_ids)
+        self.batches = 0
+        self._perm: tuple[int, np.ndarray] | None = None
+        self.stats = np.zeros(len(STAT_KEYS))
+        self.first_error: str | None = None
+        self.errors_total = 0      # reward errors over the whole run on this rank (the summary's figure)
+        longest = max(len(p.prompt_ids) for p in [*problems, *eval_problems])
+        self.max_len = min(policy.cfg.max_seq_len, longest + sec.max_new_tokens)
+        slots = sec.prompts_per_step * sec.group_size
+        was = policy.training
+        # The engine holds `policy` itself: every update is seen by the next batch. Its KV cache is allocated once.
+        self.engine = Engine(policy, None, max_slots=slots, max_len=self.max_len, cuda_graphs=False,
+                             max_queue=max(sec.prompts_per_step, len(eval_problems)) + 1, seed=seed)
+        policy.train(was)   # Engine() switched it to eval
+
+    # ------------------------------------------------------------ the stream
+
+    def problem(self, q: int) -> Problem:
+        """The q-th problem of the stream: epochs of the training problems, each in its own shuffled order."""
+        n = len(self.problems)
+        epoch = q // n
+        if self._perm is None or self._perm[0] != epoch:
+            self._perm = (epoch, np.random.default_rng([self.seed, epoch]).permutation(n))
+        return self.problems[int(self._perm[1][q % n])]
+
+    def __iter__(self) -> Iterator[loop.Batch]:
+        return self
+
+    def __next__(self) -> loop.Batch:
+        t0 = time.perf_counter()
+        P, G = self.sec.prompts_per_step, self.sec.group_size
+        first = (self.batches * self.world + self.rank) * P
+        problems = [self.problem(first + j) for j in range(P)]
+        seed = derive_seed(self.seed, self.batches, self.rank)
+        params = [SamplingParams(max_tokens=self.sec.max_new_tokens, temperature=self.sec.temperature, n=G,
+                                 seed=derive_seed(seed, j)) for j in range(P)]
+        with self.sampling():
+            outs = sample_completions(self.engine, [p.prompt_ids for p in problems], params, self.stop_ids)
+        scores = [[self.score(problems[j], ids) for ids in outs[j]] for j in range(P)]
+        valid_PG = torch.tensor([[s.reward is not None for s in row] for row in scores])
+        if not valid_PG.any():
+            raise ValueError(f"every one of the {P * G} completions of micro-batch {self.batches} failed to score; "
+                             f"the first: {self.first_error}. Fix grpo.reward (or the task)")
+        rewards_PG = torch.tensor([[s.reward if s.reward is not None else 0.0 for s in row] for row in scores])
+        adv_PG = group_advantages(rewards_PG, valid_PG)
+        prompts = [p.prompt_ids for p in problems for _ in range(G)]
+        completions = [ids for row in outs for ids in row]
+        batch = build_rows(prompts, completions, valid_PG.flatten().tolist(), self.tok.pad_id, self.max_len)
+        batch["advantages"] = adv_PG.flatten()
+        batch.update(self.logps(batch))
+        self.batches += 1
+        self._count(scores, rewards_PG, valid_PG, completions, time.perf_counter() - t0)
+        return batch
+
+    @contextlib.contextmanager
+    def sampling(self):
+        """The engine's mode (eval) and the loss's autocast; the model's mode restored after."""
+        from kiln.runtime.device import autocast
+        was = self.policy.training
+        self.policy.eval()
+        try:
+            with autocast(self.device, self.amp):
+                yield
+        finally:
+            self.policy.train(was)
+
+    def logps(self, batch: loop.Batch) -> dict[str, torch.Tensor]:
+        """old_logp (the policy that sampled: eval mode, as the engine ran it) and ref_logp, on the CPU."""
+        x, y = batch["input_ids"].to(self.device), batch["targets"].to(self.device)
+        out = {}
+        with self.sampling():
+            out["old_logp"] = token_logp(self.policy, x, y)
+            if self.reference is not None:
+                out["ref_logp"] = self.reference(x, y)
+        return {k: v.cpu() for k, v in out.items()}   # a host sync, once per micro-batch (sampling has many)
+
+    def score(self, problem: Problem, ids: list[int]) -> Score:
+        text = self.tok.decode([t for t in ids if t not in self.stop_ids], skip_special=True)
+        s = self.rewarder(text, problem.item)
+        if s.error is not None:
+            self._log_error(problem, text, s.error)
+        return s
+
+    def _log_error(self, problem: Problem, completion: str, error: str) -> None:
+        self.errors_total += 1
+        if self.first_error is None:
+            self.first_error = f"{error} (question {problem.item.question[:80]!r})"
+            self.say(f"warning: {self.first_error}; such samples are dropped (not trained on), counted in "
+                     f"reward_errors{f' and written to {self.error_log}' if self.error_log else ''}",
+                     file=sys.stderr, flush=True)
+        if self.error_log is not None:
+            rec = {"micro_batch": self.batches, "rank": self.rank, "error": error, "question": problem.item.question,
+                   "answer": problem.item.answer, "completion": completion}
+            with open(self.error_log, "a", encoding="utf-8") as f:
+                f.write(json.dumps(rec) + "\n")
+
+    def _count(self, scores, rewards_PG, valid_PG, completions, seconds: float) -> None:
+        flat = [s for row in scores for s in row]
+        n_valid = valid_PG.sum(dim=1)
+        spread = torch.where(valid_PG, rewards_PG, rewards_PG.max()).amin(dim=1) != \
+            torch.where(valid_PG, rewards_PG, rewards_PG.min()).amax(dim=1)
+        self.stats += np.array([
+            len(flat), sum(s.reward is not None for s in flat), float(rewards_PG[valid_PG].sum()),
+            sum(s.correct for s in flat), sum(s.formatted for s in flat),
+            sum(len(c) for c in completions), int((n_valid >= 2).sum()), int(((n_valid >= 2) & ~spread).sum()),
+            sum(s.reward is None for s in flat), seconds, 1])
+
+    # ------------------------------------------------------------ evaluation
+
+    @torch.no_grad()
+    def evaluate(self, problems: list[Problem], d) -> dict[str, Any]:
+        """Greedy accuracy and format rate on `problems` (each rank takes its share), and one example."""
+        mine = problems[self.rank::self.world]
+        params = [SamplingParams(max_tokens=self.sec.max_new_tokens, temperature=0.0)] * len(mine)
+        outs = []
+        if mine:
+            with self.sampling():
+                outs = sample_completions(self.engine, [p.prompt_ids for p in mine], params, self.stop_ids)
+        correct = formatted = 0
+        example = None
+        from kiln.post.reasoning import format_ok
+        for p, (ids,) in zip(mine, outs):
+            text = self.tok.decode([t for t in ids if t not in self.stop_ids], skip_special=True)
+            correct += float(self.rewarder.task.score(text, p.item)) >= 1.0
+            formatted += format_ok(text)
+            example = example or {"question": p.item.question, "completion": text, "answer": p.item.answer}
+        totals = sum_over_ranks(torch.tensor([correct, formatted, len(mine)], dtype=torch.float64,
+                                             device=self.device), d).tolist()
+        n = max(totals[2], 1)
+        return {"accuracy": totals[0] / n, "format_rate": totals[1] / n, "items": int(totals[2]), "example": example}
+
+    # ------------------------------------------------------------ resume
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"batches": self.batches, "problems": len(self.problems)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("problems") != len(self.problems):
+            raise ValueError(f"the checkpoint was trained on {state.get('problems')} grpo problems, this run has "
+                             f"{len(self.problems)} (grpo.task, task_config, eval_items or max_seq_len changed)")
+        self.batches = int(state["batches"])
+
+
+STAT_KEYS = ("samples", "scored", "reward_sum", "correct", "formatted", "completion_tokens", "groups",
+             "zero_var_groups", "reward_errors", "seconds", "micro_batches")
+
+
+def step_metrics(source: Rollouts, loss: GRPOLoss, d, accum: int = 1) -> dict[str, float]:
+    """The figures since the last log line, summed over ranks (every rank calls this at the same point).
+    sample_s: seconds per optimizer step spent making batches (sampling, scoring, the log-prob passes)."""
+    local = torch.tensor(source.stats, dtype=torch.float64, device=source.device)
+    source.stats[:] = 0
+    kl = loss.take_stats()
+    if kl is None:
+        kl = torch.zeros(3, dtype=torch.float64, device=source.device)
+    s = dict(zip(STAT_KEYS + ("kl_sum", "clipped", "tokens"),
+                 sum_over_ranks(torch.cat([local, kl.to(local.device)]), d).tolist()))
+    scored = max(s["scored"], 1)
+    out = {"reward": s["reward_sum"] / scored, "accuracy": s["correct"] / max(s["samples"], 1),
+           "format": s["formatted"] / max(s["samples"], 1),
+           "completion_len": s["completion_tokens"] / max(s["samples"], 1),
+           "zero_var_groups": s["zero_var_groups"] / max(s["groups"], 1), "reward_errors": s["reward_errors"],
+           "clip_frac": s["clipped"] / max(s["tokens"], 1),
+           "sample_s": s["seconds"] / max(s["micro_batches"], 1) * accum}
+    if loss.kl_beta > 0:
+        out["kl"] = s["kl_sum"] / max(s["tokens"], 1)
+    return out
+
+
+# ---------------------------------------------------------------- the stage
+
+def load_problems(sec: GRPOConfig, tok, seed: int, max_seq_len: int, say=print) -> tuple[Any, list[Problem],
+                                                                                          list[Problem], dict]:
+    """The task, its training and held-out problems (disjoint by question text), rendered; a report of counts."""
+    from kiln.post.reasoning import SYSTEM_PROMPT, make_task
+    task = make_task(sec.task, sec.task_config, seed=seed, size=sec.eval_items + TRAIN_PROBLEMS)
+    system = SYSTEM_PROMPT if sec.system is None else sec.system
+    room = max_seq_len - sec.max_new_tokens
+    if room < 1:
+        raise ConfigError(f"grpo.max_new_tokens={sec.max_new_tokens} leaves no room for a prompt in the model's "
+                          f"context of {max_seq_len} tokens; lower grpo.max_new_tokens")
+    report: dict[str, Any] = {"generated": len(task.items), "too_long": 0, "duplicate_of_eval": 0}
+    rendered = []
+    for item in task.items:
+        messages = ([{"role": "system", "content": system}] if system else []) + \
+            [{"role": "user", "content": item.question}]
+        try:
+            ids = tok.encode_chat(messages, add_generation_prompt=True)
+        except ValueError as e:
+            raise ConfigError(f"grpo: the chat template refuses the prompt ({e}); a template without a system turn "
+                              "takes --grpo.system ''") from e
+        if len(ids) > room:
+            report["too_long"] += 1
+            continue
+        rendered.append(Problem(item, ids))
+    held, rest = rendered[:sec.eval_items], rendered[sec.eval_items:]
+    held_q = {p.item.question for p in held}
+    train = [p for p in rest if p.item.question not in held_q]
+    report["duplicate_of_eval"] = len(rest) - len(train)
+    report.update(train=len(train), eval=len(held))
+    if not train:
+        raise ConfigError(f"grpo: no training problems left of the {len(task.items)} of task {sec.task!r} "
+                          f"({report['too_long']} leave fewer than grpo.max_new_tokens={sec.max_new_tokens} of the "
+                          f"model's {max_seq_len} positions; {sec.eval_items} held out by grpo.eval_items): "
+                          "shorten grpo.system, lower grpo.max_new_tokens or grpo.eval_items, or give more items")
+    if report["too_long"]:
+        say(f"grpo: {report['too_long']} of {len(task.items)} prompts do not leave grpo.max_new_tokens="
+            f"{sec.max_new_tokens} in the context of {max_seq_len}: skipped", file=sys.stderr)
+    return task, train, held, report
+
+
+def reference_fn(policy: nn.Module, lora: bool) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """log p under the reference: the policy with its adapters off (LoRA), else a frozen copy made now."""
+    if lora:
+        from kiln.train.lora import adapters_disabled
+
+        def with_adapters_off(x, y):
+            with adapters_disabled(policy):
+                return token_logp(policy, x, y)
+        return with_adapters_off
+    frozen = copy.deepcopy(policy).eval().requires_grad_(False)
+    return lambda x, y: token_logp(frozen, x, y)
+
+
+def run_grpo(cfg) -> dict:
+    st = begin(cfg, "grpo")
+    try:
+        return _grpo(st)
+    finally:
+        shutdown()
+
+
+def _grpo(st: Stage) -> dict:
+    from kiln.post.reasoning import load_function
+    from kiln.runtime.device import sdpa_backend
+    sec: GRPOConfig = st.section
+    t, d = st.cfg.train, st.d
+    if d.parallel == "fsdp" or (d.parallel == "deepspeed" and t.zero_stage == 3):
+        raise ConfigError(f"grpo.train.parallel={d.parallel}{' ZeRO-3' if d.parallel == 'deepspeed' else ''}: "
+                          "sampling needs every weight on each rank; use ddp, or deepspeed with zero_stage <= 2")
+    task, train, held, report = load_problems(sec, st.tok, t.seed, st.cfg.model.max_seq_len, st.say)
+    fn = load_function(sec.reward, what="grpo.reward") if sec.reward else None
+    rewarder = Rewarder(task, sec.format_reward, fn, sec.reward)
+    st.say(f"grpo: task {sec.task}: {report['train']} training / {report['eval']} held-out problems; "
+           f"{sec.prompts_per_step} prompts x {sec.group_size} completions per micro-batch, reward "
+           f"{sec.reward or f'verifier + {sec.format_reward:g} for the format'}, kl_beta {sec.kl_beta:g}")
+
+    fingerprint = {"problems": fingerprint_of([p.prompt_ids for p in train[:500]], len(train)),
+                   "base": str(st.base), "reward": sec.reward, "group": [sec.prompts_per_step, sec.group_size]}
+    model = load_base(st)
+    reference = reference_fn(model, sec.lora.enabled) if sec.kl_beta > 0 else None
+    tr = trainer(st, model, fingerprint)
+    error_log = st.rd.root / ("reward_errors.jsonl" if d.world_size == 1 else f"reward_errors.rank{d.rank}.jsonl")
+    source = Rollouts(tr.model, st.tok, train, rewarder, sec, st.device, tr.amp, t.seed, reference, held,
+                      d.rank, d.world_size, error_log, st.say)
+    loss = GRPOLoss(sec.clip_eps, sec.kl_beta)
+    evals = EvalLog(st.rd.root / "grpo_eval.json", d.is_main)
+
+    def evaluate() -> float:
+        r = source.evaluate(held, d)
+        evals.add(source.batches // tr.accum, r)
+        ex = r["example"] or {"question": "", "completion": ""}
+        st.say(f"grpo eval: greedy accuracy {r['accuracy']:.3f}, format {r['format_rate']:.3f} on {r['items']} "
+               f"held-out problems; e.g. {ex['question'][:60]!r} -> {ex['completion'][:80]!r}")
+        return 1.0 - r["accuracy"]
+
+    grpo_task = loop.Task(batches=source, loss=loss, count=count_tokens, source=source, evaluate=evaluate,
+                      metrics=lambda: step_metrics(source, loss, d, tr.accum))
+    ts = loop.start(tr, grpo_task, st.say)
+    trim_error_log(error_log, source.batches)
+    evals.resume(ts.step)
+    evals.before = broadcast_object(evals.before, d)   # rank 0's file decides: evaluate() is a collective
+    if evals.before is None:
+        with sdpa_backend(t.attention_backend):
+            evals.before = source.evaluate(held, d)
+        evals.write()
+        st.say(f"grpo eval before training: greedy accuracy {evals.before['accuracy']:.3f}, format "
+               f"{evals.before['format_rate']:.3f}")
+    summary = loop.run(tr, grpo_task, ts, st.say)
+    after = evals.history[-1] if evals.history else evals.before
+    errors = int(sum_over_ranks(torch.tensor(source.errors_total, device=st.device), d).item())
+    summary.update(reward_errors=errors, eval_accuracy_before=evals.before["accuracy"],
+                   eval_accuracy_after=after["accuracy"],
+                   eval_format_before=evals.before["format_rate"], eval_format_after=after["format_rate"],
+                   eval_items=len(held), train_problems=len(train), problems=report)
+    return finish(st, tr, summary)
+
+
+def trim_error_log(path: Path, batches: int) -> None:
+    """Keep the errors of the micro-batches before `batches` (a resumed run samples the rest again; a fresh
+    start, batches = 0, keeps none)."""
+    if not path.exists():
+        return
+    keep = []
+    for ln in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(ln)["micro_batch"] < batches:
+                keep.append(ln)
+        except (json.JSONDecodeError, KeyError, TypeError):   # a line cut short by a crash
+            continue
+    path.write_text("".join(ln + "\n" for ln in keep), encoding="utf-8")
+
+
+class EvalLog:
+    """grpo_eval.json: the greedy accuracy before training and at each evaluation (rewritten each time; a resumed
+    run keeps what it had up to its step)."""
+
+    def __init__(self, path: Path, write: bool):
+        self.path, self.writes = path, write
+        self.before: dict | None = None
+        self.history: list[dict] = []
+
+    def resume(self, step: int) -> None:
+        if step == 0 or not self.path.exists():
+            return
+        saved = json.loads(self.path.read_text(encoding="utf-8"))
+        self.before = saved.get("before")
+        self.history = [h for h in saved.get("evaluations", []) if h["step"] <= step]
+
+    def add(self, step: int, result: dict) -> None:
+        self.history.append({"step": step, **result})
+        self.write()
+
+    def write(self) -> None:
+        if not self.writes:
+            return
+        after = self.history[-1] if self.history else None
+        out = {"before": self.before, "after": after, "evaluations": self.history}
+        self.path.write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")
