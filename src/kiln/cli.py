@@ -120,8 +120,9 @@ COMMANDS: dict[str, tuple[Callable[[Config], None], str]] = {
     "generate": (_cmd_generate, "sample text from a checkpoint with KV-cache decoding"),
     "import": (_cmd_import, "make a run directory from a Hugging Face folder or a .gguf file: kiln import SRC "
                "--run_dir DIR"),
-    "export": (_cmd_export, "write a checkpoint as a Hugging Face folder or a GGUF file: kiln export --run_dir DIR "
-               "--format hf|gguf [--quant f16|q8_0|q4_k_m|...] [--out PATH]"),
+    "export": (_cmd_export, "write a checkpoint as a Hugging Face folder or a GGUF file (a LoRA run's merged), or a "
+               "LoRA run's adapter alone: kiln export --run_dir DIR --format hf|gguf|peft [--quant f16|q8_0|q4_k_m|...] "
+               "[--out PATH]"),
     "sft": (_cmd_sft, "supervised fine-tuning on conversations (loss on assistant tokens only), full or --lora / "
             "--qlora: kiln sft --run_dir DIR [--sft.data.sources '[chats.jsonl]']"),
     "dpo": (_cmd_dpo, "Direct Preference Optimisation on prompt/chosen/rejected pairs: kiln dpo --run_dir DIR "

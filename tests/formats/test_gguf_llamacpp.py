@@ -97,7 +97,13 @@ def test_llama_cpp_runs_the_export(tmp_path, tok_dir, cfg_kw, quant):
     with torch.no_grad():
         want = reference(torch.tensor([ids]))[0].float()
     got = torch.tensor(out["scores"])
-    assert (got - want).abs().max().item() <= 1e-3 * want.abs().max().item(), quant
+    # ggml's CPU matmuls round the activations to the weights' "vec dot" type (f16 for f16 weights, 8-bit
+    # blocks for q8_0) before multiplying; how much that moves the logits depends on the CPU's kernels
+    # (seen on an AVX-512 Xeon: 2.5e-3 of the largest logit for f16, 4.1e-2 for q8_0; under 1e-3 on another
+    # machine). A wrong layout (a q/k permutation, a transposed tensor) moves them by O(1), far above these.
+    tol = {"f32": 1e-3, "f16": 5e-3, "q8_0": 6e-2}[quant]
+    err = (got - want).abs().max().item() / want.abs().max().item()
+    assert err <= tol, quant
     assert torch.equal(got.argmax(-1), want.argmax(-1))
     assert out["greedy"] == [list(stream(reference, p, 12, temperature=0)) for p in prompts]
 

@@ -1,4 +1,4 @@
-"""`kiln export --format hf`: a checkpoint as a Hugging Face model folder.
+"""`kiln export --format hf|gguf|peft`: a checkpoint as a Hugging Face model folder (or GGUF, or adapter).
 
     config.json               LlamaForCausalLM, or Qwen3ForCausalLM when the model has QK-norm
     model.safetensors         or model-0000i-of-0000n.safetensors + model.safetensors.index.json
@@ -9,6 +9,9 @@
 The folder loads offline with `AutoModelForCausalLM.from_pretrained` / `AutoTokenizer.from_pretrained` (and
 so in vLLM and SGLang). It is written beside its destination and renamed into place; an existing destination
 is replaced only with `--overwrite true`. The GGUF side is kiln/formats/gguf.py.
+
+A LoRA run's checkpoint exports merged (W + (alpha / r) B A) as hf or gguf; `--format peft` writes its adapter
+alone (kiln/formats/peft.py), for PEFT on top of the base model.
 """
 
 from __future__ import annotations
@@ -21,8 +24,10 @@ import torch
 
 from kiln.config import Config, ModelConfig
 from kiln.config.rundir import RunDir, read_json, write_json_atomic, write_text_atomic
-from kiln.formats.checkpoint import checkpoint_config, read_state, resolve_checkpoint, step_of
+from kiln.formats.checkpoint import (adapter_tensors, checkpoint_config, iter_merged_weights, load_merged_state,
+                                    lora_of, read_state, resolve_checkpoint, step_of)
 from kiln.formats.hf import iter_weights, save_sharded, to_hf_config, weight_files
+from kiln.formats.peft import is_adapter_key
 from kiln.tokenizer import Tokenizer
 
 HF_DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
@@ -33,6 +38,8 @@ def run_export(cfg: Config) -> Path:
     e = cfg.export
     rd = RunDir(cfg.run_path)
     ckpt = resolve_checkpoint(rd.checkpoints, e.checkpoint)
+    if e.format == "peft":
+        return export_peft(ckpt, Path(e.out) if e.out else rd.root / "export" / "adapter", cfg.overwrite)
     rd.require(rd.tokenizer, "kiln tokenizer")
     if e.format == "gguf":
         out = Path(e.out) if e.out else rd.root / "export" / f"model-{e.quant or 'f16'}.gguf"
@@ -54,7 +61,7 @@ def export_hf(ckpt: Path, rd: RunDir, out: Path, dtype: torch.dtype | None, max_
     stage = out.parent / f".{out.name}.tmp"
     shutil.rmtree(stage, ignore_errors=True)   # our own leftover from a failed export
     try:
-        save_sharded(iter_weights(ckpt, dtype), stage, max_shard_bytes)
+        save_sharded(iter_merged_weights(ckpt, dtype), stage, max_shard_bytes)
         write_json_atomic(stage / "config.json", to_hf_config(model_cfg, DTYPE_NAMES[dtype], tok.bos_id, tok.eos_id))
         write_json_atomic(stage / "generation_config.json", generation_config(tok))
         _write_tokenizer(rd.tokenizer, tok, model_cfg, stage)
@@ -73,15 +80,41 @@ def export_hf(ckpt: Path, rd: RunDir, out: Path, dtype: torch.dtype | None, max_
 def export_gguf(ckpt: Path, rd: RunDir, out: Path, quant: str, overwrite: bool = False) -> Path:
     """Write checkpoint `ckpt` of run `rd` as one GGUF file of weight type `quant`."""
     from kiln.formats.gguf import write_gguf
-    from kiln.formats.hf import load_state
     _refuse_to_replace(out, overwrite)
     model_cfg = checkpoint_config(ckpt).model.resolved()
     tok = Tokenizer.from_file(rd.tokenizer_file())
     out.parent.mkdir(parents=True, exist_ok=True)
-    summary = write_gguf(out, model_cfg, load_state(ckpt, torch.float32), rd.tokenizer, quant=quant,
+    summary = write_gguf(out, model_cfg, load_merged_state(ckpt, torch.float32), rd.tokenizer, quant=quant,
                          generation=generation_config(tok), metadata={"general.name": rd.root.name},
                          overwrite=overwrite)
     print(f"exported {ckpt} as GGUF {quant}: {out} ({summary})")
+    return out
+
+
+def export_peft(ckpt: Path, out: Path, overwrite: bool = False) -> Path:
+    """Write the LoRA adapter of checkpoint `ckpt` (a `--lora` / `--qlora` run's) as a PEFT adapter directory."""
+    from kiln.config import LoRAConfig
+    from kiln.formats.peft import adapter_targets, write_adapter
+    lora = lora_of(ckpt)
+    if lora is None:
+        raise ValueError(f"{ckpt} holds no LoRA adapters (every weight was trained): --format peft is for runs "
+                         "trained with --lora or --qlora; export this one with --format hf or gguf")
+    _refuse_to_replace(out, overwrite)
+    tensors = adapter_tensors(ckpt)
+    cfg = LoRAConfig(enabled=True, rank=int(lora["rank"]), alpha=float(lora["alpha"]),
+                     dropout=float(lora.get("dropout", 0.0)), targets=adapter_targets(tensors, ckpt))
+    base = str(read_state(ckpt).get("base") or lora.get("base") or "")   # the checkpoint the run started from
+    stage = out.parent / f".{out.name}.tmp"
+    shutil.rmtree(stage, ignore_errors=True)   # our own leftover from a failed export
+    try:
+        write_adapter(stage, tensors, cfg, base)
+        if out.exists():
+            shutil.rmtree(out)                 # --overwrite given (checked above)
+        stage.replace(out)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    print(f"exported the LoRA adapter of {ckpt} (rank {cfg.rank}, alpha {cfg.alpha:g}, {', '.join(cfg.targets)}) "
+          f"in the PEFT format: {out}")
     return out
 
 
@@ -123,6 +156,8 @@ def model_card(ckpt: Path, rd: RunDir, c: ModelConfig, dtype: torch.dtype) -> st
              f"| feed-forward | SwiGLU {c.ffn_hidden} |", f"| vocabulary | {c.vocab_size} |",
              f"| context | {c.max_seq_len} |", f"| weights | {DTYPE_NAMES[dtype]} |",
              f"| step | {step_of(ckpt) if ckpt.name.startswith('step_') else '?'} |"]
+    if state.get("lora"):
+        lines.append(f"| LoRA | rank {state['lora'].get('rank')}, alpha {state['lora'].get('alpha')}, merged |")
     if metrics:
         lines += ["", "## Evaluation", "", "| metric | value |", "|---|---|"]
         lines += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |"
@@ -135,7 +170,7 @@ def model_card(ckpt: Path, rd: RunDir, c: ModelConfig, dtype: torch.dtype) -> st
 
 def _stored_dtype(ckpt: Path) -> torch.dtype:
     for name, t in iter_weights(ckpt):
-        if t.is_floating_point():
+        if t.is_floating_point() and not is_adapter_key(name):   # a LoRA run's adapters are fp32 over any base
             return t.dtype
     return torch.float32
 

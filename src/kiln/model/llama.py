@@ -120,7 +120,9 @@ class Attention(nn.Module):
         # No mask and S == T: plain causal (training, prefill). No mask and S > T: one new
         # query that may see every cached key. Otherwise mask_TS carries the offset.
         # (is_causal with S != T would align the triangle top-left: wrong for a cache.)
-        is_causal = mask_TS is None and k_BKSE.size(2) == T
+        # Without a cache the answer is a Python bool: comparing sizes would make it a symbolic one under
+        # torch.compile with dynamic shapes (padded rows of varying length), which SDPA refuses (a graph break).
+        is_causal = mask_TS is None and (cache is None or k_BKSE.size(2) == T)
         # enable_gqa lets the flash kernel share K heads across query groups without
         # materialising repeat_interleave copies of K and V. Only set when K < H: with the
         # flag, SDPA skips backends without GQA support (cuDNN) even for plain MHA.

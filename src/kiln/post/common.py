@@ -156,13 +156,17 @@ def load_base(st: Stage) -> torch.nn.Module:
     model.train()
     if st.cfg.train.cpu_offload:
         return model
-    model = model.to(st.device)
-    if lora.enabled:
-        from kiln.train.lora import apply_lora
-        n = apply_lora(model, lora, st.device)
-        total = sum(p.numel() for p in model.parameters())
-        st.say(f"lora: rank {lora.rank}, alpha {lora.alpha:g} on {', '.join(lora.targets)}: {n / 1e6:.3f}M trainable "
-               f"of {total / 1e6:.2f}M ({100 * n / max(total, 1):.2f}%), base {lora.base_dtype}")
+    if not lora.enabled:
+        return model.to(st.device)
+    if st.cfg.train.fp8 != "off":
+        raise ConfigError(f"{st.name}.train.fp8 with LoRA is not supported: float8 training rebuilds the linear "
+                          "layers the adapters live in; drop --" + st.name + ".train.fp8 or --lora")
+    from kiln.train.lora import apply_lora
+    # from the CPU copy, tensor by tensor: the full-precision base is never on the device at once (QLoRA)
+    n = apply_lora(model, lora, st.device)
+    total = sum(p.numel() for p in model.parameters())
+    st.say(f"lora: rank {lora.rank}, alpha {lora.alpha:g} on {', '.join(lora.targets)}: {n / 1e6:.3f}M trainable "
+           f"of {total / 1e6:.2f}M ({100 * n / max(total, 1):.2f}%), base {lora.base_dtype}")
     return model
 
 
