@@ -52,6 +52,10 @@ def _sft(cfg: Config):
 
 def _dpo(cfg: Config):
     from kiln.post.dpo import run_dpo
+    from kiln.post.pairs import run_build_pairs
+    built = Path(cfg.dpo.pairs_out) if cfg.dpo.pairs_out else cfg.run_path / "pairs.jsonl"
+    if not cfg.dpo.pairs and cfg.dpo.prompts and not built.is_file():   # pairs from the model's own samples
+        run_build_pairs(cfg)
     return run_dpo(cfg)
 
 
