@@ -15,8 +15,8 @@ from kiln.formats.checkpoint import latest_checkpoint, load_model
 from kiln.infer.engine import Engine
 from kiln.infer.sampling import SamplingParams
 from kiln.model.llama import Transformer
-from kiln.post.grpo import (GRPOLoss, Rewarder, Rollouts, build_rows, group_advantages, load_problems,
-                            sample_completions, step_metrics)
+from kiln.post.grpo import GRPOLoss, load_problems, step_metrics
+from kiln.post.rollouts import Rewarder, Rollouts, build_rows, group_advantages, sample_completions
 from kiln.post.reasoning import load_function, make_task
 from kiln.tokenizer.loader import IGNORE
 

@@ -6,5 +6,6 @@
     common.py      start from a base's weights, the stage's run directory, LoRA, the trainer
     sft.py         supervised fine-tuning (assistant-only loss, packed with document masks or padded)
     dpo.py         Direct Preference Optimisation; pairs.py reads and builds preference pairs
-    grpo.py        group-relative policy optimisation with kiln's own batched sampling
+    grpo.py        group-relative policy optimisation: the loss and the stage
+    rollouts.py    GRPO's batch source: groups sampled with kiln's own engine, rewards, advantages
 """
