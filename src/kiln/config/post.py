@@ -83,6 +83,8 @@ class ChatDataConfig:
     """A system message put first in conversations that have none."""
     seed: int = 0
     """Seed for generated sources (reasoning-gym)."""
+    task_config: dict = field(default_factory=dict)
+    """Keyword arguments of reasoning-gym sources' datasets (e.g. {min_digits: 1, max_digits: 2})."""
 
     def validate(self, stage: str) -> None:
         if not self.sources:
@@ -151,6 +153,8 @@ class DPOConfig:
     """build-pairs: JSONL files of prompts ({"prompt", "answer"?}); or reasoning-gym:TASK with `count` items."""
     count: int = 64
     """build-pairs: prompts to draw from a reasoning-gym task."""
+    task_config: dict = field(default_factory=dict)
+    """build-pairs: keyword arguments of the reasoning-gym dataset (difficulty, ...)."""
     samples: int = 4
     """build-pairs: answers sampled per prompt."""
     scorer: str | None = None

@@ -137,7 +137,7 @@ def load_conversations(cfg: ChatDataConfig, decontaminate: bool = True,
 def _open(source: str, key: str, cfg: ChatDataConfig, tally: _Tally) -> Iterator[Item]:
     """The records of one source, read lazily; ConfigError now for a source that cannot be read."""
     if is_builtin(source):
-        return builtin_records(source, cfg.seed)
+        return builtin_records(source, cfg.seed, cfg.task_config)
     try:
         resolved = resolve_sources([source])
     except ConfigError as e:   # it names data.sources[0]: the one source it was given

@@ -298,7 +298,8 @@ class PromptItem:
     reference: str | None = None      # a reference answer (chosen when nothing can score samples)
 
 
-def read_prompts(specs: Sequence[str], count: int, seed: int, tally: Tally) -> tuple[list[PromptItem], Any]:
+def read_prompts(specs: Sequence[str], count: int, seed: int, tally: Tally,
+                 task_config: dict | None = None) -> tuple[list[PromptItem], Any]:
     """Prompt items of dpo.prompts: JSONL files of {"prompt": str | messages, "answer"?: str, ...} (a record
     without a usable prompt is quarantined), or `reasoning-gym:TASK` (`count` generated problems, in the
     think-then-answer format of kiln/post/reasoning.py). Also returns the reasoning-gym task, if any (its
@@ -312,7 +313,7 @@ def read_prompts(specs: Sequence[str], count: int, seed: int, tally: Tally) -> t
             if task is not None:
                 raise ValueError(f"dpo.prompts names two reasoning-gym tasks ({task.name}, {spec}); build the "
                                  "pairs of each with its own `kiln dpo build-pairs` and list both files in dpo.pairs")
-            task = make_task(spec.split(":", 1)[1], {}, seed, count)
+            task = make_task(spec.split(":", 1)[1], task_config or {}, seed, count)
             for i, it in enumerate(task.items):
                 msgs = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": it.question}]
                 items.append(PromptItem(msgs, msgs, f"{spec}#{i}", it, it.answer))
@@ -436,7 +437,7 @@ def run_build_pairs(cfg) -> dict:
         raise ValueError("dpo.prompts is empty: give JSONL files of {\"prompt\", \"answer\"?} or "
                          "reasoning-gym:TASK (e.g. --dpo.prompts '[reasoning-gym:basic_arithmetic]')")
     prompt_tally = Tally()
-    items, task = read_prompts(sec.prompts, sec.count, sec.train.seed, prompt_tally)
+    items, task = read_prompts(sec.prompts, sec.count, sec.train.seed, prompt_tally, sec.task_config)
     score, scored_by = scorer_of(sec.scorer, task)
     if score is None and not any(it.reference for it in items):   # (a reasoning-gym task always gives a score)
         raise ValueError(f"dpo.prompts {sec.prompts}: nothing can rank the samples: the prompts carry no "

@@ -79,11 +79,11 @@ def is_builtin(source: str) -> bool:
     return source in BUILTIN or source.startswith(REASONING_GYM + ":")
 
 
-def builtin_records(source: str, seed: int = 0) -> Iterator[Item]:
+def builtin_records(source: str, seed: int = 0, task_config: dict | None = None) -> Iterator[Item]:
     """The records of built-in set `source`, read lazily; ConfigError at once (before anything is read) when
     its package is not installed or the task cannot be made."""
     if source.startswith(REASONING_GYM + ":"):
-        return reasoning_gym(source, seed)
+        return reasoning_gym(source, seed, task_config)
     return BUILTIN[source]()
 
 
@@ -210,7 +210,7 @@ def _chatterbot(files: list[Path]) -> Iterator[Item]:
             yield RawRecord({"messages": messages}, "chatterbot", where, "messages")
 
 
-def reasoning_gym(source: str, seed: int = 0) -> Iterator[Item]:
+def reasoning_gym(source: str, seed: int = 0, task_config: dict | None = None) -> Iterator[Item]:
     """`reasoning-gym:TASK` or `reasoning-gym:TASK:N`: N generated problems (system prompt, question, worked
     answer in the think-then-answer format; see `reasoning.worked_answer`). TASK may be `path.py:function`."""
     spec = source.removeprefix(REASONING_GYM + ":")
@@ -220,7 +220,7 @@ def reasoning_gym(source: str, seed: int = 0) -> Iterator[Item]:
     if not name:
         raise ConfigError(f"chat source `{source}`: name the task, e.g. `{REASONING_GYM}:basic_arithmetic:500`")
     try:
-        task = make_task(name, {}, seed, int(count))
+        task = make_task(name, task_config or {}, seed, int(count))
     except ValueError as e:
         raise ConfigError(f"chat source `{source}`: {e}") from None
     return (RawRecord({"messages": [{"role": "system", "content": SYSTEM_PROMPT},
