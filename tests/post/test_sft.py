@@ -36,7 +36,8 @@ def test_pack_rows_never_splits_and_respects_the_length():
     rows = pack_rows(lengths, range(len(lengths)), 16)
     assert sorted(i for r in rows for i in r) == list(range(len(lengths)))
     assert all(sum(lengths[i] for i in r) <= 16 for r in rows)
-    assert rows[0] == [0, 1]          # 5 + 9 = 14; 3 more would not fit
+    assert len(rows) == 4             # best fit decreasing: 16 | 12 3 1 | 9 7 | 5 (in order: 5 rows)
+    assert sorted(sorted(r) for r in rows) == [[0], [1, 4], [2, 3, 5], [6]]
 
 
 def test_packed_batches_keep_conversations_apart():

@@ -37,19 +37,19 @@ def example_of(ids: Sequence[int], mask: Sequence[bool]) -> Example:
 
 # ---------------------------------------------------------------- rows and batches
 
-def pack_rows(lengths: Sequence[int], order: Sequence[int], seq_len: int) -> list[list[int]]:
-    """Examples (in `order`) packed greedily into rows of at most seq_len tokens: each goes into the open
-    row if it fits, else starts a new one. Examples are never split."""
-    rows: list[list[int]] = []
-    room = -1
-    for i in order:
-        n = lengths[i]
-        if rows and n <= room:
-            rows[-1].append(i)
-            room -= n
-        else:
-            rows.append([i])
-            room = seq_len - n
+def pack_rows(lengths: Sequence[int], order: Sequence[int], seq_len: int, rng: np.random.Generator | None = None
+              ) -> list[list[int]]:
+    """Examples packed into rows of at most seq_len tokens, best fit decreasing (the loader's
+    `bestfit_rows`): far fewer padded positions than filling rows in order (docs/decisions.md). Examples are
+    never split. `order` breaks ties between equal lengths; `rng` shuffles the rows (the order they train in)."""
+    from kiln.tokenizer.packing import bestfit_rows
+    order_a = np.asarray(order, dtype=np.int64)
+    (row, col), fill = bestfit_rows(np.asarray(lengths, dtype=np.int64)[order_a], seq_len)
+    rows: list[list[int]] = [[] for _ in range(len(fill))]
+    for k in np.lexsort((col, row)).tolist():
+        rows[row[k]].append(int(order_a[k]))
+    if rng is not None:
+        rows = [rows[i] for i in rng.permutation(len(rows))]
     return rows
 
 
@@ -70,9 +70,11 @@ class ChatBatches:
 
     def _epoch_rows(self, epoch: int) -> list[list[int]]:
         order = np.arange(len(self.examples))
-        if self.shuffle:
-            order = np.random.default_rng([self.seed, epoch]).permutation(order)
-        rows = pack_rows(self.lengths, order, self.seq_len) if self.packing == "pack" else [[int(i)] for i in order]
+        rng = np.random.default_rng([self.seed, epoch]) if self.shuffle else None
+        if rng is not None:
+            order = rng.permutation(order)
+        rows = pack_rows(self.lengths, order, self.seq_len, rng) if self.packing == "pack" else \
+            [[int(i)] for i in order]
         mine = rows[self.rank::self.world]
         if not mine:   # fewer rows than ranks: every rank still gets work (a repeated row)
             mine = [rows[self.rank % len(rows)]]
