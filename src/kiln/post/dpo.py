@@ -371,7 +371,7 @@ def _dpo(st: Stage, files: list[str]) -> dict:
 
     objective = Objective(sec.beta, sec.loss, reference, tr.accum, st.device, d)
     task = loop.Task(batches=source, loss=objective.loss, count=count_pairs, source=source, evaluate=evaluate,
-                     sample=_sampler(st, tr), metrics=objective.metrics)
+                     sample=_sampler(st, tr), metrics=objective.metrics, unit="pair")
     ts = loop.start(tr, task, st.say)
     summary = loop.run(tr, task, ts, st.say)
     summary.update(train_pairs=len(train), val_pairs=len(val), beta=sec.beta, loss_type=sec.loss,

@@ -246,7 +246,7 @@ def _grpo(st: Stage) -> dict:
         return 1.0 - r["accuracy"]
 
     grpo_task = loop.Task(batches=source, loss=loss, count=count_tokens, source=source, evaluate=evaluate,
-                      metrics=lambda: step_metrics(source, loss, d, tr.accum))
+                          metrics=lambda: step_metrics(source, loss, d, tr.accum), eval_is_loss=False)
     ts = loop.start(tr, grpo_task, st.say)
     trim_error_log(error_log, source.batches)
     evals.resume(ts.step)

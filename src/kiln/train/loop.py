@@ -69,6 +69,8 @@ class Task:
     evaluate: Callable[[], float] | None = None
     sample: Callable[[int], None] | None = None
     metrics: Callable[[], dict[str, float]] | None = None
+    unit: str = "tok"           # what `count` counts, for the log's rate (DPO: pairs)
+    eval_is_loss: bool = True   # `evaluate` returns a per-token loss (its perplexity is printed), not a score
 
 
 @dataclasses.dataclass
@@ -297,7 +299,7 @@ def run(tr: Trainer, task: Task, ts: TrainState, say=print) -> dict:
                 record = {"step": done, "loss": loss.item(), "lr": lr, "grad_norm": gnorm.item(),
                           "tokens": int(tokens.item()), "tok_per_s": window.rate(now, tokens),
                           "elapsed_s": elapsed_before + now - t0}
-                if tr.peak:
+                if tr.peak and task.unit == "tok":   # FLOPs are per token
                     record["mfu"] = mfu(tr.flops_per_token, record["tok_per_s"], tr.peak, d.world_size)
                 if task.metrics is not None:
                     extra = task.metrics()
@@ -307,7 +309,7 @@ def run(tr: Trainer, task: Task, ts: TrainState, say=print) -> dict:
                     record["skipped"] = True
                 eta = (now - t0) / steps_run * (t.max_steps - done)
                 say(log_line({**record, "task_keys": list(extra) if task.metrics is not None else []},
-                             t.max_steps, eta), flush=True)
+                             t.max_steps, eta, task.unit), flush=True)
                 if guard.observe(done, record["loss"]):
                     # Every rank saw the same (global) loss, so every rank rolls back together.
                     ts = _rollback(tr, ts, guard, metrics, say)
@@ -323,7 +325,8 @@ def run(tr: Trainer, task: Task, ts: TrainState, say=print) -> dict:
                     final_val = task.evaluate()
                 record = {**record, "step": done, "val_loss": final_val}
                 improved = t.keep_best and math.isfinite(final_val) and (best_val is None or final_val < best_val)
-                say(f"step {done}: val loss {final_val:.4f} (ppl {math.exp(min(final_val, 50)):.1f})"
+                ppl = f" (ppl {math.exp(min(final_val, 50)):.1f})" if task.eval_is_loss else ""
+                say(f"step {done}: val loss {final_val:.4f}{ppl}"
                     f"{', best so far: saved to checkpoints/best' if improved else ''}", flush=True)
                 if improved:
                     best_val = final_val
@@ -464,9 +467,10 @@ def truncate_metrics(path: Path, step: int) -> None:
     path.write_text("".join(ln + "\n" for ln in lines), encoding="utf-8")
 
 
-def log_line(r: dict, max_steps: int, eta_s: float) -> str:
+def log_line(r: dict, max_steps: int, eta_s: float, unit: str = "tok") -> str:
     line = (f"step {r['step']:>6}/{max_steps} | loss {r['loss']:.4f} | lr {r['lr']:.2e} | "
-            f"gnorm {r['grad_norm']:.3f} | {r['tok_per_s'] / 1e3:.1f}k tok/s")
+            f"gnorm {r['grad_norm']:.3f} | " + (f"{r['tok_per_s'] / 1e3:.1f}k tok/s" if unit == "tok" else
+                                                f"{r['tok_per_s']:.1f} {unit}/s"))
     if "mfu" in r:
         line += f" | mfu {100 * r['mfu']:.1f}%"
     for key in r.get("task_keys", ()):
