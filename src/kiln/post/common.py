@@ -14,6 +14,7 @@ import dataclasses
 import hashlib
 import json
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from kiln.config import Config, ConfigError, LoRAConfig, derived_lr, dump_yaml, 
 from kiln.config.rundir import RunDir
 from kiln.formats.checkpoint import BEST, COMPLETE, checkpoint_config, latest_checkpoint
 from kiln.train import loop
-from kiln.train.distributed import Dist, init_distributed
+from kiln.train.distributed import Dist, init_distributed, shutdown
 from kiln.train.setup import prepare
 
 STAGES = ("sft", "dpo", "grpo")
@@ -46,6 +47,15 @@ class Stage:
     d: Dist
     device: torch.device
     say: Any
+
+
+def run_stage(cfg: Config, name: str, body: Callable[[Stage], dict]) -> dict:
+    """Set the stage up (`begin`), run `body` on it, and leave the process group however it ends."""
+    st = begin(cfg, name)
+    try:
+        return body(st)
+    finally:
+        shutdown()
 
 
 def say_on_main(d: Dist):

@@ -44,11 +44,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kiln.post.common import Stage, begin, finish, fingerprint_of, load_base, trainer
+from kiln.post.common import Stage, finish, fingerprint_of, load_base, run_stage, trainer
 from kiln.post.pairs import EncodedPair, load_pairs, split_pairs
 from kiln.tokenizer.loader import IGNORE
 from kiln.train import loop
-from kiln.train.distributed import Dist, shutdown, sum_over_ranks
+from kiln.train.distributed import Dist, sum_over_ranks
 
 LOSSES = ("sigmoid", "ipo")
 
@@ -280,11 +280,7 @@ def evaluate_pairs(model: nn.Module, source: PairBatches, reference: Reference, 
 
 def run_dpo(cfg) -> dict:
     files = pair_files(cfg)   # before any setup: a run without pairs stops at once
-    st = begin(cfg, "dpo")
-    try:
-        return _dpo(st, files)
-    finally:
-        shutdown()
+    return run_stage(cfg, "dpo", lambda st: _dpo(st, files))
 
 
 def pair_files(cfg, say=print) -> list[str]:

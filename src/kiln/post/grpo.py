@@ -64,10 +64,10 @@ import torch
 from torch import nn
 
 from kiln.config import ConfigError, GRPOConfig
-from kiln.post.common import Stage, begin, finish, fingerprint_of, load_base, trainer
+from kiln.post.common import Stage, finish, fingerprint_of, load_base, run_stage, trainer
 from kiln.post.rollouts import STAT_KEYS, Problem, Rewarder, Rollouts, token_logp
 from kiln.train import loop
-from kiln.train.distributed import broadcast_object, shutdown, sum_over_ranks
+from kiln.train.distributed import broadcast_object, sum_over_ranks
 
 TRAIN_PROBLEMS = 4096
 """Problems generated for training (besides the held-out ones), cycled in epochs. Fixed, not derived from
@@ -204,11 +204,7 @@ def reference_fn(policy: nn.Module, lora: bool) -> Callable[[torch.Tensor, torch
 
 
 def run_grpo(cfg) -> dict:
-    st = begin(cfg, "grpo")
-    try:
-        return _grpo(st)
-    finally:
-        shutdown()
+    return run_stage(cfg, "grpo", _grpo)
 
 
 def _grpo(st: Stage) -> dict:

@@ -19,10 +19,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from kiln.post.common import Stage, begin, finish, fingerprint_of, load_base, trainer
+from kiln.post.common import Stage, finish, fingerprint_of, load_base, run_stage, trainer
 from kiln.tokenizer.loader import IGNORE
 from kiln.train import loop
-from kiln.train.distributed import Dist, shutdown, sum_over_ranks
+from kiln.train.distributed import Dist, sum_over_ranks
 from kiln.train.setup import eval_model, full_weights_here
 
 Example = tuple[np.ndarray, np.ndarray]   # (inputs, targets) of one conversation, int64, same length
@@ -190,11 +190,7 @@ def encode_all(tok, conversations, seq_len: int, val_fraction: float) -> tuple[l
 
 
 def run_sft(cfg) -> dict:
-    st = begin(cfg, "sft")
-    try:
-        return _sft(st)
-    finally:
-        shutdown()
+    return run_stage(cfg, "sft", _sft)
 
 
 def _sft(st: Stage) -> dict:
