@@ -120,3 +120,41 @@ def test_sliding_window_gives_each_token_up_to_window_minus_stride_context():
     got = Scorer(model, tok).loglikelihood_rolling([text], S)[0]
     assert got.logprob == pytest.approx(expected, abs=1e-4) and got.n_tokens == len(ids) - 1
     assert math.isfinite(got.logprob)
+
+
+def test_generate_many_equals_one_prompt_at_a_time_greedy():
+    """Batched generation through the engine gives each prompt what decoding it alone gives, whatever the batch."""
+    from kiln.infer.generate import generate
+
+    tok = evalkit.tokenizer()
+    model = evalkit.model(tok.vocab_size)
+    prompts = ["The quick", "def add(a", "Question: What", "A. one", "Alice had"]
+    alone = [tok.decode(generate(model, Scorer(model, tok).prompt_ids(p), 10, temperature=0, stop_ids=tok.stop_ids))
+             for p in prompts]
+    for bs in (1, 2, 8):
+        assert [o[0] for o in Scorer(model, tok, batch_size=bs).generate_many(prompts, 10)] == alone
+    cut = Scorer(model, tok).generate_many(prompts, 10, stop=[" "])
+    assert [o[0] for o in cut] == [a.split(" ")[0] for a in alone]
+
+
+def test_generate_many_samples_are_seeded_per_prompt():
+    tok = evalkit.tokenizer()
+    model = evalkit.model(tok.vocab_size)
+    prompts = ["The quick", "def add(a", "Alice had"]
+    a = Scorer(model, tok, batch_size=4).generate_many(prompts, 8, temperature=1.0, n=3, seed=5)
+    b = Scorer(model, tok, batch_size=2).generate_many(prompts[1:], 8, temperature=1.0, n=3, seed=6)
+    assert a[1:] == b and len({*a[0]}) > 1   # prompt p draws with seed + p, whoever shares its batch
+
+
+def test_chat_scoring_conditions_on_the_rendered_user_turn():
+    tok = evalkit.tokenizer()
+    model = evalkit.model(tok.vocab_size)
+    s = Scorer(model, tok, chat=True)
+    ctx = "Question: What is the capital of France?\nAnswer:"
+    ids = tok.encode_chat([{"role": "user", "content": ctx}], add_generation_prompt=True)
+    assert s.encode_pair(ctx, " Paris") == (ids, tok.encode(" Paris"))
+    got = s.loglikelihood([(ctx, " Paris")])[0]
+    cont = tok.encode(" Paris")
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([ids + cont]))[0].float(), -1)
+    assert got.logprob == pytest.approx(sum(logp[len(ids) - 1 + i, t].item() for i, t in enumerate(cont)), abs=1e-4)

@@ -41,12 +41,18 @@ class Scorer:
     """A kiln Transformer and its tokenizer, scoring and generating in batches on one device."""
 
     def __init__(self, model: torch.nn.Module, tokenizer, batch_size: int = 32, bf16: bool = False,
-                 max_len: int | None = None, head_chunk: int = 8192):
+                 max_len: int | None = None, head_chunk: int = 8192, chat: bool = False):
         self.model, self.tok = model, tokenizer
         self.device = next(model.parameters()).device
         self.batch_size, self.bf16 = batch_size, bf16
         self.max_len = max_len or model.cfg.max_seq_len
         self.head_chunk = head_chunk   # positions through the head at once: bounds the (N, V) fp32 logits
+        self.chat = chat
+        """Contexts and prompts are one user message in the tokenizer's chat template, followed by the
+        assistant's generation prompt (a chat model's benchmarks); continuations follow it as given."""
+        if chat and getattr(tokenizer, "chat_template", None) is None:
+            raise ValueError("chat scoring needs a tokenizer with a chat template; this one has none (a base model)")
+        self._engine = None
 
     # ------------------------------------------------------------ encoding
 
@@ -62,6 +68,9 @@ class Scorer:
 
     def encode_pairs(self, pairs: Sequence[tuple[str, str]]) -> list[tuple[list[int], list[int]]]:
         """`encode_pair` of many pairs, each distinct text encoded once, on the tokenizer's thread pool."""
+        if self.chat:   # the context is a whole user turn: its ids never merge with the continuation's
+            conts = self.tok.encode_batch([c for _, c in pairs])
+            return [(self.prompt_ids(ctx), cont) for (ctx, _), cont in zip(pairs, conts)]
         split = []
         for context, continuation in pairs:
             n_spaces = len(context) - len(context.rstrip())
@@ -189,25 +198,70 @@ class Scorer:
 
     # ------------------------------------------------------------ generation
 
+    def prompt_ids(self, text: str) -> list[int]:
+        """What generation from `text` (or scoring after it) conditions on: the prefix and the text, or for a
+        chat scorer the text as one user message followed by the assistant's generation prompt."""
+        if self.chat:
+            return self.tok.encode_chat([{"role": "user", "content": text}], add_generation_prompt=True)
+        return self.prefix + self.tok.encode(text)
+
+    def generate_many(self, prompts: Sequence[str], max_new_tokens: int, stop: Sequence[str] = (),
+                      temperature: float = 0.0, top_p: float = 1.0, n: int = 1, seed: int = 0) -> list[list[str]]:
+        """For each prompt, `n` completions (greedy at temperature 0), each cut before its first stop string
+        and ended by the tokenizer's stop ids or the budget; batched through kiln's engine."""
+        return self.generate_ids([self.prompt_ids(p) for p in prompts], max_new_tokens, stop, temperature,
+                                 top_p, n, seed)
+
+    def generate_ids(self, prompts: Sequence[list[int]], max_new_tokens: int, stop: Sequence[str] = (),
+                     temperature: float = 0.0, top_p: float = 1.0, n: int = 1, seed: int = 0,
+                     ignore_stop_ids: bool = False) -> list[list[str]]:
+        """`generate_many` from token ids. A prompt longer than the window loses its start (it keeps room for
+        at least one new token); sample i of prompt p uses seed `seed + p`, so a batch's composition never
+        changes what a prompt gets."""
+        from kiln.infer.engine import Output
+        from kiln.infer.sampling import SamplingParams
+
+        texts = [[""] * n for _ in prompts]
+        left = [len(prompts) * n]
+
+        def collect(p: int):
+            def on_output(o: Output) -> None:
+                texts[p][o.index] += o.text
+                if o.finish_reason == "error":
+                    raise RuntimeError(f"generation failed: {o.text}")
+                left[0] -= o.finish_reason is not None
+            return on_output
+
+        stop_ids = () if ignore_stop_ids else tuple(getattr(self.tok, "stop_ids", (self.tok.eos_id,)))
+        with autocast(self.device, self.bf16):
+            engine = self._generation_engine(n)
+            queue = list(enumerate(prompts))[::-1]
+            while left[0]:
+                while queue and engine.waiting < engine.max_queue:
+                    p, ids = queue.pop()
+                    ids = list(ids)[-(self.max_len - 1):]
+                    budget = min(max_new_tokens, self.max_len - len(ids))
+                    params = SamplingParams(max_tokens=budget, temperature=temperature, top_p=top_p,
+                                            seed=seed + p, stop=tuple(stop), stop_ids=stop_ids, n=n,
+                                            ignore_stop_ids=ignore_stop_ids)
+                    engine.submit(ids, params, collect(p))
+                engine.step()
+        return [[cut_at_stop(t, stop) for t in row] for row in texts]
+
+    def _generation_engine(self, n: int):
+        """The engine generation runs on, made once (its slot cache and CUDA graphs are the costly part)."""
+        from kiln.infer.engine import Engine
+
+        slots = max(self.batch_size, n)
+        if self._engine is None or self._engine.max_slots < slots:
+            self._engine = None   # free the old cache before allocating the new one
+            self._engine = Engine(self.model, self.tok, max_slots=slots, max_len=self.max_len, max_queue=4 * slots)
+        return self._engine
+
     def generate(self, prompt_ids: list[int], max_new_tokens: int, stop: Sequence[str] = (),
                  temperature: float = 0.0, seed: int = 0) -> str:
-        """Decode from `prompt_ids` (greedy at temperature 0) until a stop id, a stop string or the budget;
-        the text is cut before the first stop string."""
-        from kiln.infer.generate import stream
-
-        stop_ids = getattr(self.tok, "stop_ids", (self.tok.eos_id,))
-        prompt_ids = prompt_ids[-(self.max_len - 1):]
-        budget = min(max_new_tokens, self.max_len - len(prompt_ids) + 1)
-        new: list[int] = []
-        text = ""
-        with autocast(self.device, self.bf16):
-            for token in stream(self.model, prompt_ids, budget, temperature=temperature, stop_ids=stop_ids,
-                                seed=seed):
-                new.append(token)
-                text = self.tok.decode(new)
-                if stop and any(s in text for s in stop):
-                    break
-        return cut_at_stop(text, stop)
+        """One completion of `prompt_ids` (see `generate_ids`)."""
+        return self.generate_ids([prompt_ids], max_new_tokens, stop, temperature, seed=seed)[0][0]
 
 
 def cut_at_stop(text: str, stop: Sequence[str]) -> str:
