@@ -11,7 +11,8 @@ MICRO = {
     "model": {"depth": 1, "head_dim": 32, "n_kv_heads": 1, "max_seq_len": 32},
     "train": {"optimizer": "adamw", "precision": "fp32", "max_steps": 6, "micro_batch_size": 4, "warmup_steps": 2, "lr": 3e-3, "eval_every": 3,
               "eval_batches": 2, "checkpoint_every": 3, "keep_checkpoints": 3, "log_every": 1, "threads": 1},
-    "eval": {"max_batches": 2, "batch_size": 4, "prompts": ["def "], "max_new_tokens": 8},
+    "eval": {"max_batches": 2, "batch_size": 4, "prompts": ["def "], "max_new_tokens": 8, "benchmarks": [],
+             "memorisation": {"documents": 4, "prefix_tokens": 8, "new_tokens": 16, "threshold": 12}},
 }
 
 

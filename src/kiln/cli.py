@@ -116,7 +116,9 @@ COMMANDS: dict[str, tuple[Callable[[Config], None], str]] = {
                        "text (also `kiln tokenizer eval`)"),
     "tokenize": (_cmd_tokenize, "encode the splits into tokens/{train,val} Parquet shards"),
     "pretrain": (_cmd_pretrain, "train the model; --resume continues from the newest checkpoint"),
-    "eval": (_cmd_eval, "loss, perplexity, bits per byte and samples of the final checkpoint"),
+    "eval": (_cmd_eval, "loss, perplexity and bits per byte (validation split, eval.files), divergence, memorisation, "
+             "prompt suites, benchmarks (eval.benchmarks: mmlu, humaneval, maths, bigbench:PATH, mc:PATH) with a "
+             "report card"),
     "generate": (_cmd_generate, "sample text from a checkpoint with KV-cache decoding"),
     "import": (_cmd_import, "make a run directory from a Hugging Face folder or a .gguf file: kiln import SRC "
                "--run_dir DIR"),
@@ -177,6 +179,8 @@ def _usage() -> str:
     width = max(map(len, COMMANDS))
     lines = ["usage: kiln <command> [RECIPE] [--section.key VALUE ...]", "", "commands:"]
     lines += [f"  {name:<{width}}  {text}" for name, (_, text) in COMMANDS.items()]
+    lines += [f"  {'lm-eval':<{width}}  lm-evaluation-harness's command line with kiln models: kiln lm-eval --model "
+              "kiln --model_args pretrained=RUN_DIR --tasks ... (`kiln lm-eval tasks DIR` writes MMLU as local tasks)"]
     lines += ["", "RECIPE: a built-in recipe name (tiny, gpt2-small, ...) or a path to a YAML file.",
               "Run `kiln <command> --help` for every option of a command."]
     return "\n".join(lines)
@@ -293,6 +297,10 @@ def main(argv: list[str] | None = None) -> int:
         command, rest = "dpo-build-pairs", rest[1:]
     if command == "estimate":
         rest = _estimate_argv(rest)
+    if command == "lm-eval":   # lm-evaluation-harness's own command line, with the `kiln` model registered
+        from kiln.eval.harness import main as lm_eval_main
+        lm_eval_main(rest)
+        return 0
     if command not in COMMANDS:
         print(f"kiln: unknown command `{command}`\n\n{_usage()}", file=sys.stderr)
         return 2

@@ -41,7 +41,7 @@ def _pretrain(cfg: Config):
 
 
 def _eval(cfg: Config):
-    from kiln.eval.evaluate import run_eval
+    from kiln.eval.run import run_eval
     return run_eval(cfg)
 
 

@@ -25,8 +25,9 @@ from typing import Any
 from kiln.config.base import (ConfigError, dump_yaml, from_dict, load_yaml, merge, non_negative, positive,
                               round_up, unknown_key_message)
 from kiln.config.data import (CONTENT_TYPES, DOC_STEPS, LanguageConfig, GopherQualityConfig, GopherRepetitionConfig, C4Config, FineWebConfig, CodeQualityConfig, ClassifierConfig, PIIConfig, DecontaminateConfig, NearDedupConfig, DataConfig)
+from kiln.config.eval import BenchmarkConfig, EvalConfig, MemorisationConfig
 from kiln.config.post import LORA_TARGETS, ChatDataConfig, DPOConfig, GRPOConfig, LoRAConfig, SFTConfig, finetune_train
-from kiln.config.stages import (Config, EstimateConfig, EvalConfig, ExportConfig, GenerateConfig, ImportConfig, ModelConfig, TokenizeConfig, TokenizerConfig,
+from kiln.config.stages import (Config, EstimateConfig, ExportConfig, GenerateConfig, ImportConfig, ModelConfig, TokenizeConfig, TokenizerConfig,
                                 TrainConfig, derived_lr, grad_accum_steps, model_diff, resolve_train)
 
 

@@ -13,6 +13,7 @@ from kiln.config.base import non_negative as _non_negative
 from kiln.config.base import positive as _positive
 from kiln.config.data import DataConfig
 from kiln.config.deepspeed import check_user_config
+from kiln.config.eval import EvalConfig
 from kiln.config.patterns import check_pattern
 from kiln.config.post import DPOConfig, GRPOConfig, SFTConfig
 from kiln.config.train import VOLATILE, TrainConfig, volatile_fields  # noqa: F401  (re-exported)
@@ -160,31 +161,6 @@ def model_diff(saved: ModelConfig, now: ModelConfig) -> list[str]:
     (a resume, `kiln run` deciding whether training can continue)."""
     return [f"model.{f.name}: {getattr(saved, f.name)!r} -> {getattr(now, f.name)!r}"
             for f in dataclasses.fields(ModelConfig) if getattr(saved, f.name) != getattr(now, f.name)]
-
-
-@dataclass
-class EvalConfig:
-    """Evaluation of a checkpoint (the final one by default): loss, perplexity, bits per byte, samples."""
-
-    checkpoint: str = "latest"
-    """`latest` (newest complete checkpoint of the run), `best` (lowest validation loss during training,
-    train.keep_best) or a checkpoint directory."""
-    max_batches: int = 0
-    """Validation micro-batches to score; 0 = the whole validation split."""
-    batch_size: int = 16
-    """Sequences per evaluation batch."""
-    prompts: list[str] = field(default_factory=lambda: ["def ", "class ", "import ", "    for i in "])
-    """Prompts for the sample generations in the report."""
-    max_new_tokens: int = 128
-    """Tokens generated per sample."""
-    temperature: float = 0.8
-    """Sampling temperature for the report's samples."""
-    top_k: int | None = 50
-    """Top-k filter for the report's samples (None = off)."""
-
-    def validate(self) -> None:
-        _non_negative("eval.max_batches", self.max_batches)
-        _positive("eval.batch_size", self.batch_size)
 
 
 @dataclass

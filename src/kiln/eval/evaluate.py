@@ -8,7 +8,6 @@ documents) stand for no bytes and are left out of both sums.
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -16,11 +15,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from kiln.config import Config
-from kiln.config.rundir import RunDir, write_json_atomic
-from kiln.formats.checkpoint import load_model, resolve_checkpoint, step_of
-from kiln.runtime.device import autocast, pick_device, use_bf16
-from kiln.tokenizer.loader import IGNORE, PackedLoader
+from kiln.runtime.device import autocast
+from kiln.tokenizer.loader import IGNORE
 
 
 @torch.no_grad()
@@ -80,52 +76,3 @@ def _token_counts(files: list[Path], vocab_size: int, separators: tuple[int, ...
             for sep in separators:
                 counts[sep] += len(chunk)
     return counts
-
-
-def run_eval(cfg: Config) -> dict:
-    from kiln.infer.generate import generate
-    from kiln.tokenizer import Tokenizer
-
-    rd = RunDir(cfg.run_path)
-    ckpt = resolve_checkpoint(rd.checkpoints, cfg.eval.checkpoint)
-    device = pick_device(cfg.train.device)
-    bf16 = use_bf16(cfg.train.precision, device)
-    model, ckpt_cfg = load_model(ckpt, device)
-    tok = Tokenizer.from_file(rd.tokenizer_file())
-    seq, bs = ckpt_cfg.model.max_seq_len, cfg.eval.batch_size
-    token_bytes = torch.as_tensor(tok.token_bytes(), dtype=torch.long)
-    t0 = time.perf_counter()
-
-    val = PackedLoader(rd.token_files("val"), seq, bs, tok.eos_id, shuffle=False, bos_id=tok.bos_id)
-    batches = val.rows_per_epoch // bs
-    if cfg.eval.max_batches:
-        batches = min(batches, cfg.eval.max_batches)
-    if batches == 0:
-        raise ValueError(f"the validation split in {rd.tokens / 'val'} holds fewer than {bs} rows of {seq} tokens; "
-                         "raise data.val_fraction or lower eval.batch_size")
-    result = {"checkpoint": str(ckpt), "step": step_of(ckpt), "val": score(model, val, batches, token_bytes, device, bf16)}
-    # The same number of training tokens, in the loader's fixed order, for the train/val gap.
-    train = PackedLoader(rd.token_files("train"), seq, bs, tok.eos_id, shuffle=False, bos_id=tok.bos_id)
-    result["train"] = score(model, train, min(batches, train.rows_per_epoch // bs), token_bytes, device, bf16)
-    result["train_val_gap"] = result["val"]["loss"] - result["train"]["loss"]
-    result["unigram_baseline_loss"] = unigram_loss(rd.token_files("train"), rd.token_files("val"), tok.vocab_size,
-                                                   (tok.eos_id, tok.bos_id))
-    result["uniform_baseline_loss"] = math.log(tok.vocab_size)
-
-    samples = []
-    for i, prompt in enumerate(cfg.eval.prompts):
-        ids = generate(model, tok.encode(prompt, add_bos=True), max_new_tokens=cfg.eval.max_new_tokens,
-                       temperature=cfg.eval.temperature, top_k=cfg.eval.top_k, stop_ids=(tok.eos_id,), seed=i)
-        samples.append({"prompt": prompt, "completion": tok.decode(ids)})
-    result["seconds"] = time.perf_counter() - t0
-
-    rd.eval.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(rd.eval / "metrics.json", result)
-    write_json_atomic(rd.eval / "samples.json", samples)
-    v = result["val"]
-    print(f"eval ({result['step']} steps): val loss {v['loss']:.4f}, ppl {v['perplexity']:.2f}, "
-          f"{v['bits_per_byte']:.3f} bits/byte over {v['tokens']} tokens; train loss {result['train']['loss']:.4f} "
-          f"(gap {result['train_val_gap']:+.4f}); unigram baseline {result['unigram_baseline_loss']:.4f}")
-    for s in samples:
-        print(f"--- {s['prompt']!r}\n{s['prompt']}{s['completion']}")
-    return result

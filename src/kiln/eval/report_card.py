@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 def harness_version(name: str = "kiln") -> str:
     try:
-        return importlib.metadata.version(name)
+        return importlib.metadata.version({"kiln": "llmkiln", "lm-eval": "lm_eval"}.get(name, name))
     except importlib.metadata.PackageNotFoundError:
         return "unknown"
 
@@ -41,12 +41,19 @@ def card_entry(benchmark: str, result, scorer=None, seed: int = 0, harness: str 
     return row
 
 
+SCORES = ("acc", "acc_norm", "exact_match", "verifier_acc", "multiple_choice_grade", "exact_str_match", "pass@1",
+          "pass@10", "pass@100", "bits_per_byte")
+"""The scores a row may carry, in the order the table shows them."""
+
+
 def render_table(card: Sequence[dict]) -> str:
     """Markdown table of a report card."""
     lines = ["| benchmark | format | shots | n | score | harness | seed |", "|---|---|---|---|---|---|---|"]
     for r in card:
-        metrics = [f"{k} {r[k]:.4f}" for k in ("acc", "acc_norm", "exact_match", "pass@1", "pass@10",
-                                                  "bits_per_byte") if isinstance(r.get(k), float)]
+        if r.get("error"):
+            lines.append(f"| {r['benchmark']} | - | - | - | not scored: {r['error']} | {r['harness']} | - |")
+            continue
+        metrics = [f"{k} {r[k]:.4f}" for k in SCORES if isinstance(r.get(k), float)]
         lines.append(f"| {r['benchmark']} | {r['format']} | {r.get('shots', 0)} | {r['n']} | {', '.join(metrics)} "
                      f"| {r['harness']} {r.get('harness_version', '')} | {r.get('seed', '')} |")
     return "\n".join(lines)

@@ -218,17 +218,28 @@ class Scorer:
         """`generate_many` from token ids. A prompt longer than the window loses its start (it keeps room for
         at least one new token); sample i of prompt p uses seed `seed + p`, so a batch's composition never
         changes what a prompt gets."""
+        texts, _ = self._generate(prompts, max_new_tokens, stop, temperature, top_p, n, seed, ignore_stop_ids)
+        return [[cut_at_stop(t, stop) for t in row] for row in texts]
+
+    def generate_tokens(self, prompts: Sequence[list[int]], max_new_tokens: int,
+                        ignore_stop_ids: bool = False) -> list[list[int]]:
+        """Greedy new token ids of each prompt (ended by a stop id, unless ignored, or the budget)."""
+        return [row[0] for row in self._generate(prompts, max_new_tokens, (), 0.0, 1.0, 1, 0, ignore_stop_ids)[1]]
+
+    def _generate(self, prompts, max_new_tokens, stop, temperature, top_p, n, seed, ignore_stop_ids):
         from kiln.infer.engine import Output
         from kiln.infer.sampling import SamplingParams
 
         texts = [[""] * n for _ in prompts]
+        ids: list[list[list[int]]] = [[[] for _ in range(n)] for _ in prompts]
         left = [len(prompts) * n]
 
         def collect(p: int):
             def on_output(o: Output) -> None:
-                texts[p][o.index] += o.text
                 if o.finish_reason == "error":
                     raise RuntimeError(f"generation failed: {o.text}")
+                texts[p][o.index] += o.text
+                ids[p][o.index] += o.token_ids
                 left[0] -= o.finish_reason is not None
             return on_output
 
@@ -238,15 +249,15 @@ class Scorer:
             queue = list(enumerate(prompts))[::-1]
             while left[0]:
                 while queue and engine.waiting < engine.max_queue:
-                    p, ids = queue.pop()
-                    ids = list(ids)[-(self.max_len - 1):]
-                    budget = min(max_new_tokens, self.max_len - len(ids))
+                    p, prompt = queue.pop()
+                    prompt = list(prompt)[-(self.max_len - 1):]
+                    budget = min(max_new_tokens, self.max_len - len(prompt))
                     params = SamplingParams(max_tokens=budget, temperature=temperature, top_p=top_p,
                                             seed=seed + p, stop=tuple(stop), stop_ids=stop_ids, n=n,
                                             ignore_stop_ids=ignore_stop_ids)
-                    engine.submit(ids, params, collect(p))
+                    engine.submit(prompt, params, collect(p))
                 engine.step()
-        return [[cut_at_stop(t, stop) for t in row] for row in texts]
+        return texts, ids
 
     def _generation_engine(self, n: int):
         """The engine generation runs on, made once (its slot cache and CUDA graphs are the costly part)."""

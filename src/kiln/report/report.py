@@ -8,6 +8,7 @@ from typing import Any
 
 from kiln.config import Config
 from kiln.config.rundir import RunDir, write_text_atomic
+from kiln.report.evaluation import eval_section
 from kiln.report.post import POST_STAGES, post_section
 
 
@@ -64,7 +65,7 @@ def write_report(cfg: Config) -> Path:
     samples = _read_json(rd.eval / "samples.json") or []
     timings = _read_json(rd.root / "timings.json") or {}
     metrics = read_metrics(rd.metrics)
-    has_plot = plot_loss(metrics, rd.root / "loss.png", ev["unigram_baseline_loss"] if ev else None)
+    has_plot = plot_loss(metrics, rd.root / "loss.png", ev.get("unigram_baseline_loss") if ev else None)
 
     out = [f"# kiln run `{cfg.name}`", "", f"Run directory: `{rd.root}`", ""]
     out += _summary(ev, timings)
@@ -75,7 +76,8 @@ def write_report(cfg: Config) -> Path:
     if has_plot:
         out += ["![loss](loss.png)", ""]
     out += _training_table(metrics, cfg.train.keep_best)
-    out += _eval_section(ev)
+    out += eval_section(ev, _read_json(rd.eval / "report_card.json"), _read_json(rd.eval / "memorisation.json"),
+                        _read_json(rd.eval / "suites.json"))
     if samples:
         out += ["## Samples", ""]
         for s in samples:
@@ -88,7 +90,7 @@ def write_report(cfg: Config) -> Path:
 
 def _summary(ev: dict | None, timings: dict) -> list[str]:
     out = ["## Summary", ""]
-    if ev:
+    if ev and "val" in ev:
         v = ev["val"]
         out += [f"- validation loss **{v['loss']:.4f}** nats/token (perplexity {v['perplexity']:.2f}, "
                 f"{v['bits_per_byte']:.3f} bits/byte) against a unigram baseline of "
@@ -167,15 +169,3 @@ def _training_table(metrics: list[dict], keep_best: bool = True) -> list[str]:
                      if keep_best else ": `train.keep_best` would have kept that checkpoint")
         out.append(line)
     return out + [""]
-
-
-def _eval_section(ev: dict | None) -> list[str]:
-    if not ev:
-        return []
-    v, t = ev["val"], ev["train"]
-    return ["## Evaluation", "", f"Checkpoint `{ev['checkpoint']}` (step {ev['step']}).", "",
-            "| split | loss | perplexity | bits/byte | tokens |", "|---|---:|---:|---:|---:|",
-            f"| val | {v['loss']:.4f} | {v['perplexity']:.2f} | {v['bits_per_byte']:.4f} | {v['tokens']:,} |",
-            f"| train | {t['loss']:.4f} | {t['perplexity']:.2f} | {t['bits_per_byte']:.4f} | {t['tokens']:,} |",
-            "", f"Train/val gap {ev['train_val_gap']:+.4f}; unigram baseline {ev['unigram_baseline_loss']:.4f}; "
-            f"uniform baseline {ev['uniform_baseline_loss']:.4f}.", ""]

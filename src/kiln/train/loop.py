@@ -40,6 +40,7 @@ from torch import nn
 
 from kiln.config import Config, ConfigError, model_diff
 from kiln.config.rundir import RunDir
+from kiln.eval.divergence import DivergenceWatch, read_metrics
 from kiln.formats.checkpoint import BEST, checkpoint_config, latest_before, latest_checkpoint, read_state
 from kiln.runtime.device import autocast, cuda_memory_stats, oom_advice, sdpa_backend
 from kiln.runtime.peaks import mfu
@@ -260,6 +261,8 @@ def run(tr: Trainer, task: Task, ts: TrainState, say=print) -> dict:
     window = _Window(t0, tokens)
     steps_run = 0            # steps this process took: never rewound by a rollback, so the ETA's divisor is > 0
     saved_at, final_val = ts.step, None
+    # every rank sees the same global losses, so every rank could warn; rank 0 says it
+    watch = DivergenceWatch().replay(read_metrics(rd.metrics, ts.step) if d.is_main else [])
     metrics = open(rd.metrics, "a", encoding="utf-8") if d.is_main else None
     stop = StopRequest()
 
@@ -310,6 +313,7 @@ def run(tr: Trainer, task: Task, ts: TrainState, say=print) -> dict:
                 eta = (now - t0) / steps_run * (t.max_steps - done)
                 say(log_line({**record, "task_keys": list(extra) if task.metrics is not None else []},
                              t.max_steps, eta, task.unit), flush=True)
+                watch.observe_train(record["loss"])
                 if guard.observe(done, record["loss"]):
                     # Every rank saw the same (global) loss, so every rank rolls back together.
                     ts = _rollback(tr, ts, guard, metrics, say)
@@ -330,6 +334,9 @@ def run(tr: Trainer, task: Task, ts: TrainState, say=print) -> dict:
                     f"{', best so far: saved to checkpoints/best' if improved else ''}", flush=True)
                 if improved:
                     best_val = final_val
+                if task.eval_is_loss and (warning := watch.observe_val(done, final_val)):
+                    record["divergence"] = warning["message"]
+                    say(f"WARNING step {done}: {warning['message']}", flush=True)
             if task.sample is not None and t.sample_every and done % t.sample_every == 0:
                 task.sample(done)
             if record and metrics:
