@@ -113,14 +113,35 @@ class Scorer:
         for i, (row, _, _) in enumerate(where):
             by_row.setdefault(row, []).append(i)
         out: list[Scored | None] = [None] * len(where)
+        pending = []   # (requests, their log-probs, their misses) still on the device
         for b in range(0, len(order), self.batch_size):
             chunk = order[b:b + self.batch_size]
             reqs = [i for r in chunk for i in by_row[r]]
-            self._score_batch([inputs[r] for r in chunk], {r: j for j, r in enumerate(chunk)}, reqs, where, out)
+            pending.append((reqs, *self._score_batch([inputs[r] for r in chunk], {r: j for j, r in enumerate(chunk)},
+                                                     reqs, where)))
+            if len(pending) == 8:   # bounded: a few batches ahead of the device, never the whole set in memory
+                self._collect(pending, where, out)
+        self._collect(pending, where, out)
         return out  # type: ignore[return-value]
 
+    @staticmethod
+    def _collect(pending: list, where: list, out: list) -> None:
+        """Move finished batches' scores to the host: one sync for several batches, so the host builds and
+        launches the next batches while the device computes."""
+        if not pending:
+            return
+        lp = torch.cat([p[1] for p in pending]).tolist()
+        miss = torch.cat([p[2] for p in pending]).tolist()
+        k = 0
+        for reqs, _, _ in pending:
+            for i in reqs:
+                out[i] = Scored(lp[k], miss[k] == 0, len(where[i][2]))
+                k += 1
+        pending.clear()
+
     def _score_batch(self, rows: list[tuple[int, ...]], slot: dict[int, int], reqs: list[int],
-                     where: list, out: list) -> None:
+                     where: list) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each request's summed log-probability (float64) and count of non-argmax targets, on the device."""
         T = len(rows[0])
         ids_BT = torch.zeros(len(rows), T, dtype=torch.long)
         for j, r in enumerate(rows):
@@ -133,16 +154,21 @@ class Scorer:
             t_idx += range(start, start + n)
             targets += cont
             owner += [k] * n
-        h_BTD = self._hidden(ids_BT.to(self.device))
-        h_ND = h_BTD[torch.as_tensor(b_idx, device=self.device), torch.as_tensor(t_idx, device=self.device)]
-        tgt_N = torch.as_tensor(targets, device=self.device)
+        h_BTD = self._hidden(self._upload(ids_BT))
+        h_ND = h_BTD[self._upload(torch.as_tensor(b_idx)), self._upload(torch.as_tensor(t_idx))]
+        tgt_N = self._upload(torch.as_tensor(targets))
         lp_N, hit_N = self._target_logprobs(h_ND, tgt_N)
-        own_N = torch.as_tensor(owner, device=self.device)
+        own_N = self._upload(torch.as_tensor(owner))
         lp = torch.zeros(len(reqs), dtype=torch.float64, device=self.device).index_add_(0, own_N, lp_N.double())
         miss = torch.zeros(len(reqs), dtype=torch.long, device=self.device).index_add_(0, own_N, (~hit_N).long())
-        lp, miss = lp.tolist(), miss.tolist()   # one host sync per batch
-        for k, i in enumerate(reqs):
-            out[i] = Scored(lp[k], miss[k] == 0, len(where[i][2]))
+        return lp, miss
+
+    def _upload(self, t: torch.Tensor) -> torch.Tensor:
+        """A host tensor on the device without waiting for the device: a plain copy from pageable memory
+        synchronises, which would stall the host behind every batch in flight."""
+        if self.device.type != "cuda":
+            return t.to(self.device)
+        return t.pin_memory().to(self.device, non_blocking=True)
 
     def _hidden(self, ids_BT: torch.Tensor) -> torch.Tensor:
         """Final-norm hidden states (B, T, D) of the backbone: the model's forward up to its head."""
