@@ -202,3 +202,16 @@ def test_tokens_count_real_targets_not_padding(micro_run):
     assert real < 3 * 4 * 32   # there is padding to leave out
     rows = [json.loads(r) for r in (micro_run / "metrics.jsonl").read_text().splitlines() if '"loss"' in r]
     assert summary["tokens_seen"] == rows[-1]["tokens"] == real
+
+
+def test_validation_rising_while_training_falls_warns_in_the_log_and_metrics(micro_run, monkeypatch, capsys):
+    """The loop's divergence watch, fed by real training losses and a validation loss made to rise."""
+    import kiln.train.pretrain as pretrain
+    vals = iter([6.0, 5.9, 6.0, 6.1, 6.2, 6.3])
+    monkeypatch.setattr(pretrain, "loss_sums", lambda *a, **k: {"nats": torch.tensor(next(vals)),
+                                                                "tokens": torch.tensor(1.0)})
+    run_stage(micro_config(micro_run, train={"max_steps": 6, "eval_every": 1, "lr": 3e-3}), "pretrain")
+    out = capsys.readouterr().out
+    assert "WARNING step 4: validation loss rose from 5.9000 to 6.1000 over steps 2-4 while training loss fell" in out
+    records = [json.loads(x) for x in (micro_run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "divergence" in r] == [4]
