@@ -16,7 +16,8 @@ from subprocess_util import run_child
 def finished_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("e2e")
     recipe = root / "micro.yaml"
-    recipe.write_text(yaml.safe_dump({**MICRO, "run_dir": str(root / "run")}))
+    eval_ = {**MICRO["eval"], "benchmarks": [{"name": "humaneval", "limit": 4, "max_new_tokens": 8}]}
+    recipe.write_text(yaml.safe_dump({**MICRO, "eval": eval_, "run_dir": str(root / "run")}))
     out = run_child([sys.executable, "-m", "kiln", "run", str(recipe)], timeout=150)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return root / "run", recipe, out.stdout
@@ -55,6 +56,10 @@ def test_report_names_only_existing_artifacts(finished_run):
     assert "loss.png" in report
     ev = json.loads((run / "eval" / "metrics.json").read_text())
     assert f"{ev['val']['loss']:.4f}" in report
+    # the benchmark table and the memorisation figure of `kiln run`'s eval stage
+    assert "### Benchmarks" in report and "| humaneval | pass@k | 0 | 4 | pass@1 " in report
+    mem = json.loads((run / "eval" / "memorisation.json").read_text())
+    assert "### Memorisation" in report and f"| train | {mem['groups']['train']['n']} |" in report
 
 
 def test_rerun_skips_finished_stages(finished_run):
