@@ -15,7 +15,7 @@ import dataclasses
 import time
 from collections.abc import Sequence
 
-from kiln.eval.report_card import card_entry
+from kiln.eval.report_card import card_entry, harness_version
 from kiln.eval.scoring import Scorer
 
 
@@ -106,7 +106,8 @@ def _humaneval(scorer: Scorer, spec) -> list[tuple[dict, dict]]:
     ks = tuple(k for k in (1, 10, 100) if k <= spec.samples)
     r = evaluate_humaneval(scorer, problems, n=spec.samples, ks=ks, temperature=spec.temperature,
                            max_new_tokens=spec.max_new_tokens, seed=spec.seed)
-    row = {"benchmark": "humaneval", "harness": "kiln", **r.summary(), "seed": spec.seed,
+    row = {"benchmark": "humaneval", "harness": "kiln", "harness_version": harness_version(), **r.summary(),
+           "seed": spec.seed,
            "batch_size": scorer.batch_size, "bf16": scorer.bf16}
     return [(row, {"per_problem": [dataclasses.asdict(x) for x in r.problems]})]
 

@@ -49,7 +49,7 @@ def run_eval(cfg: Config) -> dict:
     if rd.token_files("val"):
         result.update(split_scores(rd, e, model, tok, ckpt_cfg.model.max_seq_len, device, bf16))
     else:
-        result["skipped"]["val"] = f"no validation tokens in {rd.tokens / 'val'} (an imported model: give eval.files)"
+        result["skipped"]["val"] = f"no validation tokens in {rd.tokens / 'val'} (an imported or fine-tuned model: its own text goes in eval.files)"
     if e.files:
         result["files"] = file_scores(scorer, e.files, e.stride)
     result["divergence"] = divergence_of(rd.metrics)
