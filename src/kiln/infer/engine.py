@@ -73,6 +73,9 @@ class _Sequence:
     pending: int = -1               # the last sampled token, cached by the next decode step
     out_ids: list[int] = field(default_factory=list)
     sent_chars: int = 0
+    text: str = ""                  # out_ids decoded, up to the last whole character
+    text_from: int = 0              # out_ids[text_from:] is the window decoded each step ...
+    text_upto: int = 0              # ... of which out_ids[text_from:text_upto] is already in `text`
 
 
 class Engine:
@@ -375,30 +378,53 @@ class Engine:
     def _emit(self, seq: _Sequence, token: int, lp: list[TokenLogprob]) -> None:
         p = seq.request.params
         if token in p.stop_ids and not p.ignore_stop_ids:
-            self._finish(seq, "stop", [], self._flush(seq, len(self._text(seq))), [])
+            self._finish(seq, "stop", [], self._flush(seq, len(self._final_text(seq))), [])
             return
         seq.out_ids.append(token)
         self.stats["generated_tokens"] += 1
         if p.penalised:
             self._counts_NV[seq.slot, token] += 1
             self._seen_NV[seq.slot, token] = True
-        text = self._text(seq)
+        text = self._advance_text(seq)
         cut = _first_stop(text, p.stop, seq.sent_chars)
         if cut is not None:
             self._finish(seq, "stop", [token], self._flush(seq, cut), lp)
         elif len(seq.out_ids) >= p.max_tokens or seq.length >= self.max_len:
-            self._finish(seq, "length", [token], self._flush(seq, len(text)), lp)
+            self._finish(seq, "length", [token], self._flush(seq, len(self._final_text(seq))), lp)
         else:
             seq.pending = token
             safe = _safe_end(text, p.stop)
             seq.request.on_output(Output(seq.index, [token], self._flush(seq, max(safe, seq.sent_chars)), lp))
 
-    def _text(self, seq: _Sequence) -> str:
-        # The whole output decoded each time: a character may span tokens. Special tokens are not text.
-        return self.tok.decode(seq.out_ids, skip_special=True) if self.tok is not None else ""
+    def _advance_text(self, seq: _Sequence) -> str:
+        """The output's text after its newest token, decoding only a short window of recent tokens (the
+        whole output decoded every step costs O(length) per token per sequence). The window starts at the
+        token before the last whole-character boundary, so a tokenizer whose decoding depends on the
+        neighbouring token (SentencePiece's leading space) decodes the new piece as the whole would; a
+        window ending inside a character (U+FFFD at its end) waits for the token that completes it.
+        Special tokens are not text."""
+        if self.tok is None:
+            return ""
+        ids = seq.out_ids
+        before = self.tok.decode(ids[seq.text_from:seq.text_upto], skip_special=True)
+        window = self.tok.decode(ids[seq.text_from:], skip_special=True)
+        if len(window) > len(before) and not window.endswith("\ufffd"):
+            seq.text += window[len(before):]
+            seq.text_from, seq.text_upto = seq.text_upto, len(ids)
+        return seq.text
+
+    def _final_text(self, seq: _Sequence) -> str:
+        """The whole text at the end: a character cut off by the last token stays U+FFFD, as a decode of
+        the whole output gives it."""
+        if self.tok is not None and seq.text_upto < len(seq.out_ids):
+            before = self.tok.decode(seq.out_ids[seq.text_from:seq.text_upto], skip_special=True)
+            window = self.tok.decode(seq.out_ids[seq.text_from:], skip_special=True)
+            seq.text += window[len(before):]
+            seq.text_from = seq.text_upto = len(seq.out_ids)
+        return seq.text
 
     def _flush(self, seq: _Sequence, upto: int) -> str:
-        text = self._text(seq)[seq.sent_chars:upto]
+        text = seq.text[seq.sent_chars:upto]
         seq.sent_chars = max(seq.sent_chars, upto)
         return text
 
@@ -421,7 +447,7 @@ def _safe_end(text: str, stops: tuple[str, ...]) -> int:
         end = len(text.rstrip("\ufffd"))
     for s in stops:
         for n in range(min(len(s) - 1, end), 0, -1):
-            if text[:end].endswith(s[:n]):
-                end = min(end, len(text[:end]) - n)
+            if text.endswith(s[:n], 0, end):   # no slice: a copy of the whole text per step
+                end -= n
                 break
     return end
