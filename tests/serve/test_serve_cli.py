@@ -61,7 +61,22 @@ def test_kiln_serve_command(run, spawn):
 def test_kiln_serve_and_chat_help():
     for command in ("serve", "chat"):
         out = run_child([sys.executable, "-m", "kiln", command, "--help"], timeout=60)
-        assert out.returncode == 0 and "--serve.max_batch" in out.stdout
+        assert out.returncode == 0 and "--serve.max_batch" in out.stdout and "--serve.quantize" in out.stdout
+
+
+def test_served_model_is_int8_when_asked(run, capsys):
+    from kiln.infer.generate import generate
+    from kiln.infer.quant import TARGETS, Int8Linear, int8_layers
+
+    cfg = Config(run_dir=str(run))
+    cfg.serve.device, cfg.serve.dtype, cfg.serve.quantize = "cpu", "bfloat16", "int8"
+    model = load_served(cfg, start=False).engine.model
+    assert len(int8_layers(model)) == model.cfg.depth * len(TARGETS) and not isinstance(model.lm_head, Int8Linear)
+    out = capsys.readouterr().out
+    assert out.count("int8 weight-only") == 1 and "torch._weight_int8pack_mm in 14" in out and "MiB -> " in out
+    prompt = [5, 6, 7]
+    got = Engine(model, max_slots=1).generate([prompt], SamplingParams(max_tokens=6, temperature=0))[0][0]
+    assert got == generate(model, prompt, 6, temperature=0, use_cache=False)
 
 
 @pytest.mark.timeout(120)

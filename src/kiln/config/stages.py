@@ -340,6 +340,11 @@ class ServeConfig:
     """auto (CUDA if present, else CPU), cuda, cuda:N or cpu."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Weights and KV cache dtype: auto = bfloat16 on CUDA, float32 on CPU."""
+    quantize: Literal["none", "int8"] = "none"
+    """int8: weight-only int8 (per-channel scales) of the attention and MLP projections, activations in `dtype`;
+    the embedding and head stay (SmolLM2-135M in bf16: 257 -> 156 MiB of weights, perplexity +0.1%:
+    bench/int8_quality.py). On CPU it is faster only with dtype bfloat16; on CUDA it saves memory, not time
+    (kiln/infer/quant.py says why)."""
     max_batch: int = 16
     """Sequences decoded at once (engine slots; a request of n samples takes n)."""
     max_len: int | None = None

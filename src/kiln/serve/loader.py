@@ -12,6 +12,7 @@ from kiln.config import Config
 from kiln.config.rundir import RunDir
 from kiln.formats.checkpoint import load_model, resolve_checkpoint
 from kiln.infer.engine import Engine
+from kiln.infer.quant import describe, quantize_int8, weight_bytes
 from kiln.runtime.device import pick_device
 from kiln.tokenizer import Tokenizer
 
@@ -33,7 +34,8 @@ class Served:
 
 
 def load_served(cfg: Config, start: bool = True) -> Served:
-    """The run's checkpoint in the engine (on `serve.device`, in `serve.dtype`), with its tokenizer."""
+    """The run's checkpoint in the engine (on `serve.device`, in `serve.dtype`, int8 weight-only with
+    `serve.quantize=int8`), with its tokenizer."""
     s = cfg.serve
     rd = RunDir(cfg.run_path)
     ckpt = resolve_checkpoint(rd.checkpoints, s.checkpoint)
@@ -44,11 +46,18 @@ def load_served(cfg: Config, start: bool = True) -> Served:
     if tok.vocab_size > model.cfg.vocab_size:
         raise ValueError(f"{rd.tokenizer_file()} has {tok.vocab_size} tokens but the model at {ckpt} embeds "
                          f"{model.cfg.vocab_size}: they are not from the same run")
+    n_params = sum(p.numel() for p in model.parameters())
+    before = weight_bytes(model)
+    if s.quantize == "int8":   # before the engine: it captures CUDA graphs of the model as it is
+        quantize_int8(model)
     engine = Engine(model, tok, max_slots=s.max_batch, max_len=s.max_len, max_queue=s.max_queue,
                     cuda_graphs=s.cuda_graphs and device.type == "cuda")
     if start:
         engine.start()
-    print(f"serving {ckpt} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {dtype}, "
-          f"{device}): {s.max_batch} slots of {engine.max_len} positions", flush=True)
+    print(f"serving {ckpt} ({n_params / 1e6:.1f}M parameters, {dtype}, {device}): {s.max_batch} slots of "
+          f"{engine.max_len} positions", flush=True)
+    if s.quantize != "none":
+        print(f"{describe(model, device, dtype)}; weights {before / 2**20:.1f} MiB -> "
+              f"{weight_bytes(model) / 2**20:.1f} MiB", flush=True)
     return Served(s.model_name or cfg.run_path.resolve().name, engine, tok,
                   s.api_key or os.environ.get("KILN_API_KEY") or None)
