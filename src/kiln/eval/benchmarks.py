@@ -25,14 +25,16 @@ def run_benchmarks(scorer: Scorer, specs: Sequence) -> tuple[list[dict], dict[st
     details: dict[str, dict] = {}
     for spec in specs:
         t0 = time.perf_counter()
+        label = spec.name + (f":{spec.path}" if spec.path else "")
+        print(f"benchmark {label}{f' (first {spec.limit} items)' if spec.limit else ''} ...", flush=True)
         try:
             rows = RUNNERS[spec.name](scorer, spec)
         except (ValueError, FileNotFoundError, ImportError) as e:
-            label = spec.name + (f":{spec.path}" if spec.path else "")
             print(f"benchmark {label} not scored: {e}")
             card.append({"benchmark": label, "format": "-", "n": 0, "harness": "kiln", "error": str(e)})
             continue
         seconds = time.perf_counter() - t0
+        print(f"benchmark {label}: {len(rows)} score(s) in {seconds:.1f}s", flush=True)
         for row, detail in rows:
             row["seconds"] = seconds / len(rows)
             row["chat"] = scorer.chat
