@@ -158,3 +158,37 @@ def test_chat_scoring_conditions_on_the_rendered_user_turn():
     with torch.no_grad():
         logp = torch.log_softmax(model(torch.tensor([ids + cont]))[0].float(), -1)
     assert got.logprob == pytest.approx(sum(logp[len(ids) - 1 + i, t].item() for i, t in enumerate(cont)), abs=1e-4)
+
+
+def test_continuations_sharing_a_context_score_as_if_alone():
+    """Cloze answers share their context in one row (a tree mask): each equals transformers on the pair
+    alone, at any batch size, also when the tails overflow the window and the context is repeated."""
+    from kiln.eval.scoring import _shared_rows
+
+    tok = evalkit.tokenizer()
+    model = evalkit.model(tok.vocab_size, max_seq_len=24)
+    hf = hf_llama(model)
+    ctx = "Question: What is the capital of France?\nAnswer:"
+    conts = [" Paris", " the quick brown fox", " Lyon, a city", " def add(a, b)", " three apples"]
+    pairs = [(ctx, c) for c in conts] + [("The quick brown fox", " jumps over the lazy dog."),
+                                         ("The quick brown fox", " A")]
+    s = Scorer(model, tok)
+    enc = s.encode_pairs(pairs)
+    groups = {}
+    for c, x in enc:
+        inp = (c + x)[-25:-1]
+        cut = len(inp) - len(x) + 1
+        groups.setdefault(tuple(inp[:cut]), {})[tuple(inp[cut:])] = None
+    rows, _ = _shared_rows(groups, 24)
+    assert any(r.branched for r in rows) and len(rows) > len(groups)   # shared, and split at the window
+    for bs in (1, 2, 32):
+        got = Scorer(model, tok, batch_size=bs).loglikelihood(pairs)
+        for (c, x), g in zip(enc, got):
+            ref_lp, ref_greedy = reference(hf, c, x)
+            assert g.logprob == pytest.approx(ref_lp, abs=1e-4) and g.greedy == ref_greedy and g.n_tokens == len(x)
+
+
+def test_an_empty_context_is_refused():
+    tok = evalkit.tokenizer()
+    with pytest.raises(ValueError, match="empty context"):
+        Scorer(evalkit.model(tok.vocab_size), tok).loglikelihood_tokens([([], [5, 6])])

@@ -6,9 +6,11 @@ continuation's tokens given the context, and whether greedy decoding would have 
 Batching and padding never change a score: rows are right-padded and the model is causal, so a real
 token never attends to a pad; only the hidden states at the continuation's positions go through the
 output head (the head is a fifth of a 135M model's FLOPs and every other position would be thrown
-away). Requests whose model inputs are identical (the four one-token answers " A" .. " D" of a
-letter-format question) share one row. Rows run longest first, so a batch pads little and the
-first batch shows at once whether memory suffices.
+away). Requests with the same context share one row: the context once, then each continuation's
+tail (all of it but its last token) after it, at the positions it would have alone and seeing only the
+context and itself (a tree mask), so the four answers of a cloze question cost one context, not four,
+and the four one-token answers " A" .. " D" of a letter-format question cost one row. Rows run longest
+first, so a batch pads little and the first batch shows at once whether memory suffices.
 
 Encoding follows lm-evaluation-harness (`HFLM._encode_pair`): trailing spaces of the context move to
 the continuation, the pair is encoded whole and the context alone, and the continuation is what the
@@ -96,19 +98,26 @@ class Scorer:
     @torch.inference_mode()
     def loglikelihood_tokens(self, pairs: Sequence[tuple[list[int], list[int]]]) -> list[Scored]:
         """Scores of (context ids, continuation ids) pairs; contexts longer than the window lose their start."""
-        rows: dict[tuple[int, ...], int] = {}     # model input -> row number
-        where = []                                 # per request: its row, first target position, targets
+        groups: dict[tuple[int, ...], dict[tuple[int, ...], None]] = {}   # context -> its distinct tails
+        keys = []                                                          # per request: (context, tail)
         for ctx, cont in pairs:
             if not cont:
                 raise ValueError("empty continuation: nothing to score")
+            if not ctx:
+                raise ValueError("empty context: nothing conditions the continuation's first token (give BOS)")
             if len(cont) > self.max_len:
                 raise ValueError(f"continuation of {len(cont)} tokens exceeds the model's {self.max_len}-token window")
-            full = (list(ctx) + list(cont))[-(self.max_len + 1):]
-            key = tuple(full[:-1])
-            row = rows.setdefault(key, len(rows))
-            where.append((row, len(key) - len(cont), cont))
-        inputs = list(rows)
-        order = sorted(range(len(inputs)), key=lambda r: -len(inputs[r]))
+            inp = (list(ctx) + list(cont))[-(self.max_len + 1):-1]
+            cut = len(inp) - len(cont) + 1    # inp[:cut] predicts cont[0]; the tail inp[cut:] is cont[:-1]
+            key = (tuple(inp[:cut]), tuple(inp[cut:]))
+            groups.setdefault(key[0], {})[key[1]] = None
+            keys.append(key)
+        rows, place = _shared_rows(groups, self.max_len)
+        where = []   # per request: its row, the positions whose outputs predict it, its targets
+        for (ctx, tail), (_, cont) in zip(keys, pairs):
+            r, start = place[ctx, tail]
+            where.append((r, [len(ctx) - 1, *range(start, start + len(tail))], cont))
+        order = sorted(range(len(rows)), key=lambda r: -len(rows[r].tokens))
         by_row: dict[int, list[int]] = {}
         for i, (row, _, _) in enumerate(where):
             by_row.setdefault(row, []).append(i)
@@ -117,7 +126,7 @@ class Scorer:
         for b in range(0, len(order), self.batch_size):
             chunk = order[b:b + self.batch_size]
             reqs = [i for r in chunk for i in by_row[r]]
-            pending.append((reqs, *self._score_batch([inputs[r] for r in chunk], {r: j for j, r in enumerate(chunk)},
+            pending.append((reqs, *self._score_batch([rows[r] for r in chunk], {r: j for j, r in enumerate(chunk)},
                                                      reqs, where)))
             if len(pending) == 8:   # bounded: a few batches ahead of the device, never the whole set in memory
                 self._collect(pending, where, out)
@@ -139,22 +148,25 @@ class Scorer:
                 k += 1
         pending.clear()
 
-    def _score_batch(self, rows: list[tuple[int, ...]], slot: dict[int, int], reqs: list[int],
+    def _score_batch(self, rows: list[_Row], slot: dict[int, int], reqs: list[int],
                      where: list) -> tuple[torch.Tensor, torch.Tensor]:
         """Each request's summed log-probability (float64) and count of non-argmax targets, on the device."""
-        T = len(rows[0])
+        T = len(rows[0].tokens)
         ids_BT = torch.zeros(len(rows), T, dtype=torch.long)
         for j, r in enumerate(rows):
-            ids_BT[j, :len(r)] = torch.as_tensor(r)
+            ids_BT[j, :len(r.tokens)] = torch.as_tensor(r.tokens)
         b_idx, t_idx, targets, owner = [], [], [], []
         for k, i in enumerate(reqs):
-            row, start, cont = where[i]
-            n = len(cont)
-            b_idx += [slot[row]] * n
-            t_idx += range(start, start + n)
+            row, positions, cont = where[i]
+            b_idx += [slot[row]] * len(cont)
+            t_idx += positions
             targets += cont
-            owner += [k] * n
-        h_BTD = self._hidden(self._upload(ids_BT))
+            owner += [k] * len(cont)
+        if any(r.branched for r in rows):
+            pos_BT, mask_BTT = _tree_inputs(rows, T)
+            h_BTD = self._hidden(self._upload(ids_BT), self._upload(pos_BT), self._upload(mask_BTT))
+        else:
+            h_BTD = self._hidden(self._upload(ids_BT))
         h_ND = h_BTD[self._upload(torch.as_tensor(b_idx)), self._upload(torch.as_tensor(t_idx))]
         tgt_N = self._upload(torch.as_tensor(targets))
         lp_N, hit_N = self._target_logprobs(h_ND, tgt_N)
@@ -170,11 +182,15 @@ class Scorer:
             return t.to(self.device)
         return t.pin_memory().to(self.device, non_blocking=True)
 
-    def _hidden(self, ids_BT: torch.Tensor) -> torch.Tensor:
-        """Final-norm hidden states (B, T, D) of the backbone: the model's forward up to its head."""
+    def _hidden(self, ids_BT: torch.Tensor, pos_BT: torch.Tensor | None = None,
+                mask_BTT: torch.Tensor | None = None) -> torch.Tensor:
+        """Final-norm hidden states (B, T, D) of the backbone: the model's forward up to its head; with
+        positions and a mask for rows whose continuations share their context (`_tree_inputs`)."""
         m, T = self.model, ids_BT.size(1)
         with autocast(self.device, self.bf16):
-            return m.model(ids_BT, m.rope_cos[:T], m.rope_sin[:T])
+            if pos_BT is None:
+                return m.model(ids_BT, m.rope_cos[:T], m.rope_sin[:T])
+            return m.hidden(ids_BT, pos_BT, None, mask_BTT[:, None])
 
     def _target_logprobs(self, h_ND: torch.Tensor, tgt_N: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """fp32 log-probability of each target and whether it is the argmax, `head_chunk` positions at a time."""
@@ -299,6 +315,60 @@ class Scorer:
                  temperature: float = 0.0, seed: int = 0) -> str:
         """One completion of `prompt_ids` (see `generate_ids`)."""
         return self.generate_ids([prompt_ids], max_new_tokens, stop, temperature, seed=seed)[0][0]
+
+
+@dataclasses.dataclass
+class _Row:
+    """One model input: a context, then the tails of continuations scored after it, each tail placed
+    right after the context (positions restart there) and seeing the context and itself only."""
+
+    ctx: tuple[int, ...]
+    tails: list[tuple[int, ...]]
+
+    @property
+    def tokens(self) -> list[int]:
+        return [*self.ctx, *(t for tail in self.tails for t in tail)]
+
+    @property
+    def branched(self) -> bool:
+        return sum(bool(t) for t in self.tails) > 1
+
+
+def _shared_rows(groups: dict, max_len: int) -> tuple[list[_Row], dict]:
+    """Rows holding each context once with as many of its tails as fit the window, and where each
+    (context, tail) landed: (row, index of the tail's first token)."""
+    rows: list[_Row] = []
+    place: dict = {}
+    for ctx, tails in groups.items():
+        row, length = _Row(ctx, []), len(ctx)
+        for tail in tails:
+            if row.tails and length + len(tail) > max_len:
+                rows.append(row)
+                row, length = _Row(ctx, []), len(ctx)
+            place[ctx, tail] = (len(rows), length)
+            row.tails.append(tail)
+            length += len(tail)
+        rows.append(row)
+    return rows, place
+
+
+def _tree_inputs(rows: list[_Row], T: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions (B, T) and attention mask (B, T, T; True = may attend) for rows of shared contexts:
+    causal, except that a tail's tokens do not see the tails before it. Pads sit after every real token,
+    so no real token sees one (and each pad sees something: no empty softmax row)."""
+    B = len(rows)
+    pos_BT = torch.zeros(B, T, dtype=torch.long)
+    mask_BTT = torch.ones(T, T, dtype=torch.bool).tril().repeat(B, 1, 1)
+    for b, r in enumerate(rows):
+        c = len(r.ctx)
+        pos_BT[b, :c] = torch.arange(c)
+        s = c
+        for tail in r.tails:
+            e = s + len(tail)
+            pos_BT[b, s:e] = torch.arange(c, c + len(tail))
+            mask_BTT[b, s:e, c:s] = False
+            s = e
+    return pos_BT, mask_BTT
 
 
 def cut_at_stop(text: str, stop: Sequence[str]) -> str:
