@@ -49,7 +49,6 @@ def _limited(items: list, limit: int) -> list:
 
 def _mmlu(scorer: Scorer, spec) -> list[tuple[dict, dict]]:
     from kiln.data.benchmarks import get
-    from kiln.eval.choice import evaluate_choices
 
     items = _limited(get("mmlu").records(), spec.limit)
     return [_choice_rows("mmlu", scorer, items, fmt, spec) for fmt in spec.formats]

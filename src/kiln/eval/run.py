@@ -149,9 +149,10 @@ def run_suites(rd: RunDir, e, ckpt: Path, device, bf16: bool, chat: bool) -> dic
     answers = {}
     for c in chosen:
         model, _ = load_model(c, device)
-        s = Scorer(model, tok, batch_size=e.batch_size, bf16=bf16, chat=chat)
-        answers[c.name] = answer_suites(suites, lambda ps, n: [a[0] for a in s.generate_many(ps, n)], e.max_new_tokens)
-        del model, s
+        scorer = Scorer(model, tok, batch_size=e.batch_size, bf16=bf16, chat=chat)
+        answers[c.name] = answer_suites(suites, lambda ps, n, s=scorer: [a[0] for a in s.generate_many(ps, n)],
+                                        e.max_new_tokens)
+        del model, scorer   # one checkpoint's weights and engine at a time
     return {"checkpoints": [c.name for c in chosen], "rows": side_by_side(suites, answers)}
 
 
