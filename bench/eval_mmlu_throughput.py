@@ -20,7 +20,7 @@ import torch
 from kiln.config import ModelConfig
 from kiln.data.benchmarks import get
 from kiln.eval.choice import requests
-from kiln.eval.scoring import Scorer, _shared_rows
+from kiln.eval.scoring import Scorer, plan_rows
 from kiln.model.llama import Transformer
 from kiln.tokenizer import Tokenizer
 
@@ -42,12 +42,7 @@ def timed(scorer: Scorer, pairs: list, device: torch.device) -> tuple[float, int
 def model_tokens(scorer: Scorer, enc: list) -> int:
     """Tokens through the model: a context runs once with the tails of all its continuations after it
     (a letter question's four answers share one row; a cloze question's four answers one context)."""
-    groups: dict = {}
-    for c, x in enc:
-        inp = (c + x)[-(scorer.max_len + 1):-1]
-        cut = len(inp) - len(x) + 1
-        groups.setdefault(tuple(inp[:cut]), {})[tuple(inp[cut:])] = None
-    return sum(len(r.tokens) for r in _shared_rows(groups, scorer.max_len)[0])
+    return sum(len(r.tokens) for r in plan_rows(enc, scorer.max_len)[0])
 
 
 def main() -> None:

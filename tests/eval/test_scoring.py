@@ -163,7 +163,7 @@ def test_chat_scoring_conditions_on_the_rendered_user_turn():
 def test_continuations_sharing_a_context_score_as_if_alone():
     """Cloze answers share their context in one row (a tree mask): each equals transformers on the pair
     alone, at any batch size, also when the tails overflow the window and the context is repeated."""
-    from kiln.eval.scoring import _shared_rows
+    from kiln.eval.scoring import plan_rows
 
     tok = evalkit.tokenizer()
     model = evalkit.model(tok.vocab_size, max_seq_len=24)
@@ -174,13 +174,8 @@ def test_continuations_sharing_a_context_score_as_if_alone():
                                          ("The quick brown fox", " A")]
     s = Scorer(model, tok)
     enc = s.encode_pairs(pairs)
-    groups = {}
-    for c, x in enc:
-        inp = (c + x)[-25:-1]
-        cut = len(inp) - len(x) + 1
-        groups.setdefault(tuple(inp[:cut]), {})[tuple(inp[cut:])] = None
-    rows, _ = _shared_rows(groups, 24)
-    assert any(r.branched for r in rows) and len(rows) > len(groups)   # shared, and split at the window
+    rows, _ = plan_rows(enc, 24)
+    assert any(r.branched for r in rows) and len(rows) > len({r.ctx for r in rows})   # shared, and split at the window
     for bs in (1, 2, 32):
         got = Scorer(model, tok, batch_size=bs).loglikelihood(pairs)
         for (c, x), g in zip(enc, got):

@@ -98,25 +98,7 @@ class Scorer:
     @torch.inference_mode()
     def loglikelihood_tokens(self, pairs: Sequence[tuple[list[int], list[int]]]) -> list[Scored]:
         """Scores of (context ids, continuation ids) pairs; contexts longer than the window lose their start."""
-        groups: dict[tuple[int, ...], dict[tuple[int, ...], None]] = {}   # context -> its distinct tails
-        keys = []                                                          # per request: (context, tail)
-        for ctx, cont in pairs:
-            if not cont:
-                raise ValueError("empty continuation: nothing to score")
-            if not ctx:
-                raise ValueError("empty context: nothing conditions the continuation's first token (give BOS)")
-            if len(cont) > self.max_len:
-                raise ValueError(f"continuation of {len(cont)} tokens exceeds the model's {self.max_len}-token window")
-            inp = (list(ctx) + list(cont))[-(self.max_len + 1):-1]
-            cut = len(inp) - len(cont) + 1    # inp[:cut] predicts cont[0]; the tail inp[cut:] is cont[:-1]
-            key = (tuple(inp[:cut]), tuple(inp[cut:]))
-            groups.setdefault(key[0], {})[key[1]] = None
-            keys.append(key)
-        rows, place = _shared_rows(groups, self.max_len)
-        where = []   # per request: its row, the positions whose outputs predict it, its targets
-        for (ctx, tail), (_, cont) in zip(keys, pairs):
-            r, start = place[ctx, tail]
-            where.append((r, [len(ctx) - 1, *range(start, start + len(tail))], cont))
+        rows, where = plan_rows(pairs, self.max_len)
         order = sorted(range(len(rows)), key=lambda r: -len(rows[r].tokens))
         by_row: dict[int, list[int]] = {}
         for i, (row, _, _) in enumerate(where):
@@ -334,11 +316,25 @@ class _Row:
         return sum(bool(t) for t in self.tails) > 1
 
 
-def _shared_rows(groups: dict, max_len: int) -> tuple[list[_Row], dict]:
-    """Rows holding each context once with as many of its tails as fit the window, and where each
-    (context, tail) landed: (row, index of the tail's first token)."""
+def plan_rows(pairs: Sequence[tuple[Sequence[int], Sequence[int]]], max_len: int) -> tuple[list[_Row], list]:
+    """The rows that score `pairs` (each context once, with as many of its continuations' tails as fit the
+    window) and per request: its row, the positions whose outputs predict it, its targets."""
+    groups: dict[tuple[int, ...], dict[tuple[int, ...], None]] = {}   # context -> its distinct tails
+    keys = []                                                          # per request: (context, tail)
+    for ctx, cont in pairs:
+        if not cont:
+            raise ValueError("empty continuation: nothing to score")
+        if not ctx:
+            raise ValueError("empty context: nothing conditions the continuation's first token (give BOS)")
+        if len(cont) > max_len:
+            raise ValueError(f"continuation of {len(cont)} tokens exceeds the model's {max_len}-token window")
+        inp = (list(ctx) + list(cont))[-(max_len + 1):-1]
+        cut = len(inp) - len(cont) + 1    # inp[:cut] predicts cont[0]; the tail inp[cut:] is cont[:-1]
+        key = (tuple(inp[:cut]), tuple(inp[cut:]))
+        groups.setdefault(key[0], {})[key[1]] = None
+        keys.append(key)
     rows: list[_Row] = []
-    place: dict = {}
+    place: dict = {}   # (context, tail) -> (row, index of the tail's first token)
     for ctx, tails in groups.items():
         row, length = _Row(ctx, []), len(ctx)
         for tail in tails:
@@ -349,7 +345,11 @@ def _shared_rows(groups: dict, max_len: int) -> tuple[list[_Row], dict]:
             row.tails.append(tail)
             length += len(tail)
         rows.append(row)
-    return rows, place
+    where = []
+    for (ctx, tail), (_, cont) in zip(keys, pairs):
+        r, start = place[ctx, tail]
+        where.append((r, [len(ctx) - 1, *range(start, start + len(tail))], list(cont)))
+    return rows, where
 
 
 def _tree_inputs(rows: list[_Row], T: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -405,23 +405,24 @@ class Engine:
         Special tokens are not text."""
         if self.tok is None:
             return ""
-        ids = seq.out_ids
-        before = self.tok.decode(ids[seq.text_from:seq.text_upto], skip_special=True)
-        window = self.tok.decode(ids[seq.text_from:], skip_special=True)
-        if len(window) > len(before) and not window.endswith("\ufffd"):
-            seq.text += window[len(before):]
-            seq.text_from, seq.text_upto = seq.text_upto, len(ids)
+        new = self._window_text(seq)
+        if new and not new.endswith("\ufffd"):
+            seq.text += new
+            seq.text_from, seq.text_upto = seq.text_upto, len(seq.out_ids)
         return seq.text
 
     def _final_text(self, seq: _Sequence) -> str:
         """The whole text at the end: a character cut off by the last token stays U+FFFD, as a decode of
         the whole output gives it."""
         if self.tok is not None and seq.text_upto < len(seq.out_ids):
-            before = self.tok.decode(seq.out_ids[seq.text_from:seq.text_upto], skip_special=True)
-            window = self.tok.decode(seq.out_ids[seq.text_from:], skip_special=True)
-            seq.text += window[len(before):]
+            seq.text += self._window_text(seq)
             seq.text_from = seq.text_upto = len(seq.out_ids)
         return seq.text
+
+    def _window_text(self, seq: _Sequence) -> str:
+        """The text the tokens after `text_upto` add, decoded with the window's earlier tokens as context."""
+        before = self.tok.decode(seq.out_ids[seq.text_from:seq.text_upto], skip_special=True)
+        return self.tok.decode(seq.out_ids[seq.text_from:], skip_special=True)[len(before):]
 
     def _flush(self, seq: _Sequence, upto: int) -> str:
         text = seq.text[seq.sent_chars:upto]
