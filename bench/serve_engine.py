@@ -63,10 +63,31 @@ def sync():
         torch.cuda.synchronize()
 
 
-def time_kiln(model, prompts, new: int, graphs: bool) -> float:
+def kiln_model(model: Transformer, peer: str) -> Transformer:
+    """The model a kiln peer runs: `-int8` in its name quantises a copy (weight-only int8)."""
+    if "int8" not in peer:
+        return model
+    import copy
+    from kiln.infer.quant import quantize_int8
+    return quantize_int8(copy.deepcopy(model))
+
+
+def kiln_engine(model, batch: int, max_len: int, peer: str, device: str) -> tuple[Engine, float]:
+    """One engine per shape and peer, as a server has one, with slots for the largest batch; and the seconds
+    its construction took (graph capture, and compilation for `-compile`)."""
+    compile = "compile" in peer
+    if compile:
+        torch._dynamo.reset()   # each engine compiles its own step; earlier ones must not fill dynamo's cache
+    t0 = time.perf_counter()
+    engine = Engine(model, max_slots=batch, max_len=max_len, prefill_tokens=batch * max_len, max_queue=batch,
+                    cuda_graphs="eager" not in peer and device == "cuda", compile=compile, overlap="sync" not in peer)
+    return engine, time.perf_counter() - t0
+
+
+def time_kiln(engine: Engine, prompts, new: int) -> tuple[float, float | None]:
+    """(decode tokens/s, microseconds of one graph replay alone: the device's share of a step, the rest of the
+    step being the host's)."""
     B = len(prompts)
-    engine = Engine(model, max_slots=B, max_len=len(prompts[0]) + new, prefill_tokens=B * len(prompts[0]), max_queue=B,
-                    cuda_graphs=graphs)
     params = SamplingParams(max_tokens=new, temperature=0, ignore_stop_ids=True)
     engine.generate(prompts[:1], SamplingParams(max_tokens=4, temperature=0, ignore_stop_ids=True))  # warm-up
     done = [0]
@@ -78,7 +99,17 @@ def time_kiln(model, prompts, new: int, graphs: bool) -> float:
     while done[0] < B:
         engine.step()
     sync()
-    return B * (engine.stats["decode_steps"] - steps0) / (time.perf_counter() - t0)
+    tps = B * (engine.stats["decode_steps"] - steps0) / (time.perf_counter() - t0)
+    replay_us = None
+    if engine._bucket(B) in engine._graphs:
+        graph = engine._graphs[engine._bucket(B)][0]
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(50):
+            graph.replay()
+        sync()
+        replay_us = (time.perf_counter() - t0) / 50 * 1e6
+    return tps, replay_us
 
 
 def hf_model(model: Transformer, static: bool):
@@ -117,7 +148,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shapes", default="gpt2-small,smollm2-135m")
     ap.add_argument("--batches", default="1,32,128")
-    ap.add_argument("--peers", default="kiln,kiln-eager,hf,hf-static")
+    ap.add_argument("--peers", default="kiln,kiln-compile,kiln-eager,hf,hf-static",
+                    help="kiln (CUDA graphs), kiln-eager, kiln-compile (torch.compile, then graphs), kiln-int8, "
+                         "kiln-int8-compile, kiln-sync (no overlap: the host reads each step before the next), hf (default cache), hf-static (static cache, compiled)")
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--new", type=int, default=256)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "serve_engine.json"))
@@ -125,18 +158,28 @@ def main(argv=None) -> int:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     bw = peak_bandwidth()
     rows = []
-    print(f"{'shape':<14} {'peer':<11} {'batch':>5} {'tok/s':>10} {'bw bound':>9}", flush=True)
+    print(f"{'shape':<14} {'peer':<17} {'batch':>5} {'tok/s':>10} {'bw bound':>9} {'graph us':>9} {'step us':>8}"
+          f" {'build s':>8}", flush=True)
     for shape in a.shapes.split(","):
         model = build(shape, a.prompt + a.new, device)
         for peer in a.peers.split(","):
             hf = hf_model(model, peer == "hf-static") if peer.startswith("hf") else None
+            engine, build_s = None, None
+            if hf is None:
+                try:
+                    engine, build_s = kiln_engine(kiln_model(model, peer), max(map(int, a.batches.split(","))),
+                                                  a.prompt + a.new, peer, device)
+                except Exception as e:
+                    print(f"{shape:<14} {peer:<17} engine failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
+                    continue
             for B in map(int, a.batches.split(",")):
                 g = torch.Generator().manual_seed(B)
                 prompts = torch.randint(0, model.cfg.vocab_size, (B, a.prompt), generator=g).tolist()
+                replay_us = None
                 try:
                     t0 = time.perf_counter()
-                    if hf is None:
-                        tps = time_kiln(model, prompts, a.new, graphs=peer == "kiln" and device == "cuda")
+                    if engine is not None:
+                        tps, replay_us = time_kiln(engine, prompts, a.new)
                     else:
                         tps = time_hf(hf, prompts, a.new)
                     err = None
@@ -145,13 +188,15 @@ def main(argv=None) -> int:
                 frac = None
                 if tps and bw:
                     frac = tps / B * step_bytes(model, B, a.prompt + a.new / 2) / bw
+                step_us = B / tps * 1e6 if tps else None
                 rows.append(dict(shape=shape, peer=peer, batch=B, tokens_per_s=tps, bandwidth_fraction=frac,
+                                 graph_replay_us=replay_us, step_us=step_us, build_s=build_s,
                                  seconds=time.perf_counter() - t0, error=err))
                 shown = f"{tps:10.0f}" if tps else f"{'failed':>10}"
-                print(f"{shape:<14} {peer:<11} {B:>5} {shown} {frac if frac else 0:9.1%}"
-                      + (f"  {err}" if err else ""), flush=True)
+                print(f"{shape:<14} {peer:<17} {B:>5} {shown} {frac if frac else 0:9.1%} {replay_us or 0:9.0f} "
+                      f"{step_us or 0:8.0f} {build_s or 0:8.1f}" + (f"  {err}" if err else ""), flush=True)
                 write(a.out, rows, a)   # after every row: a run cut short keeps what it measured
-            del hf
+            del hf, engine
             torch.cuda.empty_cache() if device == "cuda" else None
     return 0
 

@@ -26,6 +26,15 @@ def make(init_std=0.3, max_seq_len=48, **kw) -> Transformer:
 GREEDY = SamplingParams(max_tokens=20, temperature=0)
 
 
+@pytest.fixture(autouse=True, params=[False, True], ids=["sync", "overlap"])
+def overlap(request, monkeypatch):
+    """Every test twice: reading each step's tokens at once, and one step behind (CUDA's default), where a
+    sequence that stops has one more step in flight whose token must be dropped."""
+    init = Engine.__init__
+    monkeypatch.setattr(Engine, "__init__", lambda self, *a, **k: init(self, *a, **{"overlap": request.param, **k}))
+    return request.param
+
+
 @pytest.mark.parametrize("heads", list(HEADS))
 def test_batched_greedy_equals_uncached_single_sequence(heads):
     """Every batch size from 1 to all prompts at once (slots = batch), ragged prompts, joins and leaves."""

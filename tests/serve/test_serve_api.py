@@ -225,8 +225,8 @@ def test_api_key(run):
 
 def test_full_queue_gets_503_and_a_disconnect_frees_the_slot(run):
     with Server(run, max_batch=1, max_queue=1) as srv:
-        decode = srv.engine._decode
-        srv.engine._decode = lambda: (time.sleep(0.01), decode())   # a slow model: the hog outlasts the test
+        decode = srv.engine._launch_decode
+        srv.engine._launch_decode = lambda: (time.sleep(0.01), decode())[1]   # a slow model: the hog outlasts the test
         hog = {"prompt": "Hi", "max_tokens": 2000, "ignore_eos": True, "stream": True}
         waiting: dict = {}
         with httpx.stream("POST", srv.url + "/completions", json=hog, timeout=60) as r:

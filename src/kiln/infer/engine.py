@@ -8,7 +8,14 @@ position only, or on all of them for prompt log-probabilities), then one decode 
 running sequence. A request of `n` samples is prefilled once and its cache rows copied to n - 1
 more slots. Decode runs over slots 0 .. B-1 with B the smallest bucket (1, 2, 4, ... N) holding
 every busy slot; slots are handed out lowest first so B stays small. Free slots inside the bucket
-compute a throwaway row. On CUDA each bucket's decode step is one captured CUDA graph.
+compute a throwaway row. On CUDA each bucket's decode step is one captured CUDA graph (of the
+torch.compiled step with `compile=True`).
+
+Overlap (CUDA's default): the tokens a decode step samples stay on the device as the next step's inputs, and
+the step after is launched *before* the host reads this one's tokens, so the host's work (stop checks,
+detokenization, callbacks) runs while the device computes. The price: a sequence that stops is computed for
+one step more, and that step's token is dropped. Limits known in advance (max_tokens, the context) are
+never overrun: a sequence is not launched past them.
 
 Threads: `submit` and `cancel` may be called from any thread; `step` only from one (the engine's
 own, after `start()`). Results go to each request's `on_output` callback, on the engine's thread.
@@ -70,7 +77,9 @@ class _Sequence:
     slot: int
     length: int                     # positions cached in the slot
     generator: torch.Generator | None
-    pending: int = -1               # the last sampled token, cached by the next decode step
+    scheduled: int = 0              # output tokens once every launched step is read (prefill's first + decodes)
+    final: bool = False             # its last step is launched (max_tokens or the context reached)
+    finished: bool = False          # done: an in-flight step's token for it is dropped
     out_ids: list[int] = field(default_factory=list)
     sent_chars: int = 0
     text: str = ""                  # out_ids decoded, up to the last whole character
@@ -80,7 +89,8 @@ class _Sequence:
 
 class Engine:
     def __init__(self, model, tokenizer=None, max_slots: int = 8, max_len: int | None = None,
-                 max_queue: int = 64, prefill_tokens: int = 4096, cuda_graphs: bool | None = None, seed: int = 0):
+                 max_queue: int = 64, prefill_tokens: int = 4096, cuda_graphs: bool | None = None, seed: int = 0,
+                 compile: bool = False, overlap: bool | None = None):
         self.model, self.tok = model.eval(), tokenizer
         self.device = next(model.parameters()).device
         self.vocab_size = model.cfg.vocab_size
@@ -100,6 +110,11 @@ class Engine:
         self._stop = False
         self.stats = {"prompt_tokens": 0, "generated_tokens": 0, "requests": 0, "decode_steps": 0}
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        # torch.compile fuses each layer's small kernels (norms, RoPE, SwiGLU, residual adds, the cache writes):
+        # at decode sizes the step is bound by kernel count, not bytes. The graphs then capture the compiled step.
+        self._step_logits = torch.compile(self._step, fullgraph=True) if compile else self._step
+        self.overlap = self.device.type == "cuda" if overlap is None else overlap
+        self._inflight: _Launched | None = None
         if cuda_graphs is None:
             cuda_graphs = self.device.type == "cuda"
         if cuda_graphs:
@@ -162,7 +177,7 @@ class Engine:
     def _loop(self) -> None:
         while True:
             with self._lock:
-                while not (self._stop or self._waiting or self._running):
+                while not (self._stop or self._waiting or self._running or self._inflight):
                     self._lock.wait()
                 if self._stop:
                     return
@@ -173,10 +188,15 @@ class Engine:
 
     @torch.inference_mode()
     def step(self) -> None:
+        """Admit and prefill, launch one decode step, then read the previous one (overlap) or this one."""
         self._drop_cancelled()
         self._prefill(self._admit())
-        if self._running:
-            self._decode()
+        previous, self._inflight = self._inflight, self._launch_decode()
+        if previous is not None:
+            self._read(previous)
+        if not self.overlap and self._inflight is not None:
+            launched, self._inflight = self._inflight, None
+            self._read(launched)
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[list[int]]]:
         """Run prompts to completion on the calling thread (no `start()`): each prompt's n token lists."""
@@ -225,12 +245,14 @@ class Engine:
         return heapq.heappop(self._free)
 
     def _finish(self, seq: _Sequence, reason: str, ids: list[int], text: str, lps: list[TokenLogprob]) -> None:
+        seq.finished = True
         del self._running[seq.slot]
         heapq.heappush(self._free, seq.slot)
         seq.request.unfinished -= 1
         seq.request.on_output(Output(seq.index, ids, text, lps, reason))
 
     def _fail_all(self, message: str) -> None:
+        self._inflight = None
         for seq in list(self._running.values()):
             self._finish(seq, "error", [], message, [])
         with self._lock:
@@ -269,14 +291,22 @@ class Engine:
                 slot = first_slots[b] if i == 0 else self._take_slot()
                 if i:
                     self.cache.copy_slot(first_slots[b], slot, lens[b])
-                seq = _Sequence(r, i, slot, lens[b], gen)
+                seq = _Sequence(r, i, slot, lens[b], gen, scheduled=1)
+                seq.final = self._last_launch(seq)
                 self._running[slot] = seq
                 if r.params.penalised:
                     self._reset_penalties(slot, r.prompt_ids)
                 seqs.append(seq)
                 rows.append(b)
-        self._sample_and_emit(seqs, logits_BV[torch.tensor(rows, device=dev)] if rows != list(range(len(batch)))
-                              else logits_BV)
+        if rows != list(range(len(batch))):
+            logits_BV = logits_BV[torch.tensor(rows, device=dev)]
+        slots = [s.slot for s in seqs]
+        next_B, lp = self._sample(seqs, logits_BV, slots)
+        # The first decode step's inputs, on the device: each sequence's first token, at its prompt's length.
+        slots_B = torch.tensor(slots, device=dev)
+        self._tokens_N[slots_B] = next_B
+        self._pos_N[slots_B] = torch.tensor([s.length for s in seqs], device=dev)
+        self._read(self._to_host(seqs, next_B, lp))
 
     def _prompt_logprobs(self, h_TD: torch.Tensor, ids: list[int], k: int) -> list[TokenLogprob | None]:
         logits_TV = self.model.lm_head(h_TD[:-1]).float()
@@ -290,8 +320,10 @@ class Engine:
 
     def _decode_logits(self, B: int) -> torch.Tensor:
         """Logits (B, V) of the tokens in _tokens_N[:B] at positions _pos_N[:B]: the step graphs capture."""
-        pos_B = self._pos_N[:B]
-        h_B1D = self.model.hidden(self._tokens_N[:B, None], pos_B[:, None], self.cache.decode(pos_B),
+        return self._step_logits(self._tokens_N[:B], self._pos_N[:B])
+
+    def _step(self, tokens_B: torch.Tensor, pos_B: torch.Tensor) -> torch.Tensor:
+        h_B1D = self.model.hidden(tokens_B[:, None], pos_B[:, None], self.cache.decode(pos_B),
                                   self.cache.keys_mask(pos_B))
         return self.model.lm_head(h_B1D[:, 0]).float()
 
@@ -314,25 +346,36 @@ class Engine:
                 self._graphs[B] = (graph, out)
         torch.cuda.synchronize()
 
-    def _decode(self) -> None:
-        seqs = sorted(self._running.values(), key=lambda s: s.slot)
+    def _last_launch(self, seq: _Sequence) -> bool:
+        """Whether the step just launched for `seq` gives its last token: max_tokens, or a token at the
+        context's last position (it could not be decoded further)."""
+        return seq.scheduled >= seq.request.params.max_tokens or seq.length + 1 > self.max_len
+
+    def _launch_decode(self) -> _Launched | None:
+        """Queue one decode step for every running sequence not at its limit; nothing waits for the device.
+        Its inputs are on the device already (the previous step's or the prefill's tokens and positions)."""
+        seqs = sorted((s for s in self._running.values() if not s.final), key=lambda s: s.slot)
+        if not seqs:
+            return None
         B = self._bucket(seqs[-1].slot + 1)
-        tokens, pos = [0] * B, [0] * B
-        for s in seqs:
-            tokens[s.slot], pos[s.slot] = s.pending, s.length
-        self._tokens_N[:B].copy_(torch.tensor(tokens), non_blocking=True)
-        self._pos_N[:B].copy_(torch.tensor(pos), non_blocking=True)
         if B in self._graphs:
-            graph, out_BV = self._graphs[B]
+            graph, logits_BV = self._graphs[B]
             graph.replay()
         else:
-            out_BV = self._decode_logits(B)
+            logits_BV = self._decode_logits(B)
+        rows: list[_Sequence | None] = [None] * B      # free slots inside the bucket: throwaway greedy rows
         for s in seqs:
+            rows[s.slot] = s
             s.length += 1
+            s.scheduled += 1
+            s.final = self._last_launch(s)
         self.stats["decode_steps"] += 1
-        rows = [s.slot for s in seqs]
-        logits = out_BV if rows == list(range(B)) else out_BV[torch.tensor(rows, device=self.device)]
-        self._sample_and_emit(seqs, logits)
+        next_B, lp = self._sample(rows, logits_BV, range(B))
+        self._tokens_N[:B].copy_(next_B)
+        # Every row moves on one position; a free or finished row's is clamped so that its throwaway write
+        # stays inside its slot (a running row never reaches the last position: `_last_launch`).
+        self._pos_N[:B].add_(1).clamp_(max=self.max_len - 1)
+        return self._to_host(rows, next_B, lp)
 
     # ------------------------------------------------------------ sampling and output
 
@@ -344,28 +387,53 @@ class Engine:
         self._seen_NV[slot] = False
         self._seen_NV[slot, torch.tensor(prompt_ids, device=self.device)] = True
 
-    def _sample_and_emit(self, seqs: list[_Sequence], logits_BV: torch.Tensor) -> None:
-        params = [s.request.params for s in seqs]
+    def _sample(self, seqs: list[_Sequence | None], logits_BV: torch.Tensor, slots
+                ) -> tuple[torch.Tensor, tuple | None]:
+        """Each row's next token (B,) on the device (a None row greedy), and the log-probabilities asked for.
+        Row b is slot slots[b]. A penalised row's token counts at once: the next step samples before the
+        host reads this one."""
+        params = [s.request.params if s is not None else _GREEDY for s in seqs]
         sample_logits = logits_BV
-        if any(p.penalised for p in params):
+        penalised = [b for b, p in enumerate(params) if p.penalised]
+        if penalised:
             dev = self.device
-            slots = torch.tensor([s.slot for s in seqs], device=dev)
-            neutral = [(1.0, 0.0, 0.0)] * len(seqs)
+            slots_B = torch.tensor(list(slots), device=dev)
             rep, freq, pres = (torch.tensor(c, device=dev)[:, None] for c in zip(*[
-                (p.repetition_penalty, p.frequency_penalty, p.presence_penalty) if p.penalised else n
-                for p, n in zip(params, neutral)]))
-            penalised = torch.tensor([p.penalised for p in params], device=dev)[:, None]
-            counts = torch.where(penalised, self._counts_NV[slots], 0.0)
-            seen = self._seen_NV[slots] & penalised
+                (p.repetition_penalty, p.frequency_penalty, p.presence_penalty) for p in params]))
+            mask_B1 = torch.tensor([p.penalised for p in params], device=dev)[:, None]
+            counts = torch.where(mask_B1, self._counts_NV[slots_B], 0.0)
+            seen = self._seen_NV[slots_B] & mask_B1
             sample_logits = penalise(logits_BV.float(), counts, seen, rep, freq, pres)
-        next_B = sample_rows(sample_logits, params, [s.generator for s in seqs], self._shared_gen)
-        tokens = next_B.tolist()   # host sync, once per step: stop checks and streaming need the ids
+        next_B = sample_rows(sample_logits, params, [s.generator if s is not None else None for s in seqs],
+                             self._shared_gen)
+        if penalised:
+            rows_P = torch.tensor(penalised, device=dev)
+            at = (slots_B[rows_P], next_B[rows_P])
+            self._counts_NV.index_put_(at, torch.ones(len(penalised), device=dev), accumulate=True)
+            self._seen_NV[at] = True
         k = max((p.logprobs for p in params if p.logprobs is not None), default=None)
-        entries = None
-        if k is not None:
-            entries = _logprob_entries(*top_logprobs(logits_BV, next_B, k), tokens)
+        return next_B, (top_logprobs(logits_BV, next_B, k) if k is not None else None)
+
+    def _to_host(self, seqs: list[_Sequence | None], next_B: torch.Tensor, lp: tuple | None) -> _Launched:
+        """Start copying a step's tokens (and log-probabilities) to the host without waiting for them."""
+        host = [t.to("cpu", non_blocking=True) for t in (next_B, *(lp or ()))]
+        event = None
+        if self.device.type == "cuda":
+            event = torch.cuda.Event()
+            event.record()
+        return _Launched(seqs, host[0], tuple(host[1:]) or None, event)
+
+    def _read(self, launched: _Launched) -> None:
+        """Wait for a launched step's tokens and hand each live sequence its own (a sequence that finished
+        since the launch loses its)."""
+        if launched.event is not None:
+            launched.event.synchronize()   # waits for this step only: the next one may be queued behind it
+        tokens = launched.tokens.tolist()
+        entries = _logprob_entries(*launched.logprobs, tokens) if launched.logprobs else None
         now = time.monotonic()
-        for i, (seq, token) in enumerate(zip(seqs, tokens)):
+        for i, seq in enumerate(launched.seqs):
+            if seq is None or seq.finished:
+                continue
             req = seq.request
             if req.first_token_at is None:
                 req.first_token_at = now
@@ -373,7 +441,7 @@ class Engine:
             if req.params.logprobs is not None:
                 e = entries[i]
                 lp = [TokenLogprob(e.id, e.logprob, e.top[:req.params.logprobs])]
-            self._emit(seq, token, lp)
+            self._emit(seq, tokens[i], lp)
 
     def _emit(self, seq: _Sequence, token: int, lp: list[TokenLogprob]) -> None:
         p = seq.request.params
@@ -382,17 +450,13 @@ class Engine:
             return
         seq.out_ids.append(token)
         self.stats["generated_tokens"] += 1
-        if p.penalised:
-            self._counts_NV[seq.slot, token] += 1
-            self._seen_NV[seq.slot, token] = True
         text = self._advance_text(seq)
         cut = _first_stop(text, p.stop, seq.sent_chars)
         if cut is not None:
             self._finish(seq, "stop", [token], self._flush(seq, cut), lp)
-        elif len(seq.out_ids) >= p.max_tokens or seq.length >= self.max_len:
+        elif len(seq.out_ids) >= p.max_tokens or len(seq.request.prompt_ids) + len(seq.out_ids) > self.max_len:
             self._finish(seq, "length", [token], self._flush(seq, len(self._final_text(seq))), lp)
         else:
-            seq.pending = token
             safe = _safe_end(text, p.stop)
             seq.request.on_output(Output(seq.index, [token], self._flush(seq, max(safe, seq.sent_chars)), lp))
 
@@ -428,6 +492,19 @@ class Engine:
         text = seq.text[seq.sent_chars:upto]
         seq.sent_chars = max(seq.sent_chars, upto)
         return text
+
+
+_GREEDY = SamplingParams(temperature=0)
+
+
+@dataclass
+class _Launched:
+    """A decode (or prefill) step whose tokens are on their way to the host."""
+
+    seqs: list[_Sequence | None]          # row b's sequence (None: a free slot's throwaway row)
+    tokens: torch.Tensor                  # (B,) on the host once `event` has passed
+    logprobs: tuple | None
+    event: torch.cuda.Event | None        # None on the CPU: the copy is done
 
 
 def _logprob_entries(chosen_B, top_ids_BK, top_lp_BK, ids: list[int]) -> list[TokenLogprob]:

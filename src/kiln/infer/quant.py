@@ -115,7 +115,9 @@ class Int8Linear(nn.Module):
         s_O = self.weight_scale.to(x_NI.dtype)
         if self.kernel_name(x_NI.device, x_NI.dtype) == "int8pack":
             x_MI = x_MI.contiguous()
-            if x_MI.data_ptr() % PACK_ALIGN:   # the kernel's aligned loads would fault (see the module docstring)
+            # The kernel's aligned loads would fault (see the module docstring). A traced step cannot read a
+            # pointer: it copies, into a fresh (aligned) buffer.
+            if torch.compiler.is_compiling() or x_MI.data_ptr() % PACK_ALIGN:
                 x_MI = x_MI.clone()
             y_MO = torch._weight_int8pack_mm(x_MI, self.weight_int8, s_O)
         elif x_NI.dtype == torch.float16:       # x q^T unscaled could overflow fp16: scale the weight first

@@ -1,6 +1,6 @@
 """A key/value cache in slots: one row of `max_len` positions per sequence, allocated once.
 
-Shape legend: L layers, N slots, K key/value heads, M max_len (positions per slot), E head_dim,
+Shape legend: N slots, K key/value heads, M max_len (positions per slot), E head_dim,
 B rows of one forward, T new tokens per row.
 
 Unlike `kv_cache.KVCache` (one shared `pos`, a batch that starts and ends together), every slot has
@@ -23,9 +23,11 @@ import torch
 class SlotCache:
     def __init__(self, n_layers: int, n_slots: int, n_kv_heads: int, max_len: int, head_dim: int,
                  device: torch.device | str | None = None, dtype: torch.dtype = torch.float32):
-        shape = (n_layers, n_slots, n_kv_heads, max_len, head_dim)
-        self.k_LNKME = torch.zeros(shape, device=device, dtype=dtype)
-        self.v_LNKME = torch.zeros(shape, device=device, dtype=dtype)
+        shape = (n_slots, n_kv_heads, max_len, head_dim)
+        # One tensor per layer, not views of one: a compiled decode step then writes its graph inputs in
+        # place, where a write into a view of a shared base may be functionalised into a copy of the base.
+        self.k_NKME = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
+        self.v_NKME = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
         self.n_slots, self.max_len = n_slots, max_len
         self.rows_N = torch.arange(n_slots, device=device)
         self.keys_M = torch.arange(max_len, device=device)
@@ -39,7 +41,7 @@ class SlotCache:
 
     @property
     def nbytes(self) -> int:
-        return self.k_LNKME.nbytes + self.v_LNKME.nbytes
+        return sum(t.nbytes for t in self.k_NKME + self.v_NKME)
 
     def prefill(self, slots_B: torch.Tensor) -> _Prefill:
         return _Prefill(self, slots_B)
@@ -53,8 +55,8 @@ class SlotCache:
 
     def copy_slot(self, src: int, dst: int, length: int) -> None:
         """Give slot `dst` the first `length` cached positions of `src` (n samples of one prompt)."""
-        self.k_LNKME[:, dst, :, :length] = self.k_LNKME[:, src, :, :length]
-        self.v_LNKME[:, dst, :, :length] = self.v_LNKME[:, src, :, :length]
+        for t in self.k_NKME + self.v_NKME:
+            t[dst, :, :length] = t[src, :, :length]
 
 
 class _Prefill:
@@ -67,8 +69,8 @@ class _Prefill:
         T = k_BKTE.size(2)
         if T > self.cache.max_len:
             raise ValueError(f"a prompt of {T} tokens does not fit a slot of {self.cache.max_len} positions")
-        self.cache.k_LNKME[layer_idx][self.slots_B, :, :T] = k_BKTE
-        self.cache.v_LNKME[layer_idx][self.slots_B, :, :T] = v_BKTE
+        self.cache.k_NKME[layer_idx][self.slots_B, :, :T] = k_BKTE
+        self.cache.v_NKME[layer_idx][self.slots_B, :, :T] = v_BKTE
         return k_BKTE, v_BKTE
 
     def advance(self, n_tokens: int) -> None:
@@ -84,7 +86,7 @@ class _Decode:
 
     def update(self, layer_idx: int, k_BK1E: torch.Tensor, v_BK1E: torch.Tensor):
         B = k_BK1E.size(0)
-        k_NKME, v_NKME = self.cache.k_LNKME[layer_idx], self.cache.v_LNKME[layer_idx]
+        k_NKME, v_NKME = self.cache.k_NKME[layer_idx], self.cache.v_NKME[layer_idx]
         # Advanced indices around a slice: the indexed shape is (B, K, E). index_put_ takes device
         # tensors, so no host sync and the step stays capturable.
         k_NKME[self.rows_B, :, self.pos_B] = k_BK1E[:, :, 0]
