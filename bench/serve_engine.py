@@ -79,8 +79,15 @@ def kiln_engine(model, batch: int, max_len: int, peer: str, device: str) -> tupl
     if compile:
         torch._dynamo.reset()   # each engine compiles its own step; earlier ones must not fill dynamo's cache
     t0 = time.perf_counter()
-    engine = Engine(model, max_slots=batch, max_len=max_len, prefill_tokens=batch * max_len, max_queue=batch,
-                    cuda_graphs="eager" not in peer and device == "cuda", compile=compile, overlap="sync" not in peer)
+    # `-math`: the decode step traced and captured with SDPA's math backend (two batched matmuls and a masked
+    # softmax, which compilation fuses) instead of the kernel SDPA picks for a one-query masked attention.
+    from contextlib import nullcontext
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    with sdpa_kernel([SDPBackend.MATH]) if "math" in peer else nullcontext():
+        engine = Engine(model, max_slots=batch, max_len=max_len, prefill_tokens=batch * max_len, max_queue=batch,
+                        cuda_graphs="eager" not in peer and device == "cuda", compile=compile,
+                        overlap="sync" not in peer)
     return engine, time.perf_counter() - t0
 
 
@@ -101,8 +108,9 @@ def time_kiln(engine: Engine, prompts, new: int) -> tuple[float, float | None]:
     sync()
     tps = B * (engine.stats["decode_steps"] - steps0) / (time.perf_counter() - t0)
     replay_us = None
-    if engine._bucket(B) in engine._graphs:
-        graph = engine._graphs[engine._bucket(B)][0]
+    key = engine._bucket(B), engine._length(len(prompts[0]) + new // 2)   # the mean step's
+    if key in engine._graphs:
+        graph = engine._graphs[key][0]
         sync()
         t0 = time.perf_counter()
         for _ in range(50):

@@ -38,15 +38,17 @@ def test_graphs_equal_eager_bf16_with_sampling():
 
 
 @pytest.mark.parametrize("overlap", [False, True])
-def test_compiled_graphs_equal_reference_with_stops(overlap):
-    """torch.compile'd step under the graphs; stop ids end rows at different steps (the overlapped engine has
-    a step in flight for each, whose token is dropped); no slot is left taken."""
+def test_compiled_graphs_equal_reference_with_stops(overlap, monkeypatch):
+    """torch.compile'd step under the graphs, length buckets 16, 32, 64; stop ids end rows at different steps
+    (the overlapped engine has a step in flight for each, whose token is dropped); no slot is left taken."""
+    monkeypatch.setattr(Engine, "min_length_bucket", 16)
     model = make()
     ref = [generate(model, p, 24, temperature=0, use_cache=False) for p in PROMPTS]
     stop = ref[3][6]
     want = [r[:r.index(stop)] if stop in r else r for r in ref]
     torch._dynamo.reset()
     engine = Engine(model, max_slots=4, cuda_graphs=True, compile=True, overlap=overlap)
+    assert sorted(engine._graphs) == [(B, S) for B in (1, 2, 4) for S in (16, 32, 64)]
     got = engine.generate(PROMPTS, SamplingParams(max_tokens=24, temperature=0, stop_ids=(stop,)))
     assert [o[0] for o in got] == want
     assert engine._inflight is None and sorted(engine._free) == [0, 1, 2, 3]

@@ -8,7 +8,8 @@ position only, or on all of them for prompt log-probabilities), then one decode 
 running sequence. A request of `n` samples is prefilled once and its cache rows copied to n - 1
 more slots. Decode runs over slots 0 .. B-1 with B the smallest bucket (1, 2, 4, ... N) holding
 every busy slot; slots are handed out lowest first so B stays small. Free slots inside the bucket
-compute a throwaway row. On CUDA each bucket's decode step is one captured CUDA graph (of the
+compute a throwaway row. Attention reads the first S positions of each slot, S the smallest length
+bucket (128, 256, ... the context) past every row's position. On CUDA each bucket's decode step is one captured CUDA graph (of the
 torch.compiled step with `compile=True`).
 
 Overlap (CUDA's default): the tokens a decode step samples stay on the device as the next step's inputs, and
@@ -88,6 +89,8 @@ class _Sequence:
 
 
 class Engine:
+    min_length_bucket = 128   # the shortest span a decode step attends over (a power of two)
+
     def __init__(self, model, tokenizer=None, max_slots: int = 8, max_len: int | None = None,
                  max_queue: int = 64, prefill_tokens: int = 4096, cuda_graphs: bool | None = None, seed: int = 0,
                  compile: bool = False, overlap: bool | None = None):
@@ -98,6 +101,8 @@ class Engine:
         self.max_slots, self.max_queue, self.prefill_tokens = max_slots, max_queue, prefill_tokens
         self.cache = SlotCache.for_model(model, max_slots, self.max_len)
         self.buckets = sorted({min(2 ** i, max_slots) for i in range(max_slots.bit_length() + 1)})
+        low = self.min_length_bucket.bit_length() - 1
+        self.lengths = sorted({min(2 ** i, self.max_len) for i in range(low, max(low, self.max_len.bit_length()) + 1)})
         self._free = list(range(max_slots))          # a heap: lowest slot first
         self._running: dict[int, _Sequence] = {}      # slot -> sequence
         self._waiting: deque[Request] = deque()
@@ -109,7 +114,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stop = False
         self.stats = {"prompt_tokens": 0, "generated_tokens": 0, "requests": 0, "decode_steps": 0}
-        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}   # (B, S) ->
         # torch.compile fuses each layer's small kernels (norms, RoPE, SwiGLU, residual adds, the cache writes):
         # at decode sizes the step is bound by kernel count, not bytes. The graphs then capture the compiled step.
         self._step_logits = torch.compile(self._step, fullgraph=True) if compile else self._step
@@ -318,32 +323,37 @@ class Engine:
     def _bucket(self, n: int) -> int:
         return next(b for b in self.buckets if b >= n)
 
-    def _decode_logits(self, B: int) -> torch.Tensor:
-        """Logits (B, V) of the tokens in _tokens_N[:B] at positions _pos_N[:B]: the step graphs capture."""
-        return self._step_logits(self._tokens_N[:B], self._pos_N[:B])
+    def _length(self, n: int) -> int:
+        return next(s for s in self.lengths if s >= n)
 
-    def _step(self, tokens_B: torch.Tensor, pos_B: torch.Tensor) -> torch.Tensor:
-        h_B1D = self.model.hidden(tokens_B[:, None], pos_B[:, None], self.cache.decode(pos_B),
-                                  self.cache.keys_mask(pos_B))
+    def _decode_logits(self, B: int, S: int) -> torch.Tensor:
+        """Logits (B, V) of the tokens in _tokens_N[:B] at positions _pos_N[:B], attending over S positions:
+        the step the graphs capture."""
+        return self._step_logits(self._tokens_N[:B], self._pos_N[:B], self.cache.decode(self._pos_N[:B], S),
+                                 self.cache.keys_mask(self._pos_N[:B], S))
+
+    def _step(self, tokens_B: torch.Tensor, pos_B: torch.Tensor, cache, mask_B11S: torch.Tensor) -> torch.Tensor:
+        h_B1D = self.model.hidden(tokens_B[:, None], pos_B[:, None], cache, mask_B11S)
         return self.model.lm_head(h_B1D[:, 0]).float()
 
     def _capture(self) -> None:
-        """One CUDA graph per bucket, captured before any request: the warm-up writes throwaway keys at
-        position 0 of the bucket's slots."""
+        """One CUDA graph per (batch, length) bucket, captured before any request: the warm-up writes
+        throwaway keys at position 0 of the bucket's slots."""
         pool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
-        with torch.inference_mode(), torch.cuda.stream(stream):
-            for B in reversed(self.buckets):   # largest first: smaller ones reuse its pool memory
+        shapes = [(B, S) for B in reversed(self.buckets) for S in reversed(self.lengths)]  # largest first: the
+        with torch.inference_mode(), torch.cuda.stream(stream):                          # rest reuse its pool
+            for B, S in shapes:
                 for _ in range(2):
-                    self._decode_logits(B)
+                    self._decode_logits(B, S)
         torch.cuda.current_stream().wait_stream(stream)
         with torch.inference_mode():
-            for B in reversed(self.buckets):
+            for B, S in shapes:
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool):
-                    out = self._decode_logits(B)
-                self._graphs[B] = (graph, out)
+                    out = self._decode_logits(B, S)
+                self._graphs[B, S] = (graph, out)
         torch.cuda.synchronize()
 
     def _last_launch(self, seq: _Sequence) -> bool:
@@ -358,11 +368,12 @@ class Engine:
         if not seqs:
             return None
         B = self._bucket(seqs[-1].slot + 1)
-        if B in self._graphs:
-            graph, logits_BV = self._graphs[B]
+        S = self._length(max(s.length for s in seqs) + 1)   # this step writes position `length`, reads 0 .. it
+        if (B, S) in self._graphs:
+            graph, logits_BV = self._graphs[B, S]
             graph.replay()
         else:
-            logits_BV = self._decode_logits(B)
+            logits_BV = self._decode_logits(B, S)
         rows: list[_Sequence | None] = [None] * B      # free slots inside the bucket: throwaway greedy rows
         for s in seqs:
             rows[s.slot] = s

@@ -11,8 +11,10 @@ which is what lets CUDA graphs replay it. The model sees one of two views per fo
 - `prefill(slots_B)`: a right-padded batch of prompts, all starting at position 0, written into
   slots `slots_B`. Keys are returned as they came (S == T), so the model's plain causal attention
   applies; a padded tail is written too but lies beyond the row's length and is never read.
-- `decode(pos_B)`: one new token for each of slots 0 .. B-1, written at that slot's own position;
-  every layer reads its slots' whole rows (S == M) under the mask `keys_mask(pos_B)`.
+- `decode(pos_B, S)`: one new token for each of slots 0 .. B-1, written at that slot's own position;
+  every layer reads positions 0 .. S-1 of its slots (S <= M, more than every row's position) under the
+  mask `keys_mask(pos_B, S)`. The engine picks S from a few length buckets, so a step's reads grow with
+  the longest live sequence, not with the slots' capacity.
 """
 
 from __future__ import annotations
@@ -46,12 +48,12 @@ class SlotCache:
     def prefill(self, slots_B: torch.Tensor) -> _Prefill:
         return _Prefill(self, slots_B)
 
-    def decode(self, pos_B: torch.Tensor) -> _Decode:
-        return _Decode(self, pos_B)
+    def decode(self, pos_B: torch.Tensor, S: int | None = None) -> _Decode:
+        return _Decode(self, pos_B, S or self.max_len)
 
-    def keys_mask(self, pos_B: torch.Tensor) -> torch.Tensor:
-        """(B, 1, 1, M) True where a row's query (at pos_B) may attend: keys 0 .. pos_B."""
-        return (self.keys_M[None, :] <= pos_B[:, None])[:, None, None, :]
+    def keys_mask(self, pos_B: torch.Tensor, S: int | None = None) -> torch.Tensor:
+        """(B, 1, 1, S) True where a row's query (at pos_B) may attend: keys 0 .. pos_B (of the first S)."""
+        return (self.keys_M[None, :S or self.max_len] <= pos_B[:, None])[:, None, None, :]
 
     def copy_slot(self, src: int, dst: int, length: int) -> None:
         """Give slot `dst` the first `length` cached positions of `src` (n samples of one prompt)."""
@@ -80,8 +82,8 @@ class _Prefill:
 class _Decode:
     pos = 0
 
-    def __init__(self, cache: SlotCache, pos_B: torch.Tensor):
-        self.cache, self.pos_B = cache, pos_B
+    def __init__(self, cache: SlotCache, pos_B: torch.Tensor, S: int):
+        self.cache, self.pos_B, self.S = cache, pos_B, S
         self.rows_B = cache.rows_N[:pos_B.size(0)]
 
     def update(self, layer_idx: int, k_BK1E: torch.Tensor, v_BK1E: torch.Tensor):
@@ -91,7 +93,7 @@ class _Decode:
         # tensors, so no host sync and the step stays capturable.
         k_NKME[self.rows_B, :, self.pos_B] = k_BK1E[:, :, 0]
         v_NKME[self.rows_B, :, self.pos_B] = v_BK1E[:, :, 0]
-        return k_NKME[:B], v_NKME[:B]
+        return k_NKME[:B, :, :self.S], v_NKME[:B, :, :self.S]
 
     def advance(self, n_tokens: int) -> None:
         pass
