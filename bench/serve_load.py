@@ -72,7 +72,8 @@ def make_run(root: Path, shape: str, tokenizer: Path, max_len: int, dtype: torch
 
 def serve_config(run: Path, slots: int, max_len: int, port: int) -> Config:
     cfg = Config(run_dir=str(run))
-    cfg.serve = dataclasses.replace(cfg.serve, max_batch=slots, max_len=max_len, max_queue=4 * slots, port=port)
+    cfg.serve = dataclasses.replace(cfg.serve, max_batch=slots, max_len=max_len, max_queue=4 * slots, port=port,
+                                    compile=os.environ.get("KILN_BENCH_COMPILE") == "1")
     return cfg
 
 
@@ -190,6 +191,7 @@ def main(argv=None) -> int:
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--new", type=int, default=256)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--compile", action="store_true", help="serve.compile: the decode step compiled (CUDA)")
     ap.add_argument("--serve", help=argparse.SUPPRESS)      # internal: run the server process on this run dir
     ap.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--max_len", type=int, default=0, help=argparse.SUPPRESS)
@@ -201,6 +203,8 @@ def main(argv=None) -> int:
         ap.error("--tokenizer DIR must hold tokenizer.json (e.g. `kiln import SmolLM2-135M-Instruct.Q4_1.gguf "
                  "--run_dir /tmp/smol_run`, then --tokenizer /tmp/smol_run/tokenizer)")
     cuda = torch.cuda.is_available()
+    if a.compile:
+        os.environ["KILN_BENCH_COMPILE"] = "1"   # the server process inherits it
     max_len = a.prompt + a.new
     root = Path(tempfile.mkdtemp(prefix="serve_load_"))
     try:

@@ -358,6 +358,9 @@ class ServeConfig:
     """Largest request body; a larger one gets 413."""
     cuda_graphs: bool = True
     """Capture the decode step in CUDA graphs (CUDA only)."""
+    compile: bool = False
+    """torch.compile the decode step before capturing it (CUDA only): fused kernels, fewer of them per layer;
+    costs compilation time at start."""
     system: str | None = None
     """`kiln chat`: a system message that starts every conversation."""
     temperature: float = 0.7
