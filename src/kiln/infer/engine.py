@@ -117,7 +117,9 @@ class Engine:
         self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}   # (B, S) ->
         # torch.compile fuses each layer's small kernels (norms, RoPE, SwiGLU, residual adds, the cache writes):
         # at decode sizes the step is bound by kernel count, not bytes. The graphs then capture the compiled step.
-        self._step_logits = torch.compile(self._step, fullgraph=True) if compile else self._step
+        # Dynamic shapes: the (batch, length) buckets share a few compiled graphs (a batch of 1, a whole-slots
+        # batch and a whole-slot length are specialised), whatever the number of buckets, under dynamo's limit.
+        self._step_logits = torch.compile(self._step, fullgraph=True, dynamic=True) if compile else self._step
         self.overlap = self.device.type == "cuda" if overlap is None else overlap
         self._inflight: _Launched | None = None
         if cuda_graphs is None:
