@@ -64,12 +64,20 @@ def sync():
 
 
 def kiln_model(model: Transformer, peer: str) -> Transformer:
-    """The model a kiln peer runs: `-int8` in its name quantises a copy (weight-only int8)."""
-    if "int8" not in peer:
+    """The model a kiln peer runs: `-int8` in its name quantises a copy (weight-only int8), `-fused` stacks a
+    copy's q/k/v and gate/up projections (kiln/infer/fuse.py)."""
+    if "int8" not in peer and "fused" not in peer:
         return model
     import copy
+
+    from kiln.infer.fuse import fuse_projections
     from kiln.infer.quant import quantize_int8
-    return quantize_int8(copy.deepcopy(model))
+    model = copy.deepcopy(model)
+    if "int8" in peer:
+        quantize_int8(model)
+    if "fused" in peer:
+        fuse_projections(model)
+    return model
 
 
 def kiln_engine(model, batch: int, max_len: int, peer: str, device: str) -> tuple[Engine, float]:
@@ -158,7 +166,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batches", default="1,32,128")
     ap.add_argument("--peers", default="kiln,kiln-compile,kiln-eager,hf,hf-static",
                     help="kiln (CUDA graphs), kiln-eager, kiln-compile (torch.compile, then graphs), kiln-int8, "
-                         "kiln-int8-compile, kiln-sync (no overlap: the host reads each step before the next), hf (default cache), hf-static (static cache, compiled)")
+                         "kiln-int8-compile, kiln-compile-fused (q/k/v and gate/up stacked), kiln-sync (no overlap: the host reads each step before the next), hf (default cache), hf-static (static cache, compiled)")
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--new", type=int, default=256)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "serve_engine.json"))

@@ -104,12 +104,20 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
         self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        # Inference only (kiln/infer/fuse.py): q/k/v weights stacked in one matrix, the three projections' weights
+        # being views of it, so one matmul replaces three. Not saved; None while training.
+        self.register_buffer("qkv_weight", None, persistent=False)
 
     def forward(self, x_BTD, cos_TE, sin_TE, cache: KVCache | None, mask_TS: torch.Tensor | None):
         B, T, _ = x_BTD.shape
-        q_BTHE = self.q_proj(x_BTD).view(B, T, self.n_heads, self.head_dim)
-        k_BTKE = self.k_proj(x_BTD).view(B, T, self.n_kv_heads, self.head_dim)
-        v_BKTE = self.v_proj(x_BTD).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if self.qkv_weight is not None:
+            q, k, v = F.linear(x_BTD, self.qkv_weight).split(
+                [self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.head_dim], -1)
+        else:
+            q, k, v = self.q_proj(x_BTD), self.k_proj(x_BTD), self.v_proj(x_BTD)
+        q_BTHE = q.view(B, T, self.n_heads, self.head_dim)
+        k_BTKE = k.view(B, T, self.n_kv_heads, self.head_dim)
+        v_BKTE = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if self.q_norm is not None:  # Qwen3 order: per-head norm, then RoPE
             q_BTHE, k_BTKE = self.q_norm(q_BTHE), self.k_norm(k_BTKE)
         q_BHTE = apply_rope(q_BTHE.transpose(1, 2), cos_TE, sin_TE)
@@ -140,9 +148,14 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.d_model, cfg.ffn_hidden, bias=False)
         self.up_proj = nn.Linear(cfg.d_model, cfg.ffn_hidden, bias=False)
         self.down_proj = nn.Linear(cfg.ffn_hidden, cfg.d_model, bias=False)
+        self.register_buffer("gate_up_weight", None, persistent=False)   # inference only, as Attention.qkv_weight
 
     def forward(self, x_BTD):
-        return self.down_proj(F.silu(self.gate_proj(x_BTD)) * self.up_proj(x_BTD))
+        if self.gate_up_weight is not None:
+            gate, up = F.linear(x_BTD, self.gate_up_weight).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x_BTD), self.up_proj(x_BTD)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Block(nn.Module):

@@ -12,6 +12,7 @@ from kiln.config import Config
 from kiln.config.rundir import RunDir
 from kiln.formats.checkpoint import load_model, resolve_checkpoint
 from kiln.infer.engine import Engine
+from kiln.infer.fuse import fuse_projections
 from kiln.infer.quant import describe, quantize_int8, weight_bytes
 from kiln.runtime.device import pick_device
 from kiln.tokenizer import Tokenizer
@@ -50,6 +51,7 @@ def load_served(cfg: Config, start: bool = True) -> Served:
     before = weight_bytes(model)
     if s.quantize == "int8":   # before the engine: it captures CUDA graphs of the model as it is
         quantize_int8(model)
+    fuse_projections(model)    # q/k/v and gate/up as one matmul each (int8 and LoRA layers stay as they are)
     engine = Engine(model, tok, max_slots=s.max_batch, max_len=s.max_len, max_queue=s.max_queue,
                     cuda_graphs=s.cuda_graphs and device.type == "cuda", compile=s.compile and device.type == "cuda")
     if start:
