@@ -155,8 +155,10 @@ def prompt_ids(run_dir: Path, n: int) -> list[int]:
 def kiln_engine(ckpt: Path, dtype, max_len: int):
     from kiln.formats.checkpoint import load_model
     from kiln.infer.engine import Engine
+    from kiln.infer.fuse import fuse_projections
 
     model, _ = load_model(ckpt, "cpu", dtype)
+    fuse_projections(model)   # as `kiln serve` loads it
     # No tokenizer: the engine then decodes no text per token (the serving path does; a cost apart from the model).
     return Engine(model, None, max_slots=1, max_len=max_len, max_queue=1, cuda_graphs=False)
 
