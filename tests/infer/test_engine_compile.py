@@ -22,3 +22,20 @@ def test_compiled_fused_step_equals_uncached_reference():
     engine = Engine(model, max_slots=2, compile=True, overlap=True)
     assert [o[0] for o in engine.generate(prompts, SamplingParams(max_tokens=10, temperature=0))] == ref
     assert engine._inflight is None and sorted(engine._free) == [0, 1]
+
+
+def test_a_step_the_compiler_cannot_lower_decodes_uncompiled(capsys, monkeypatch):
+    """A compiler failure at start falls back to the plain step, loudly, and the tokens are still right."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(depth=1, d_model=32, head_dim=8, n_kv_heads=2, vocab_size=61, max_seq_len=32, init_std=0.3)
+    model = Transformer(cfg).eval()
+    ref = generate(model, [1, 2, 3], 6, temperature=0, use_cache=False)
+
+    def broken(fn, **kw):
+        def run(*a, **k):
+            raise RuntimeError("LoweringException: no lowering for this op")
+        return run
+    monkeypatch.setattr(torch, "compile", broken)
+    engine = Engine(model, max_slots=2, compile=True)
+    assert "torch.compile of the decode step failed (RuntimeError: LoweringException" in capsys.readouterr().err
+    assert engine.generate([[1, 2, 3]], SamplingParams(max_tokens=6, temperature=0))[0][0] == ref

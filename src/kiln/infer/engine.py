@@ -25,6 +25,7 @@ own, after `start()`). Results go to each request's `on_output` callback, on the
 from __future__ import annotations
 
 import heapq
+import sys
 import threading
 import time
 from collections import deque
@@ -119,13 +120,28 @@ class Engine:
         # at decode sizes the step is bound by kernel count, not bytes. The graphs then capture the compiled step.
         # Dynamic shapes: the (batch, length) buckets share a few compiled graphs (a batch of 1, a whole-slots
         # batch and a whole-slot length are specialised), whatever the number of buckets, under dynamo's limit.
-        self._step_logits = torch.compile(self._step, fullgraph=True, dynamic=True) if compile else self._step
+        self._step_logits = self._compiled_step() if compile else self._step
         self.overlap = self.device.type == "cuda" if overlap is None else overlap
         self._inflight: _Launched | None = None
         if cuda_graphs is None:
             cuda_graphs = self.device.type == "cuda"
         if cuda_graphs:
             self._capture()
+
+    def _compiled_step(self) -> Callable:
+        """The step under torch.compile, compiled now on the largest bucket (throwaway keys at position 0 of
+        free slots); if compilation fails (a layer inductor cannot lower, say CPU int8), the plain step, with
+        a warning: slower, never wrong."""
+        step = torch.compile(self._step, fullgraph=True, dynamic=True)
+        M = self.max_len
+        try:
+            with torch.inference_mode():
+                step(self._tokens_N, self._pos_N, self.cache.decode(self._pos_N, M), self.cache.keys_mask(self._pos_N, M))
+        except Exception as e:   # noqa: BLE001 -- any compiler failure: decode uncompiled, say so
+            print(f"warning: torch.compile of the decode step failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                  f"decoding uncompiled", file=sys.stderr, flush=True)
+            return self._step
+        return step
 
     # ------------------------------------------------------------ requests (any thread)
 
