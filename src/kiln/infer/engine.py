@@ -9,8 +9,8 @@ running sequence. A request of `n` samples is prefilled once and its cache rows 
 more slots. Decode runs over slots 0 .. B-1 with B the smallest bucket (1, 2, 4, ... N) holding
 every busy slot; slots are handed out lowest first so B stays small. Free slots inside the bucket
 compute a throwaway row. Attention reads the first S positions of each slot, S the smallest length
-bucket (128, 256, ... the context) past every row's position. On CUDA each bucket's decode step is one captured CUDA graph (of the
-torch.compiled step with `compile=True`).
+bucket (128, 256, ... the context) past every row's position. On CUDA each (batch, length) bucket's
+decode step is one captured CUDA graph (of the torch.compiled step with `compile=True`).
 
 Overlap (CUDA's default): the tokens a decode step samples stay on the device as the next step's inputs, and
 the step after is launched *before* the host reads this one's tokens, so the host's work (stop checks,
