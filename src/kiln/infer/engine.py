@@ -133,13 +133,14 @@ class Engine:
         free slots); if compilation fails (a layer inductor cannot lower, say CPU int8), the plain step, with
         a warning: slower, never wrong."""
         step = torch.compile(self._step, fullgraph=True, dynamic=True)
-        M = self.max_len
+        M, pos_N = self.max_len, self._pos_N
         try:
             with torch.inference_mode():
-                step(self._tokens_N, self._pos_N, self.cache.decode(self._pos_N, M), self.cache.keys_mask(self._pos_N, M))
+                step(self._tokens_N, pos_N, self.cache.decode(pos_N, M), self.cache.keys_mask(pos_N, M))
         except Exception as e:   # noqa: BLE001 -- any compiler failure: decode uncompiled, say so
-            print(f"warning: torch.compile of the decode step failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
-                  f"decoding uncompiled", file=sys.stderr, flush=True)
+            first = (str(e).splitlines() or [""])[0][:200]
+            print(f"warning: torch.compile of the decode step failed ({type(e).__name__}: {first}); decoding "
+                  "uncompiled", file=sys.stderr, flush=True)
             return self._step
         return step
 
