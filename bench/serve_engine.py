@@ -9,8 +9,10 @@ the prefill: kiln's is timed from after the step that prefilled every row to the
 peer's is (generate(new) - generate(1)) over new - 1 steps. The memory-bandwidth bound counts the
 bytes a decode step must read: every weight once (the embedding table once, it is the tied head)
 plus the keys and values of the mean context (prompt + new / 2), over the card's peak bandwidth.
-Imports only torch and kiln's model and engine (no server dependencies), so it runs on a bare GPU box.
-Writes bench/results/serve_engine.json.
+Each kiln peer is one engine with slots for the largest batch, built once (its build time, graph capture and
+compilation, is reported apart); "graph us" is one replay of the step's CUDA graph alone, the device's share
+of the engine's whole step. Imports only torch and kiln's model and engine (no server dependencies), so it
+runs on a bare GPU box. Writes bench/results/serve_engine.json.
 """
 
 from __future__ import annotations
@@ -164,9 +166,11 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shapes", default="gpt2-small,smollm2-135m")
     ap.add_argument("--batches", default="1,32,128")
-    ap.add_argument("--peers", default="kiln,kiln-compile,kiln-eager,hf,hf-static",
+    ap.add_argument("--peers", default="kiln,kiln-compile-fused,kiln-eager,hf,hf-static",
                     help="kiln (CUDA graphs), kiln-eager, kiln-compile (torch.compile, then graphs), kiln-int8, "
-                         "kiln-int8-compile, kiln-compile-fused (q/k/v and gate/up stacked), kiln-sync (no overlap: the host reads each step before the next), hf (default cache), hf-static (static cache, compiled)")
+                         "kiln-int8-compile, kiln-compile-fused (q/k/v and gate/up stacked), kiln-sync (no overlap: "
+                         "the host reads each step before the next), kiln-compile-math (SDPA's math backend), "
+                         "hf (default cache), hf-static (static cache, compiled)")
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--new", type=int, default=256)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "serve_engine.json"))
