@@ -247,3 +247,55 @@ def test_streamed_text_is_the_whole_decode_for_multibyte_and_invalid_sequences()
             assert text.startswith(seen)
             seen = text
         assert engine._final_text(seq) == tok.decode(ids, skip_special=True), ids
+
+
+def test_prefix_cache_continues_a_finished_conversation(monkeypatch):
+    """A prompt extending a finished one's prompt and output reuses its slot: only the new tokens are computed,
+    and the tokens equal the uncached reference's and a cache-less engine's, greedy and seeded (n=2)."""
+    monkeypatch.setattr(Engine, "min_prefix_tokens", 4)
+    model = make(init_std=0.3)
+    first = list(range(20, 32))
+    engine = Engine(model, max_slots=2)
+    out1 = engine.generate([first], SamplingParams(max_tokens=8, temperature=0, ignore_stop_ids=True))[0][0]
+    assert engine.stats["cached_prompt_tokens"] == 0
+    second = first + out1 + [5, 6, 7]
+    got = engine.generate([second], SamplingParams(max_tokens=8, temperature=0))[0][0]
+    # 12 prompt tokens + the 7 outputs fed back were cached (the 8th never entered the cache)
+    assert engine.stats["cached_prompt_tokens"] == 19
+    assert got == generate(model, second, 8, temperature=0, use_cache=False)
+    sampled = SamplingParams(max_tokens=6, temperature=0.9, seed=4, n=2)
+    third = second + got[:3]
+    want = Engine(model, max_slots=2, prefix_cache=False).generate([third], sampled)
+    assert engine.generate([third], sampled) == want and engine.stats["cached_prompt_tokens"] > 19
+
+
+def test_prefix_cache_skips_short_prefixes_and_prompt_logprobs(monkeypatch):
+    monkeypatch.setattr(Engine, "min_prefix_tokens", 4)
+    model = make(init_std=0.3)
+    engine = Engine(model, max_slots=1)
+    engine.generate([[1, 2, 3, 9, 9]], SamplingParams(max_tokens=2, temperature=0))
+    engine.generate([[1, 2, 3, 4, 5, 6]], SamplingParams(max_tokens=2, temperature=0))   # 3 shared: too few
+    assert engine.stats["cached_prompt_tokens"] == 0
+    prompt = [1, 2, 3, 4, 5, 6, 7]
+    engine.submit(prompt, SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=1), lambda o: None)
+    engine.step()
+    assert engine.stats["cached_prompt_tokens"] == 0 and engine.active_slots == 0
+    same = engine.generate([prompt], SamplingParams(max_tokens=3, temperature=0))[0][0]
+    assert engine.stats["cached_prompt_tokens"] == 6   # all but the last prompt token: its logits start the output
+    assert same == generate(model, prompt, 3, temperature=0, use_cache=False)
+
+
+def test_without_prefix_cache_a_changed_model_is_recomputed(monkeypatch):
+    """prefix_cache=False (GRPO's rollouts, the validation step): weights changed between requests are used for
+    the whole prompt, never keys cached under the old ones."""
+    monkeypatch.setattr(Engine, "min_prefix_tokens", 4)
+    model = make(init_std=0.3)
+    prompt = list(range(20, 40))
+    engine = Engine(model, max_slots=1, prefix_cache=False)
+    engine.generate([prompt], GREEDY)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(-1.0)
+    got = engine.generate([prompt], GREEDY)[0][0]
+    assert engine.stats["cached_prompt_tokens"] == 0
+    assert got == generate(model, prompt, 20, temperature=0, use_cache=False)

@@ -77,6 +77,22 @@ def test_chat_and_streaming_chat_equal_engine(srv, client):
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == r.usage.completion_tokens
 
 
+def test_next_chat_turn_reuses_the_conversation_so_far(srv, client):
+    """The prefix cache: a conversation's next turn computes only what is new since the last (counted in
+    /metrics), and answers as a cold engine does."""
+    tok = srv.served.tokenizer
+    turn = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    first = client.chat.completions.create(model="run", messages=turn, max_tokens=4, temperature=0)
+    before = srv.metric("kiln_prompt_tokens_cached")
+    turn += [{"role": "assistant", "content": first.choices[0].message.content},
+             {"role": "user", "content": "More"}]
+    assert len(tok.encode_chat(turn, add_generation_prompt=True)) + 4 <= 96   # the server's context
+    second = client.chat.completions.create(model="run", messages=turn, max_tokens=4, temperature=0)
+    assert srv.metric("kiln_prompt_tokens_cached") - before >= Engine.min_prefix_tokens
+    want = tok.decode(engine_greedy(srv, tok.encode_chat(turn, add_generation_prompt=True), 4), skip_special=True)
+    assert second.choices[0].message.content == want
+
+
 def test_sse_ends_with_done(srv):
     body = {"messages": CHAT, "max_tokens": 5, "stream": True}
     with httpx.stream("POST", srv.url + "/chat/completions", json=body, timeout=30) as r:

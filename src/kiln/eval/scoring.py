@@ -290,7 +290,9 @@ class Scorer:
         slots = max(self.batch_size, n)
         if self._engine is None or self._engine.max_slots < slots:
             self._engine = None   # free the old cache before allocating the new one
-            self._engine = Engine(self.model, self.tok, max_slots=slots, max_len=self.max_len, max_queue=4 * slots)
+            # No prefix cache: the validation step scores a model whose weights change between calls.
+            self._engine = Engine(self.model, self.tok, max_slots=slots, max_len=self.max_len, max_queue=4 * slots,
+                                  prefix_cache=False)
         return self._engine
 
     def generate(self, prompt_ids: list[int], max_new_tokens: int, stop: Sequence[str] = (),

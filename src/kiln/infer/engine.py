@@ -12,6 +12,13 @@ compute a throwaway row. Attention reads the first S positions of each slot, S t
 bucket (128, 256, ... the context) past every row's position. On CUDA each (batch, length) bucket's
 decode step is one captured CUDA graph (of the torch.compiled step with `compile=True`).
 
+Prefix cache: a finished sequence's slot keeps its keys and values, and the engine remembers which tokens
+they are (prompt and output, as far as they were cached). A new prompt that starts with at least
+`min_prefix_tokens` of a free slot's tokens takes that slot and computes only the rest of its prompt: a
+chat's next turn, or a shared system prompt, is not prefilled again. A plain prefill takes the lowest free
+slot and overwrites what it held (slots stay dense for the decode buckets), so hits are opportunistic.
+An engine over a model whose weights change between requests (training) needs `prefix_cache=False`.
+
 Overlap (CUDA's default): the tokens a decode step samples stay on the device as the next step's inputs, and
 the step after is launched *before* the host reads this one's tokens, so the host's work (stop checks,
 detokenization, callbacks) runs while the device computes. The price: a sequence that stops is computed for
@@ -91,10 +98,11 @@ class _Sequence:
 
 class Engine:
     min_length_bucket = 128   # the shortest span a decode step attends over (a power of two)
+    min_prefix_tokens = 16    # the shortest cached prefix worth a prefill of its own
 
     def __init__(self, model, tokenizer=None, max_slots: int = 8, max_len: int | None = None,
                  max_queue: int = 64, prefill_tokens: int = 4096, cuda_graphs: bool | None = None, seed: int = 0,
-                 compile: bool = False, overlap: bool | None = None):
+                 compile: bool = False, overlap: bool | None = None, prefix_cache: bool = True):
         self.model, self.tok = model.eval(), tokenizer
         self.device = next(model.parameters()).device
         self.vocab_size = model.cfg.vocab_size
@@ -105,6 +113,8 @@ class Engine:
         low = self.min_length_bucket.bit_length() - 1
         self.lengths = sorted({min(2 ** i, self.max_len) for i in range(low, max(low, self.max_len.bit_length()) + 1)})
         self._free = list(range(max_slots))          # a heap: lowest slot first
+        self.prefix_cache = prefix_cache
+        self._slot_tokens: list[list[int]] = [[] for _ in range(max_slots)]   # a free slot's cached tokens
         self._running: dict[int, _Sequence] = {}      # slot -> sequence
         self._waiting: deque[Request] = deque()
         self._lock = threading.Condition()
@@ -114,7 +124,8 @@ class Engine:
         self._counts_NV = self._seen_NV = None        # penalties' state, allocated on first use
         self._thread: threading.Thread | None = None
         self._stop = False
-        self.stats = {"prompt_tokens": 0, "generated_tokens": 0, "requests": 0, "decode_steps": 0}
+        self.stats = {"prompt_tokens": 0, "cached_prompt_tokens": 0, "generated_tokens": 0, "requests": 0,
+                      "decode_steps": 0}
         self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}   # (B, S) ->
         # torch.compile fuses each layer's small kernels (norms, RoPE, SwiGLU, residual adds, the cache writes):
         # at decode sizes the step is bound by kernel count, not bytes. The graphs then capture the compiled step.
@@ -270,6 +281,11 @@ class Engine:
 
     def _finish(self, seq: _Sequence, reason: str, ids: list[int], text: str, lps: list[TokenLogprob]) -> None:
         seq.finished = True
+        # Positions 0 .. length-1 hold the prompt and the outputs fed back so far (launched steps write before
+        # anything queued after them). A free slot's throwaway decode rows write at its next position onwards,
+        # clamped to the last one: so the last position is never claimed.
+        cached = min(seq.length, self.max_len - 1)
+        self._slot_tokens[seq.slot] = [] if reason == "error" else (seq.request.prompt_ids + seq.out_ids)[:cached]
         del self._running[seq.slot]
         heapq.heappush(self._free, seq.slot)
         seq.request.unfinished -= 1
@@ -287,27 +303,61 @@ class Engine:
 
     # ------------------------------------------------------------ prefill
 
+    def _cached_prefix(self, req: Request) -> tuple[int, int] | None:
+        """(free slot, tokens of `req`'s prompt already cached there), for the longest such prefix of at
+        least `min_prefix_tokens`; one prompt token is always left to compute (its logits start the output).
+        Not for prompt log-probabilities: they need every prompt position's output."""
+        if not self.prefix_cache or req.params.prompt_logprobs is not None:
+            return None
+        ids, best, where = req.prompt_ids, 0, None
+        for slot in self._free:
+            n = _common_prefix(self._slot_tokens[slot], ids)
+            if n > best:
+                best, where = n, slot
+        best = min(best, len(ids) - 1)
+        return (where, best) if best >= self.min_prefix_tokens else None
+
     def _prefill(self, batch: list[Request]) -> None:
         if not batch:
             return
-        lens = [len(r.prompt_ids) for r in batch]
-        T = max(lens)
-        ids_BT = torch.zeros(len(batch), T, dtype=torch.long)
-        for b, r in enumerate(batch):
-            ids_BT[b, :lens[b]] = torch.tensor(r.prompt_ids)
-        first_slots = [self._take_slot() for _ in batch]
         dev = self.device
-        slots_B = torch.tensor(first_slots, device=dev)
-        pos_BT = torch.arange(T, device=dev).expand(len(batch), T)
-        h_BTD = self.model.hidden(ids_BT.to(dev), pos_BT, self.cache.prefill(slots_B))
-        last_B = torch.tensor(lens, device=dev) - 1
-        logits_BV = self.model.lm_head(h_BTD[torch.arange(len(batch), device=dev), last_B]).float()
+        lens = [len(r.prompt_ids) for r in batch]
+        first_slots: list[int] = [-1] * len(batch)
+        cached = [0] * len(batch)
+        for b, r in enumerate(batch):   # prefix-cache hits claim their slots before plain prefills take any
+            hit = self._cached_prefix(r)
+            if hit is not None:
+                first_slots[b], cached[b] = hit
+                self._free.remove(hit[0])
+                heapq.heapify(self._free)
+        plain = [b for b in range(len(batch)) if not cached[b]]
+        for b in plain:
+            first_slots[b] = self._take_slot()
+        last_V: list[torch.Tensor | None] = [None] * len(batch)
+        hidden: dict[int, torch.Tensor] = {}
+        if plain:
+            T = max(lens[b] for b in plain)
+            ids_BT = torch.zeros(len(plain), T, dtype=torch.long)
+            for j, b in enumerate(plain):
+                ids_BT[j, :lens[b]] = torch.tensor(batch[b].prompt_ids)
+            pos_BT = torch.arange(T, device=dev).expand(len(plain), T)
+            slots_B = torch.tensor([first_slots[b] for b in plain], device=dev)
+            h_BTD = self.model.hidden(ids_BT.to(dev), pos_BT, self.cache.prefill(slots_B))
+            last_B = torch.tensor([lens[b] for b in plain], device=dev) - 1
+            logits_BV = self.model.lm_head(h_BTD[torch.arange(len(plain), device=dev), last_B]).float()
+            for j, b in enumerate(plain):
+                last_V[b], hidden[b] = logits_BV[j], h_BTD[j, :lens[b]]
+        for b in range(len(batch)):
+            if cached[b]:
+                last_V[b] = self._prefill_cached(batch[b], first_slots[b], cached[b])
+        logits_BV = torch.stack(last_V)
         seqs, rows = [], []
         for b, r in enumerate(batch):
             self.stats["prompt_tokens"] += lens[b]
+            self.stats["cached_prompt_tokens"] += cached[b]
             self.stats["requests"] += 1
-            if r.params.prompt_logprobs is not None:
-                r.prompt_logprobs = self._prompt_logprobs(h_BTD[b, :lens[b]], r.prompt_ids, r.params.prompt_logprobs)
+            if r.params.prompt_logprobs is not None:   # never a prefix-cache hit: every position was computed
+                r.prompt_logprobs = self._prompt_logprobs(hidden[b], r.prompt_ids, r.params.prompt_logprobs)
             gen = None
             if r.params.seed is not None:
                 gen = torch.Generator(device=dev).manual_seed(r.params.seed)
@@ -331,6 +381,14 @@ class Engine:
         self._tokens_N[slots_B] = next_B
         self._pos_N[slots_B] = torch.tensor([s.length for s in seqs], device=dev)
         self._read(self._to_host(seqs, next_B, lp))
+
+    def _prefill_cached(self, req: Request, slot: int, start: int) -> torch.Tensor:
+        """Logits (V,) after `req`'s prompt, computing only its tokens past the `start` cached in `slot`."""
+        P, dev = len(req.prompt_ids), self.device
+        ids_1T = torch.tensor([req.prompt_ids[start:]], device=dev)
+        pos_1T = torch.arange(start, P, device=dev)[None]
+        h_1TD = self.model.hidden(ids_1T, pos_1T, self.cache.extend(slot, start, P), self.cache.extend_mask(start, P))
+        return self.model.lm_head(h_1TD[0, -1]).float()
 
     def _prompt_logprobs(self, h_TD: torch.Tensor, ids: list[int], k: int) -> list[TokenLogprob | None]:
         logits_TV = self.model.lm_head(h_TD[:-1]).float()
@@ -540,6 +598,18 @@ class _Launched:
 def _logprob_entries(chosen_B, top_ids_BK, top_lp_BK, ids: list[int]) -> list[TokenLogprob]:
     chosen, tid, tlp = chosen_B.tolist(), top_ids_BK.tolist(), top_lp_BK.tolist()
     return [TokenLogprob(i, c, list(zip(a, b))) for i, c, a, b in zip(ids, chosen, tid, tlp)]
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    """Length of the longest common prefix, by bisection on slice equality (compared in C, not per token)."""
+    lo, hi = 0, min(len(a), len(b))
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
 
 
 def _first_stop(text: str, stops: tuple[str, ...], start: int) -> int | None:

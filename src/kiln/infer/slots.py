@@ -11,6 +11,9 @@ which is what lets CUDA graphs replay it. The model sees one of two views per fo
 - `prefill(slots_B)`: a right-padded batch of prompts, all starting at position 0, written into
   slots `slots_B`. Keys are returned as they came (S == T), so the model's plain causal attention
   applies; a padded tail is written too but lies beyond the row's length and is never read.
+- `extend(slot, start, end)`: the tokens at positions start .. end-1 of one slot whose positions
+  0 .. start-1 already hold a prompt's prefix (a prefix-cache hit); they attend over 0 .. end-1 under
+  `extend_mask`.
 - `decode(pos_B, S)`: one new token for each of slots 0 .. B-1, written at that slot's own position;
   every layer reads positions 0 .. S-1 of its slots (S <= M, more than every row's position) under the
   mask `keys_mask(pos_B, S)`. The engine picks S from a few length buckets, so a step's reads grow with
@@ -48,6 +51,14 @@ class SlotCache:
     def prefill(self, slots_B: torch.Tensor) -> _Prefill:
         return _Prefill(self, slots_B)
 
+    def extend(self, slot: int, start: int, end: int) -> _Extend:
+        return _Extend(self, slot, start, end)
+
+    def extend_mask(self, start: int, end: int) -> torch.Tensor:
+        """(1, 1, T, end) for T = end - start queries at positions start ..: each sees keys up to its own."""
+        q_T1 = torch.arange(start, end, device=self.keys_M.device)[:, None]
+        return (self.keys_M[None, :end] <= q_T1)[None, None]
+
     def decode(self, pos_B: torch.Tensor, S: int | None = None) -> _Decode:
         return _Decode(self, pos_B, S or self.max_len)
 
@@ -74,6 +85,24 @@ class _Prefill:
         self.cache.k_NKME[layer_idx][self.slots_B, :, :T] = k_BKTE
         self.cache.v_NKME[layer_idx][self.slots_B, :, :T] = v_BKTE
         return k_BKTE, v_BKTE
+
+    def advance(self, n_tokens: int) -> None:
+        pass
+
+
+class _Extend:
+    pos = 0
+
+    def __init__(self, cache: SlotCache, slot: int, start: int, end: int):
+        self.cache, self.slot, self.start, self.end = cache, slot, start, end
+
+    def update(self, layer_idx: int, k_1KTE: torch.Tensor, v_1KTE: torch.Tensor):
+        assert k_1KTE.size(2) == self.end - self.start
+        s = self.slot
+        k_NKME, v_NKME = self.cache.k_NKME[layer_idx], self.cache.v_NKME[layer_idx]
+        k_NKME[s, :, self.start:self.end] = k_1KTE[0]
+        v_NKME[s, :, self.start:self.end] = v_1KTE[0]
+        return k_NKME[s:s + 1, :, :self.end], v_NKME[s:s + 1, :, :self.end]
 
     def advance(self, n_tokens: int) -> None:
         pass

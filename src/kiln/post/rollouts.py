@@ -177,7 +177,8 @@ class Rollouts:
         slots = sec.prompts_per_step * sec.group_size
         was = policy.training
         # The engine holds `policy` itself: every update is seen by the next batch. Its KV cache is allocated once.
-        self.engine = Engine(policy, None, max_slots=slots, max_len=self.max_len, cuda_graphs=False,
+        # No prefix cache: the weights change between batches, so keys cached by an earlier policy are stale.
+        self.engine = Engine(policy, None, max_slots=slots, max_len=self.max_len, cuda_graphs=False, prefix_cache=False,
                              max_queue=max(sec.prompts_per_step, len(eval_problems)) + 1, seed=seed)
         policy.train(was)   # Engine() switched it to eval
 

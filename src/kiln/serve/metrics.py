@@ -19,6 +19,8 @@ class Metrics:
         Gauge("kiln_waiting_requests", "Requests queued for a slot", registry=r).set_function(lambda: engine.waiting)
         Gauge("kiln_slots", "Engine slots in all", registry=r).set(engine.max_slots)
         self.prompt_tokens = Counter("kiln_prompt_tokens", "Prompt tokens prefilled", registry=r)
+        Gauge("kiln_prompt_tokens_cached", "Prompt tokens taken from the prefix cache instead of computed, since start",
+              registry=r).set_function(lambda: engine.stats["cached_prompt_tokens"])
         self.generation_tokens = Counter("kiln_generation_tokens", "Tokens generated", registry=r)
         self.ttft = Histogram("kiln_time_to_first_token_seconds", "From request to its first generated token",
                               buckets=LATENCY_BUCKETS, registry=r)
