@@ -311,9 +311,11 @@ class Engine:
             return None
         ids, best, where = req.prompt_ids, 0, None
         for slot in self._free:
-            n = _common_prefix(self._slot_tokens[slot], ids)
-            if n > best:
-                best, where = n, slot
+            toks = self._slot_tokens[slot]
+            need = max(best + 1, self.min_prefix_tokens)   # a slot that cannot beat the best so far costs one compare
+            if len(toks) < need or toks[:need] != ids[:need]:
+                continue
+            best, where = _common_prefix(toks, ids), slot
         best = min(best, len(ids) - 1)
         return (where, best) if best >= self.min_prefix_tokens else None
 

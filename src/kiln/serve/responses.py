@@ -102,9 +102,9 @@ def completion_body(gen: GenRequest, rid: str, model: str, tt: TokenText, choice
     for c in choices:
         prompt_ids = gen.prompts[c.index // n]
         text, lps = c.text, None
-        ids, entries = c.token_ids, c.logprobs
+        entries = c.logprobs
         if gen.discard_output:
-            text, ids, entries = "", [], []
+            text, entries = "", []
         prefix = ""
         if gen.echo:
             prefix = gen.prompt_text(c.index // n, tt.tok)
