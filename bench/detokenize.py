@@ -17,10 +17,7 @@ import textwrap
 import time
 from pathlib import Path
 
-from kiln.config import ModelConfig
-from kiln.infer.engine import Engine, Request, _Sequence
-from kiln.infer.sampling import SamplingParams
-from kiln.model.llama import Transformer
+from kiln.infer.textstream import TextStream
 from kiln.tokenizer import Tokenizer
 
 
@@ -33,22 +30,20 @@ def main() -> None:
     tok = Tokenizer.from_file(args.tokenizer)
     lengths = [int(x) for x in args.lengths.split(",")]
     ids = tok.encode(Path(textwrap.__file__).read_text())[:max(lengths)]
-    model = Transformer(ModelConfig(depth=1, d_model=64, head_dim=16, vocab_size=tok.vocab_size, max_seq_len=64))
-    engine = Engine(model, tok, max_slots=1)   # only its detokenization is used
     rows = []
     for n in lengths:
-        seq = _Sequence(Request([1], SamplingParams(), lambda o: None), 0, 0, 1, None)
+        stream, out = TextStream(), []   # what the engine keeps per sequence
         t = time.perf_counter()
         for i in ids[:n]:
-            seq.out_ids.append(i)
-            engine._advance_text(seq)
+            out.append(i)
+            stream.advance(tok, out)
         window = (time.perf_counter() - t) / n
         t = time.perf_counter()
         for k in range(1, n + 1):   # the old way: the whole output, twice per token (stop check, flush)
             tok.decode(ids[:k], skip_special=True)
             tok.decode(ids[:k], skip_special=True)
         whole = (time.perf_counter() - t) / n
-        assert seq.text == tok.decode(ids[:n], skip_special=True)
+        assert stream.text == tok.decode(ids[:n], skip_special=True)
         rows.append({"tokens": n, "whole_us_per_token": whole * 1e6, "window_us_per_token": window * 1e6,
                      "speedup": whole / window})
     print("| output tokens | whole output decoded, us/token | window, us/token | speed-up |\n|---:|---:|---:|---:|")

@@ -230,23 +230,22 @@ def test_streamed_text_is_the_whole_decode_for_multibyte_and_invalid_sequences()
     from pathlib import Path
     sys.path.insert(0, str(Path(__file__).parent.parent / "eval"))
     import evalkit
-    from kiln.infer.engine import Request, _Sequence
+    from kiln.infer.textstream import TextStream
 
     tok = evalkit.tokenizer()
-    engine = Engine(evalkit.model(tok.vocab_size), tok, max_slots=1)
     rng = random.Random(0)
     texts = ["café naïve 中文 🙂 done", "The quick brown fox 🦊🦊 jumps", "ÅÄÖ åäö — “quotes” …"]
     cases = [tok.encode(t) for t in texts]
     cases += [[rng.randrange(tok.vocab_size) for _ in range(60)] for _ in range(20)]   # invalid UTF-8, specials
     for ids in cases:
-        seq = _Sequence(Request([1], SamplingParams(), lambda o: None), 0, 0, 1, None)
+        stream, out = TextStream(), []
         seen = ""
         for i in ids:
-            seq.out_ids.append(i)
-            text = engine._advance_text(seq)
+            out.append(i)
+            text = stream.advance(tok, out)
             assert text.startswith(seen)
             seen = text
-        assert engine._final_text(seq) == tok.decode(ids, skip_special=True), ids
+        assert stream.final(tok, out) == tok.decode(ids, skip_special=True), ids
 
 
 def test_prefix_cache_continues_a_finished_conversation(monkeypatch):

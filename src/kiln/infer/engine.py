@@ -43,6 +43,7 @@ import torch
 
 from kiln.infer.sampling import SamplingParams, penalise, sample_rows, top_logprobs
 from kiln.infer.slots import SlotCache
+from kiln.infer.textstream import TextStream, first_stop, safe_end
 
 
 class QueueFull(RuntimeError):
@@ -86,14 +87,9 @@ class _Sequence:
     slot: int
     length: int                     # positions cached in the slot
     generator: torch.Generator | None
-    scheduled: int = 0              # output tokens once every launched step is read (prefill's first + decodes)
-    final: bool = False             # its last step is launched (max_tokens or the context reached)
     finished: bool = False          # done: an in-flight step's token for it is dropped
     out_ids: list[int] = field(default_factory=list)
-    sent_chars: int = 0
-    text: str = ""                  # out_ids decoded, up to the last whole character
-    text_from: int = 0              # out_ids[text_from:] is the window decoded each step ...
-    text_upto: int = 0              # ... of which out_ids[text_from:text_upto] is already in `text`
+    stream: TextStream = field(default_factory=TextStream)   # out_ids as text, and how much of it was sent
 
 
 class Engine:
@@ -143,11 +139,10 @@ class Engine:
         """The step under torch.compile, compiled now on the largest bucket (throwaway keys at position 0 of
         free slots); if compilation fails (a layer inductor cannot lower, say CPU int8), the plain step, with
         a warning: slower, never wrong."""
-        step = torch.compile(self._step, fullgraph=True, dynamic=True)
-        M, pos_N = self.max_len, self._pos_N
+        self._step_logits = step = torch.compile(self._step, fullgraph=True, dynamic=True)
         try:
             with torch.inference_mode():
-                step(self._tokens_N, pos_N, self.cache.decode(pos_N, M), self.cache.keys_mask(pos_N, M))
+                self._decode_logits(self.max_slots, self.max_len)
         except Exception as e:   # noqa: BLE001 -- any compiler failure: decode uncompiled, say so
             first = (str(e).splitlines() or [""])[0][:200]
             print(f"warning: torch.compile of the decode step failed ({type(e).__name__}: {first}); decoding "
@@ -367,8 +362,7 @@ class Engine:
                 slot = first_slots[b] if i == 0 else self._take_slot()
                 if i:
                     self.cache.copy_slot(first_slots[b], slot, lens[b])
-                seq = _Sequence(r, i, slot, lens[b], gen, scheduled=1)
-                seq.final = self._last_launch(seq)
+                seq = _Sequence(r, i, slot, lens[b], gen)
                 self._running[slot] = seq
                 if r.params.penalised:
                     self._reset_penalties(slot, r.prompt_ids)
@@ -435,15 +429,16 @@ class Engine:
                 self._graphs[B, S] = (graph, out)
         torch.cuda.synchronize()
 
-    def _last_launch(self, seq: _Sequence) -> bool:
-        """Whether the step just launched for `seq` gives its last token: max_tokens, or a token at the
-        context's last position (it could not be decoded further)."""
-        return seq.scheduled >= seq.request.params.max_tokens or seq.length + 1 > self.max_len
+    def _can_launch(self, seq: _Sequence) -> bool:
+        """Whether another decode step may run for `seq`: the steps launched so far give it fewer than
+        max_tokens tokens (its prefill's, then one per step), and the position it would write is in the context."""
+        launched_tokens = seq.length - len(seq.request.prompt_ids) + 1
+        return launched_tokens < seq.request.params.max_tokens and seq.length < self.max_len
 
     def _launch_decode(self) -> _Launched | None:
         """Queue one decode step for every running sequence not at its limit; nothing waits for the device.
         Its inputs are on the device already (the previous step's or the prefill's tokens and positions)."""
-        seqs = sorted((s for s in self._running.values() if not s.final), key=lambda s: s.slot)
+        seqs = sorted((s for s in self._running.values() if self._can_launch(s)), key=lambda s: s.slot)
         if not seqs:
             return None
         B = self._bucket(seqs[-1].slot + 1)
@@ -457,13 +452,11 @@ class Engine:
         for s in seqs:
             rows[s.slot] = s
             s.length += 1
-            s.scheduled += 1
-            s.final = self._last_launch(s)
         self.stats["decode_steps"] += 1
         next_B, lp = self._sample(rows, logits_BV, range(B))
         self._tokens_N[:B].copy_(next_B)
         # Every row moves on one position; a free or finished row's is clamped so that its throwaway write
-        # stays inside its slot (a running row never reaches the last position: `_last_launch`).
+        # stays inside its slot (a running row never reaches the last position: `_can_launch`).
         self._pos_N[:B].add_(1).clamp_(max=self.max_len - 1)
         return self._to_host(rows, next_B, lp)
 
@@ -534,54 +527,20 @@ class Engine:
             self._emit(seq, tokens[i], lp)
 
     def _emit(self, seq: _Sequence, token: int, lp: list[TokenLogprob]) -> None:
-        p = seq.request.params
+        p, out = seq.request.params, seq.stream
         if token in p.stop_ids and not p.ignore_stop_ids:
-            self._finish(seq, "stop", [], self._flush(seq, len(self._final_text(seq))), [])
+            self._finish(seq, "stop", [], out.flush(len(out.final(self.tok, seq.out_ids))), [])
             return
         seq.out_ids.append(token)
         self.stats["generated_tokens"] += 1
-        text = self._advance_text(seq)
-        cut = _first_stop(text, p.stop, seq.sent_chars)
+        text = out.advance(self.tok, seq.out_ids)
+        cut = first_stop(text, p.stop, out.sent)
         if cut is not None:
-            self._finish(seq, "stop", [token], self._flush(seq, cut), lp)
+            self._finish(seq, "stop", [token], out.flush(cut), lp)
         elif len(seq.out_ids) >= p.max_tokens or len(seq.request.prompt_ids) + len(seq.out_ids) > self.max_len:
-            self._finish(seq, "length", [token], self._flush(seq, len(self._final_text(seq))), lp)
+            self._finish(seq, "length", [token], out.flush(len(out.final(self.tok, seq.out_ids))), lp)
         else:
-            safe = _safe_end(text, p.stop)
-            seq.request.on_output(Output(seq.index, [token], self._flush(seq, max(safe, seq.sent_chars)), lp))
-
-    def _advance_text(self, seq: _Sequence) -> str:
-        """The output's text after its newest token, decoding only a short window of recent tokens (the
-        whole output decoded every step costs O(length) per token per sequence). The window starts at the
-        token before the last whole-character boundary, so a tokenizer whose decoding depends on the
-        neighbouring token (SentencePiece's leading space) decodes the new piece as the whole would; a
-        window ending inside a character (U+FFFD at its end) waits for the token that completes it.
-        Special tokens are not text."""
-        if self.tok is None:
-            return ""
-        new = self._window_text(seq)
-        if new and not new.endswith("\ufffd"):
-            seq.text += new
-            seq.text_from, seq.text_upto = seq.text_upto, len(seq.out_ids)
-        return seq.text
-
-    def _final_text(self, seq: _Sequence) -> str:
-        """The whole text at the end: a character cut off by the last token stays U+FFFD, as a decode of
-        the whole output gives it."""
-        if self.tok is not None and seq.text_upto < len(seq.out_ids):
-            seq.text += self._window_text(seq)
-            seq.text_from = seq.text_upto = len(seq.out_ids)
-        return seq.text
-
-    def _window_text(self, seq: _Sequence) -> str:
-        """The text the tokens after `text_upto` add, decoded with the window's earlier tokens as context."""
-        before = self.tok.decode(seq.out_ids[seq.text_from:seq.text_upto], skip_special=True)
-        return self.tok.decode(seq.out_ids[seq.text_from:], skip_special=True)[len(before):]
-
-    def _flush(self, seq: _Sequence, upto: int) -> str:
-        text = seq.text[seq.sent_chars:upto]
-        seq.sent_chars = max(seq.sent_chars, upto)
-        return text
+            seq.request.on_output(Output(seq.index, [token], out.flush(max(safe_end(text, p.stop), out.sent)), lp))
 
 
 _GREEDY = SamplingParams(temperature=0)
@@ -612,22 +571,3 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
         else:
             hi = mid - 1
     return lo
-
-
-def _first_stop(text: str, stops: tuple[str, ...], start: int) -> int | None:
-    """Where the first stop string begins in `text` (searching from just before what was sent)."""
-    hits = [i for s in stops if s and (i := text.find(s, max(0, start - len(s) + 1))) >= 0]
-    return min(hits) if hits else None
-
-
-def _safe_end(text: str, stops: tuple[str, ...]) -> int:
-    """How much of `text` may be sent: not a tail that could begin a stop string, nor a cut character."""
-    end = len(text)
-    if text.endswith("\ufffd"):
-        end = len(text.rstrip("\ufffd"))
-    for s in stops:
-        for n in range(min(len(s) - 1, end), 0, -1):
-            if text.endswith(s[:n], 0, end):   # no slice: a copy of the whole text per step
-                end -= n
-                break
-    return end
