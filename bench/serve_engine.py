@@ -94,10 +94,16 @@ def kiln_engine(model, batch: int, max_len: int, peer: str, device: str) -> tupl
     from contextlib import nullcontext
 
     from torch.nn.attention import SDPBackend, sdpa_kernel
-    with sdpa_kernel([SDPBackend.MATH]) if "math" in peer else nullcontext():
-        engine = Engine(model, max_slots=batch, max_len=max_len, prefill_tokens=batch * max_len, max_queue=batch,
-                        cuda_graphs="eager" not in peer and device == "cuda", compile=compile,
-                        overlap="sync" not in peer)
+    rows = Engine.fused_attention_rows
+    Engine.fused_attention_rows = batch if "triton" in peer else rows   # -triton: every bucket through the kernel
+    try:
+        with sdpa_kernel([SDPBackend.MATH]) if "math" in peer else nullcontext():
+            engine = Engine(model, max_slots=batch, max_len=max_len, prefill_tokens=batch * max_len,
+                            max_queue=batch, cuda_graphs="eager" not in peer and device == "cuda", compile=compile,
+                            overlap="sync" not in peer, fused_attention=False if "sdpa" in peer else None)
+    finally:
+        Engine.fused_attention_rows = rows
+    engine.fused_attention_rows = batch if "triton" in peer else rows   # for any step the graphs do not hold
     return engine, time.perf_counter() - t0
 
 
@@ -170,6 +176,8 @@ def main(argv=None) -> int:
                     help="kiln (CUDA graphs), kiln-eager, kiln-compile (torch.compile, then graphs), kiln-int8, "
                          "kiln-int8-compile, kiln-compile-fused (q/k/v and gate/up stacked), kiln-sync (no overlap: "
                          "the host reads each step before the next), kiln-compile-math (SDPA's math backend), "
+                         "-sdpa in a kiln peer's name: the model's RoPE + SDPA instead of the one-kernel attention, "
+                         "-triton: the kernel at every batch (by default only up to Engine.fused_attention_rows), "
                          "hf (default cache), hf-static (static cache, compiled)")
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--new", type=int, default=256)

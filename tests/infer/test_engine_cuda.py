@@ -20,12 +20,13 @@ def make(dtype=torch.float32) -> Transformer:
     return Transformer.from_config(cfg, device="cuda").to(dtype).eval()
 
 
-def test_graphs_greedy_equals_reference_fp32():
+@pytest.mark.parametrize("fused", [False, True], ids=["sdpa", "triton"])
+def test_graphs_greedy_equals_reference_fp32(fused):
     model = make()
     ref = [generate(model, p, 24, temperature=0, use_cache=False) for p in PROMPTS]
     for slots in (1, 3, 8):
-        engine = Engine(model, max_slots=slots, cuda_graphs=True)
-        assert engine._graphs
+        engine = Engine(model, max_slots=slots, cuda_graphs=True, fused_attention=fused)
+        assert engine._graphs and engine.fused_attention == fused
         assert [o[0] for o in engine.generate(PROMPTS, SamplingParams(max_tokens=24, temperature=0))] == ref
 
 

@@ -17,12 +17,15 @@ which is what lets CUDA graphs replay it. The model sees one of two views per fo
 - `decode(pos_B, S)`: one new token for each of slots 0 .. B-1, written at that slot's own position;
   every layer reads positions 0 .. S-1 of its slots (S <= M, more than every row's position) under the
   mask `keys_mask(pos_B, S)`. The engine picks S from a few length buckets, so a step's reads grow with
-  the longest live sequence, not with the slots' capacity.
+  the longest live sequence, not with the slots' capacity. With `fused=True` the view also offers `attend`:
+  the layer's RoPE, cache write and attention in one or two kernels (kiln/infer/attention.py), no mask.
 """
 
 from __future__ import annotations
 
 import torch
+
+from kiln.infer.attention import decode_attention
 
 
 class SlotCache:
@@ -59,8 +62,8 @@ class SlotCache:
         q_T1 = torch.arange(start, end, device=self.keys_M.device)[:, None]
         return (self.keys_M[None, :end] <= q_T1)[None, None]
 
-    def decode(self, pos_B: torch.Tensor, S: int | None = None) -> _Decode:
-        return _Decode(self, pos_B, S or self.max_len)
+    def decode(self, pos_B: torch.Tensor, S: int | None = None, fused: bool = False) -> _Decode:
+        return (_FusedDecode if fused else _Decode)(self, pos_B, S or self.max_len)
 
     def keys_mask(self, pos_B: torch.Tensor, S: int | None = None) -> torch.Tensor:
         """(B, 1, 1, S) True where a row's query (at pos_B) may attend: keys 0 .. pos_B (of the first S)."""
@@ -126,3 +129,13 @@ class _Decode:
 
     def advance(self, n_tokens: int) -> None:
         pass
+
+
+class _FusedDecode(_Decode):
+    def attend(self, layer_idx: int, q_B1HE, k_B1KE, v_B1KE, cos_B11E, sin_B11E) -> torch.Tensor:
+        """RoPE, the cache write at pos_B and the attention over keys 0 .. pos_B of each row: (B, H, 1, E)."""
+        B = q_B1HE.size(0)
+        y_BHE = decode_attention(q_B1HE[:, 0], k_B1KE[:, 0], v_B1KE[:, 0], cos_B11E.reshape(B, -1),
+                                 sin_B11E.reshape(B, -1), self.cache.k_NKME[layer_idx], self.cache.v_NKME[layer_idx],
+                                 self.pos_B, self.S)
+        return y_BHE[:, :, None]

@@ -37,6 +37,10 @@ class KVCache(Protocol):
 
     def advance(self, n_tokens: int) -> None: ...
 
+    # Optional: a cache may also offer `attend(layer_idx, q_BTHE, k_BTKE, v_BTKE, cos, sin) -> y_BHTE`, doing
+    # RoPE, its own write and the attention at once (one new token per row; kiln/infer/attention.py's kernel);
+    # the layer then calls it instead of `update` and SDPA.
+
 
 class RMSNorm(nn.Module):
     """RMSNorm computed in fp32 and cast back to the input dtype.
@@ -117,12 +121,16 @@ class Attention(nn.Module):
             q, k, v = self.q_proj(x_BTD), self.k_proj(x_BTD), self.v_proj(x_BTD)
         q_BTHE = q.view(B, T, self.n_heads, self.head_dim)
         k_BTKE = k.view(B, T, self.n_kv_heads, self.head_dim)
-        v_BKTE = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v_BTKE = v.view(B, T, self.n_kv_heads, self.head_dim)
         if self.q_norm is not None:  # Qwen3 order: per-head norm, then RoPE
             q_BTHE, k_BTKE = self.q_norm(q_BTHE), self.k_norm(k_BTKE)
+        attend = getattr(cache, "attend", None)
+        if attend is not None:
+            y_BHTE = attend(self.layer_idx, q_BTHE, k_BTKE, v_BTKE, cos_TE, sin_TE)
+            return self.o_proj(y_BHTE.transpose(1, 2).reshape(B, T, -1))
         q_BHTE = apply_rope(q_BTHE.transpose(1, 2), cos_TE, sin_TE)
         k_BKSE = apply_rope(k_BTKE.transpose(1, 2), cos_TE, sin_TE)
-        v_BKSE = v_BKTE
+        v_BKSE = v_BTKE.transpose(1, 2)
         if cache is not None:
             k_BKSE, v_BKSE = cache.update(self.layer_idx, k_BKSE, v_BKSE)
         # No mask and S == T: plain causal (training, prefill). No mask and S > T: one new

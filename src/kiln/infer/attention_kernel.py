@@ -1,0 +1,93 @@
+"""The Triton kernel of `kiln.infer.attention.decode_attention` (see its docstring), in a module of its own
+because it imports Triton, which only CUDA machines need: `attention.py` imports this lazily. Triton's
+interpreter (TRITON_INTERPRET=1 when this module is loaded) runs it on a CPU for the tests.
+
+Program (b, h, j): row b, query head h (key/value head h // G), split j of the cached keys (`chunk` each).
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def decode_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, pos_ptr, out_ptr, acc_ptr, ml_ptr,
+                  sq_b, sq_h, sk_b, sk_h, sv_b, sv_h, sc_n, sc_k, sc_m, chunk, scale,
+                  G: tl.constexpr, E: tl.constexpr, E_POW2: tl.constexpr, BLOCK: tl.constexpr,
+                  SPLITS: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    j = tl.program_id(2)
+    kh = h // G
+    pos = tl.load(pos_ptr + b)
+    e = tl.arange(0, E_POW2)
+    in_e = e < E
+    half = E // 2
+    e_rot = tl.where(e < half, e + half, e - half)        # rotate_half: pairs i and i + E/2
+    sign = tl.where(e < half, -1.0, 1.0)
+    dt = q_ptr.dtype.element_ty
+    cos = tl.load(cos_ptr + b * E + e, mask=in_e, other=0.0).to(dt).to(tl.float32)
+    sin = tl.load(sin_ptr + b * E + e, mask=in_e, other=0.0).to(dt).to(tl.float32)
+
+    q_row = q_ptr + b * sq_b + h * sq_h
+    q = tl.load(q_row + e, mask=in_e, other=0.0).to(tl.float32)
+    q_r = tl.load(q_row + e_rot, mask=in_e, other=0.0).to(tl.float32)
+    q = (q * cos + sign * q_r * sin).to(dt).to(tl.float32) * scale
+    k_row = k_ptr + b * sk_b + kh * sk_h
+    k_new = tl.load(k_row + e, mask=in_e, other=0.0).to(tl.float32)
+    k_r = tl.load(k_row + e_rot, mask=in_e, other=0.0).to(tl.float32)
+    k_new = (k_new * cos + sign * k_r * sin).to(kc_ptr.dtype.element_ty)
+    v_new = tl.load(v_ptr + b * sv_b + kh * sv_h + e, mask=in_e, other=0.0).to(vc_ptr.dtype.element_ty)
+    cache_kh = b * sc_n + kh * sc_k
+    if (j == 0) & (h % G == 0):
+        tl.store(kc_ptr + cache_kh + pos * sc_m + e, k_new, mask=in_e)
+        tl.store(vc_ptr + cache_kh + pos * sc_m + e, v_new, mask=in_e)
+
+    # The new key seeds split 0's running (max, sum, values); the other splits start empty, with a finite
+    # max (-1e30, not -inf) so that exp(max - max) = 1 times a zero sum never makes a NaN.
+    first = j == 0
+    s_new = tl.sum(q * k_new.to(tl.float32), 0)
+    m = tl.where(first, s_new, -1e30)
+    l_sum = tl.where(first, 1.0, 0.0)
+    acc = v_new.to(tl.float32) * l_sum
+    start = j * chunk
+    end = tl.minimum(start + chunk, pos)                   # cached keys only: 0 .. pos - 1
+    s_off = tl.arange(0, BLOCK)
+    for i in range(0, chunk, BLOCK):    # bounds known at launch; blocks past `end` load nothing
+        s_idx = start + i + s_off
+        seen = s_idx < end
+        ptrs = cache_kh + s_idx[:, None].to(tl.int64) * sc_m + e[None, :]
+        both = seen[:, None] & in_e[None, :]
+        kb = tl.load(kc_ptr + ptrs, mask=both, other=0.0).to(tl.float32)
+        vb = tl.load(vc_ptr + ptrs, mask=both, other=0.0).to(tl.float32)   # issued with the keys' load
+        s = tl.where(seen, tl.sum(kb * q[None, :], 1), float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 0))
+        alpha = tl.exp(m - m_new)
+        p = tl.exp(s - m_new)
+        l_sum = l_sum * alpha + tl.sum(p, 0)
+        acc = acc * alpha + tl.sum(p[:, None] * vb, 0)
+        m = m_new
+    if SPLITS == 1:
+        tl.store(out_ptr + (b * tl.num_programs(1) + h) * E + e, (acc / l_sum).to(dt), mask=in_e)
+    else:
+        part = (b * tl.num_programs(1) + h) * SPLITS + j
+        tl.store(acc_ptr + part * E + e, acc, mask=in_e)
+        tl.store(ml_ptr + part * 2, m)
+        tl.store(ml_ptr + part * 2 + 1, l_sum)
+
+
+
+@triton.jit
+def combine_kernel(acc_ptr, ml_ptr, out_ptr, E: tl.constexpr, E_POW2: tl.constexpr, SPLITS: tl.constexpr,
+                   SPLITS_POW2: tl.constexpr):
+    """Program r = b * H + h: merge its SPLITS partial (max, sum, weighted values) into the output row."""
+    r = tl.program_id(0).to(tl.int64)
+    jj = tl.arange(0, SPLITS_POW2)
+    e = tl.arange(0, E_POW2)
+    in_j = jj < SPLITS
+    part = r * SPLITS + jj
+    m = tl.load(ml_ptr + part * 2, mask=in_j, other=-1e30)   # an empty split's max is -1e30: weight 0
+    l_sum = tl.load(ml_ptr + part * 2 + 1, mask=in_j, other=0.0)
+    w = tl.exp(m - tl.max(m, 0))
+    acc = tl.load(acc_ptr + part[:, None] * E + e[None, :], mask=in_j[:, None] & (e[None, :] < E), other=0.0)
+    out = tl.sum(acc * w[:, None], 0) / tl.sum(l_sum * w, 0)
+    tl.store(out_ptr + r * E + e, out.to(out_ptr.dtype.element_ty), mask=e < E)
