@@ -38,8 +38,9 @@ def test_graphs_equal_eager_bf16_with_sampling():
     assert graphed == eager
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["sdpa", "triton"])
 @pytest.mark.parametrize("overlap", [False, True])
-def test_compiled_graphs_equal_reference_with_stops(overlap, monkeypatch):
+def test_compiled_graphs_equal_reference_with_stops(overlap, fused, monkeypatch):
     """torch.compile'd step under the graphs, length buckets 16, 32, 64; stop ids end rows at different steps
     (the overlapped engine has a step in flight for each, whose token is dropped); no slot is left taken."""
     monkeypatch.setattr(Engine, "min_length_bucket", 16)
@@ -48,8 +49,9 @@ def test_compiled_graphs_equal_reference_with_stops(overlap, monkeypatch):
     stop = ref[3][6]
     want = [r[:r.index(stop)] if stop in r else r for r in ref]
     torch._dynamo.reset()
-    engine = Engine(model, max_slots=4, cuda_graphs=True, compile=True, overlap=overlap)
+    engine = Engine(model, max_slots=4, cuda_graphs=True, compile=True, overlap=overlap, fused_attention=fused)
     assert sorted(engine._graphs) == [(B, S) for B in (1, 2, 4) for S in (16, 32, 64)]
     got = engine.generate(PROMPTS, SamplingParams(max_tokens=24, temperature=0, stop_ids=(stop,)))
-    assert [o[0] for o in got] == want
+    for i, (o, w) in enumerate(zip(got, want)):
+        assert o[0] == w, f"prompt {i}: got {o[0]}, want {w}"
     assert engine._inflight is None and sorted(engine._free) == [0, 1, 2, 3]

@@ -35,14 +35,7 @@ import math
 
 import torch
 
-@functools.cache
-def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
+from kiln.runtime.device import triton_available
 
 def rope_one(x_BXE: torch.Tensor, cos_BE: torch.Tensor, sin_BE: torch.Tensor) -> torch.Tensor:
     """RoPE of one position per row (`rotate_half` layout), computed in fp32 with the tables in x's dtype,

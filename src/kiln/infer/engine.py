@@ -42,10 +42,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kiln.infer.attention import triton_available
 from kiln.infer.sampling import SamplingParams, penalise, sample_rows, top_logprobs
 from kiln.infer.slots import SlotCache
 from kiln.infer.textstream import TextStream, first_stop, safe_end
+from kiln.runtime.device import triton_available
 
 
 class QueueFull(RuntimeError):
@@ -144,14 +144,20 @@ class Engine:
         if cuda_graphs:
             self._capture()
 
+    def _decode_shapes(self) -> list[tuple[int, int]]:
+        """Every (batch, length) bucket of a decode step, largest first."""
+        return [(B, S) for B in reversed(self.buckets) for S in reversed(self.lengths)]
+
     def _compiled_step(self) -> Callable:
-        """The step under torch.compile, compiled now on the largest bucket (throwaway keys at position 0 of
-        free slots); if compilation fails (a layer inductor cannot lower, say CPU int8), the plain step, with
-        a warning: slower, never wrong."""
+        """The step under torch.compile, compiled now on every bucket (throwaway keys at position 0 of free
+        slots); if compilation fails (a layer inductor cannot lower, say CPU int8; on CUDA in fp32, a compiled
+        SDPA step whose input strides inductor asserted wrongly at a smaller length bucket, torch 2.11), the
+        plain step, with a warning: slower, never wrong."""
         self._step_logits = step = torch.compile(self._step, fullgraph=True, dynamic=True)
         try:
             with torch.inference_mode():
-                self._decode_logits(self.max_slots, self.max_len)
+                for B, S in self._decode_shapes():
+                    self._decode_logits(B, S)
         except Exception as e:   # noqa: BLE001 -- any compiler failure: decode uncompiled, say so
             first = (str(e).splitlines() or [""])[0][:200]
             print(f"warning: torch.compile of the decode step failed ({type(e).__name__}: {first}); decoding "
@@ -427,8 +433,8 @@ class Engine:
         pool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
-        shapes = [(B, S) for B in reversed(self.buckets) for S in reversed(self.lengths)]  # largest first: the
-        with torch.inference_mode(), torch.cuda.stream(stream):                          # rest reuse its pool
+        shapes = self._decode_shapes()   # largest first: the rest reuse its pool
+        with torch.inference_mode(), torch.cuda.stream(stream):
             for B, S in shapes:
                 for _ in range(2):
                     self._decode_logits(B, S)

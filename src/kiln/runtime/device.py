@@ -3,10 +3,21 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import warnings
 
 import torch
 import torch.nn.functional as F
+
+
+@functools.cache
+def triton_available() -> bool:
+    """Whether Triton imports (it comes with CUDA builds of PyTorch; kiln's fused kernels need it)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def pick_device(spec: str) -> torch.device:

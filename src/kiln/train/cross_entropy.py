@@ -32,17 +32,10 @@ import types
 import torch
 from torch import nn
 
+from kiln.runtime.device import triton_available
+
 MODES = ("auto", "on", "off")
 _CPU_CHUNK_ROWS = 1024   # rows per fp32 temporary on the PyTorch path
-
-
-@functools.cache
-def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def resolve_mode(mode: str, device: torch.device, parallel: str = "none", zero_stage: int = 0) -> bool:
