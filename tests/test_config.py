@@ -64,6 +64,17 @@ def test_batch_tokens_must_divide():
     assert t.batch_tokens == 768 and grad_accum_steps(t, ModelConfig(max_seq_len=64)) == 3
 
 
+def test_rows_shorter_than_the_context_count_their_own_tokens():
+    """Fine-tuning rows of 16 tokens on a model with a 64-token context: batch_tokens in rows of 16."""
+    model = ModelConfig(max_seq_len=64)
+    t = resolve_train(TrainConfig(micro_batch_size=4, seq_len=16), model)
+    assert t.batch_tokens == 64 and grad_accum_steps(t, model) == 1
+    t = resolve_train(TrainConfig(micro_batch_size=4, seq_len=16, batch_tokens=4 * 16 * 5), model)
+    assert grad_accum_steps(t, model) == 5
+    with pytest.raises(ConfigError, match="micro_batch_size \\* seq_len \\* world_size = 4 \\* 16"):
+        resolve_train(TrainConfig(micro_batch_size=4, seq_len=16, batch_tokens=100), model)
+
+
 def test_muon_runs_with_fsdp():
     assert load_recipe("gpt2-small", {"train": {"parallel": "fsdp"}}).train.optimizer == "muon"
 

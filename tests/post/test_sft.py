@@ -159,6 +159,20 @@ def test_sft_trains_and_writes_a_normal_run(base_run, tmp_path):
     assert json.loads((out / "samples.json").read_text())[0]["prompt"] == "Say hi."
 
 
+def test_rows_shorter_than_the_context_set_the_accumulation(base_run):
+    """sft.max_seq_len 32 on a model of context 128: a step of 3 micro-batches of 4 rows is 384 tokens."""
+    from kiln.config import grad_accum_steps
+    from kiln.formats.checkpoint import latest_checkpoint
+    from kiln.post.common import stage_config
+    cfg = post_config(base_run, "sft", max_seq_len=32, train={"micro_batch_size": 4, "batch_tokens": 384})
+    scfg = stage_config(cfg, "sft", latest_checkpoint(base_run / "checkpoints"), 1)
+    assert scfg.model.max_seq_len == 128 and scfg.train.seq_len == 32
+    assert grad_accum_steps(scfg.train, scfg.model) == 3
+    default = stage_config(post_config(base_run, "sft", max_seq_len=32, train={"micro_batch_size": 4}), "sft",
+                           latest_checkpoint(base_run / "checkpoints"), 1)
+    assert default.train.batch_tokens == 128 and grad_accum_steps(default.train, default.model) == 1
+
+
 def test_sft_resume_continues_exactly(base_run, tmp_path):
     import shutil
     from kiln.post.sft import run_sft

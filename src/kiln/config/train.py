@@ -36,6 +36,9 @@ class TrainConfig:
     batch_tokens: int | None = None
     """Tokens per optimizer step across all devices; reached by gradient accumulation
     (derived: micro_batch_size * seq_len * world_size, i.e. no accumulation)."""
+    seq_len: int | None = None
+    """Tokens per row of a micro-batch (derived: model.max_seq_len). SFT and DPO set it to their rows'
+    length (sft.max_seq_len / dpo.max_seq_len), so batch_tokens counts the tokens they train on."""
     lr: float | None = None
     """Peak learning rate (derived from width: 6e-4 * sqrt(768 / d_model))."""
     min_lr_ratio: float = 0.1

@@ -126,6 +126,8 @@ def stage_config(cfg: Config, name: str, base: Path, world_size: int) -> Config:
     if section.lora.enabled and train.optimizer == "muon":
         raise ConfigError(f"{name}.train.optimizer=muon with LoRA: Muon orthogonalises whole weight matrices, "
                           "adapters are thin low-rank factors; use adamw")
+    if name in ("sft", "dpo"):   # rows of the stage's length, not the model's context (8,192 for SmolLM2)
+        train = dataclasses.replace(train, seq_len=min(section.max_seq_len or model.max_seq_len, model.max_seq_len))
     train = resolve_train(train, model, world_size)
     return dataclasses.replace(cfg, name=f"{cfg.name}-{name}", run_dir=str(out), model=model, train=train,
                                data=base_cfg.data, tokenizer=base_cfg.tokenizer, tokenize=base_cfg.tokenize)

@@ -474,9 +474,14 @@ def truncate_metrics(path: Path, step: int) -> None:
     path.write_text("".join(ln + "\n" for ln in lines), encoding="utf-8")
 
 
+def rate(per_s: float) -> str:
+    """A rate with three significant figures: 0.412, 171, 12.3k, 251k (a CPU's 171 tokens/s is not 0.2k)."""
+    return f"{per_s / 1e3:.3g}k" if per_s >= 1e3 else f"{per_s:.3g}"
+
+
 def log_line(r: dict, max_steps: int, eta_s: float, unit: str = "tok") -> str:
     line = (f"step {r['step']:>6}/{max_steps} | loss {r['loss']:.4f} | lr {r['lr']:.2e} | "
-            f"gnorm {r['grad_norm']:.3f} | " + (f"{r['tok_per_s'] / 1e3:.1f}k tok/s" if unit == "tok" else
+            f"gnorm {r['grad_norm']:.3f} | " + (rate(r['tok_per_s']) + " tok/s" if unit == "tok" else
                                                 f"{r['tok_per_s']:.1f} {unit}/s"))
     if "mfu" in r:
         line += f" | mfu {100 * r['mfu']:.1f}%"

@@ -9,7 +9,7 @@ import dataclasses
 import torch
 from torch import nn
 
-from kiln.config import Config, resolve_train, round_up
+from kiln.config import Config, ConfigError, resolve_train, round_up
 from kiln.config.rundir import RunDir
 from kiln.eval.evaluate import loss_sums
 from kiln.formats.checkpoint import latest_checkpoint
@@ -29,6 +29,9 @@ def resolved_config(cfg: Config, vocab_size: int, world_size: int = 1) -> Config
     dimension run markedly slower on tensor cores, and the spare rows are never targets."""
     vocab = cfg.model.vocab_size or round_up(vocab_size, cfg.tokenizer.vocab_multiple)
     model = dataclasses.replace(cfg.model, vocab_size=vocab).resolved()
+    if cfg.train.seq_len not in (None, model.max_seq_len):
+        raise ConfigError(f"train.seq_len={cfg.train.seq_len}: pretraining rows are model.max_seq_len="
+                          f"{model.max_seq_len} tokens; set model.max_seq_len instead")
     return dataclasses.replace(cfg, model=model, train=resolve_train(cfg.train, model, world_size))
 
 
