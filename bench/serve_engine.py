@@ -100,7 +100,8 @@ def kiln_engine(model, batch: int, max_len: int, peer: str, device: str) -> tupl
         with sdpa_kernel([SDPBackend.MATH]) if "math" in peer else nullcontext():
             engine = Engine(model, max_slots=batch, max_len=max_len, prefill_tokens=batch * max_len,
                             max_queue=batch, cuda_graphs="eager" not in peer and device == "cuda", compile=compile,
-                            overlap="sync" not in peer, fused_attention=False if "sdpa" in peer else None)
+                            overlap="sync" not in peer, fused_attention=False if "sdpa" in peer else None,
+                            fused_layers="layers" in peer)
     finally:
         Engine.fused_attention_rows = rows
     engine.fused_attention_rows = batch if "triton" in peer else rows   # for any step the graphs do not hold
@@ -178,6 +179,7 @@ def main(argv=None) -> int:
                          "the host reads each step before the next), kiln-compile-math (SDPA's math backend), "
                          "-sdpa in a kiln peer's name: the model's RoPE + SDPA instead of the one-kernel attention, "
                          "-triton: the kernel at every batch (by default only up to Engine.fused_attention_rows), "
+                         "-layers (with -fused): whole layers through kiln/infer/fused_step.py's kernels, "
                          "hf (default cache), hf-static (static cache, compiled)")
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--new", type=int, default=256)

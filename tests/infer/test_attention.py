@@ -82,7 +82,7 @@ INTERPRETED_CASES = [  # H, K, E, M, dtype, splits
 
 def interpreted_cases() -> None:
     """Run in a process started with TRITON_INTERPRET=1 (Triton reads it when first imported)."""
-    from kiln.infer.attention_kernel import combine_kernel, decode_kernel
+    from kiln.infer.kernels import combine_kernel, decode_kernel
     for H, K, E, M, dtype, splits in INTERPRETED_CASES:
         dtype = getattr(torch, dtype)
         args = case(H=H, K=K, E=E, M=M, dtype=dtype)

@@ -12,10 +12,10 @@ from kiln.infer.sampling import SamplingParams
 from kiln.model.llama import Transformer
 
 
-@pytest.mark.parametrize("attention", ["sdpa", "fused"])
+@pytest.mark.parametrize("attention", ["sdpa", "fused", "layers"])
 def test_compiled_fused_step_equals_uncached_reference(attention):
     """Stacked projections, compiled; attention through SDPA or the one-kernel op (an opaque call under
-    torch.compile that writes the caches)."""
+    torch.compile that writes the caches), or whole layers through the ops (kiln/infer/fused_step.py)."""
     torch.manual_seed(0)
     cfg = ModelConfig(depth=1, d_model=32, head_dim=8, n_kv_heads=2, vocab_size=61, max_seq_len=32, init_std=0.3)
     model = Transformer(cfg).eval()
@@ -23,7 +23,8 @@ def test_compiled_fused_step_equals_uncached_reference(attention):
     ref = [generate(model, p, 10, temperature=0, use_cache=False) for p in prompts]
     fuse_projections(model)
     torch._dynamo.reset()
-    engine = Engine(model, max_slots=2, compile=True, overlap=True, fused_attention=attention == "fused")
+    engine = Engine(model, max_slots=2, compile=True, overlap=True, fused_attention=attention != "sdpa",
+                    fused_layers=attention == "layers")
     assert [o[0] for o in engine.generate(prompts, SamplingParams(max_tokens=10, temperature=0))] == ref
     assert engine._inflight is None and sorted(engine._free) == [0, 1]
 

@@ -124,5 +124,5 @@ def decode_attention_triton(q_BHE, k_BKE, v_BKE, cos_BE, sin_BE, k_NKME, v_NKME,
 
 @functools.cache
 def _kernels():
-    from kiln.infer.attention_kernel import combine_kernel, decode_kernel   # imports triton: only where installed
+    from kiln.infer.kernels import combine_kernel, decode_kernel   # imports triton: only where installed
     return decode_kernel, combine_kernel

@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from kiln.infer.fused_step import fused_hidden, unfused_reason
 from kiln.infer.sampling import SamplingParams, penalise, sample_rows, top_logprobs
 from kiln.infer.slots import SlotCache
 from kiln.infer.textstream import TextStream, first_stop, safe_end
@@ -104,7 +105,7 @@ class Engine:
     def __init__(self, model, tokenizer=None, max_slots: int = 8, max_len: int | None = None,
                  max_queue: int = 64, prefill_tokens: int = 4096, cuda_graphs: bool | None = None, seed: int = 0,
                  compile: bool = False, overlap: bool | None = None, prefix_cache: bool = True,
-                 fused_attention: bool | None = None):
+                 fused_attention: bool | None = None, fused_layers: bool = False):
         self.model, self.tok = model.eval(), tokenizer
         self.device = next(model.parameters()).device
         self.vocab_size = model.cfg.vocab_size
@@ -114,6 +115,11 @@ class Engine:
         # Default: on CUDA with Triton. Elsewhere the op is PyTorch arithmetic, slower than the plain path.
         self.fused_attention = (self.device.type == "cuda" and triton_available()) if fused_attention is None \
             else fused_attention
+        # The whole layer through kiln/infer/fused_step.py in the fused-attention buckets: off by default (not yet
+        # measured on a GPU); a model it cannot take (int8, LoRA, QK-norm, projections not stacked) is refused.
+        self.fused_layers = fused_layers and self.fused_attention
+        if self.fused_layers and (reason := unfused_reason(model)) is not None:
+            raise ValueError(f"fused_layers: the model has {reason}")
         self.buckets = sorted({min(2 ** i, max_slots) for i in range(max_slots.bit_length() + 1)})
         low = self.min_length_bucket.bit_length() - 1
         self.lengths = sorted({min(2 ** i, self.max_len) for i in range(low, max(low, self.max_len.bit_length()) + 1)})
@@ -424,6 +430,8 @@ class Engine:
 
     def _step(self, tokens_B: torch.Tensor, pos_B: torch.Tensor, cache, mask_B11S: torch.Tensor | None
               ) -> torch.Tensor:
+        if self.fused_layers and mask_B11S is None:   # a fused-attention bucket
+            return self.model.lm_head(fused_hidden(self.model, tokens_B, pos_B, cache)).float()
         h_B1D = self.model.hidden(tokens_B[:, None], pos_B[:, None], cache, mask_B11S)
         return self.model.lm_head(h_B1D[:, 0]).float()
 

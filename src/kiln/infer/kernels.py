@@ -1,8 +1,10 @@
-"""The Triton kernel of `kiln.infer.attention.decode_attention` (see its docstring), in a module of its own
-because it imports Triton, which only CUDA machines need: `attention.py` imports this lazily. Triton's
-interpreter (TRITON_INTERPRET=1 when this module is loaded) runs it on a CPU for the tests.
+"""The Triton kernels of kiln's decode path, in a module of their own because it imports Triton, which only
+CUDA machines need (`attention.py` and `matvec.py` import it lazily). Triton's interpreter (TRITON_INTERPRET=1
+when this module is loaded) runs them on a CPU for the tests.
 
-Program (b, h, j): row b, query head h (key/value head h // G), split j of the cached keys (`chunk` each).
+- `decode_kernel`, `combine_kernel`: `kiln.infer.attention.decode_attention`. Program (b, h, j): row b, query
+  head h (key/value head h // G), split j of the cached keys (`chunk` each).
+- `matvec_kernel`: `kiln.infer.matvec.matvec`. Program n: a block of BLOCK_N outputs for every row.
 """
 
 import triton
@@ -91,3 +93,61 @@ def combine_kernel(acc_ptr, ml_ptr, out_ptr, E: tl.constexpr, E_POW2: tl.constex
     acc = tl.load(acc_ptr + part[:, None] * E + e[None, :], mask=in_j[:, None] & (e[None, :] < E), other=0.0)
     out = tl.sum(acc * w[:, None], 0) / tl.sum(l_sum * w, 0)
     tl.store(out_ptr + r * E + e, out.to(out_ptr.dtype.element_ty), mask=e < E)
+
+
+@triton.jit
+def matvec_kernel(x_ptr, w_ptr, out_ptr, g_ptr, res_ptr, B, N, K, sx_b, eps,
+                  B_POW2: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                  NORM: tl.constexpr, GLU: tl.constexpr, RESIDUAL: tl.constexpr, IEEE: tl.constexpr):
+    """out (B, N) = [silu(.) * of the two halves] (rms_norm(x) * g if NORM else x) @ W^T [+ res].
+
+    W is (N, K), or (2N, K) with GLU (gate rows, then up rows). Every program reads all B rows of x (a few KB,
+    from L2) and its BLOCK_N rows of W once; the rows are padded to 16 for tl.dot."""
+    n0 = tl.program_id(0) * BLOCK_N
+    rows = tl.arange(0, B_POW2)
+    cols = n0 + tl.arange(0, BLOCK_N)
+    ks = tl.arange(0, BLOCK_K)
+    in_b = rows < B
+    in_n = cols < N
+    dt = w_ptr.dtype.element_ty
+    rstd = tl.full([B_POW2], 1.0, tl.float32)
+    if NORM:
+        ss = tl.zeros([B_POW2], tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            kk = k0 + ks
+            xb = tl.load(x_ptr + rows[:, None] * sx_b + kk[None, :], mask=in_b[:, None] & (kk[None, :] < K),
+                         other=0.0).to(tl.float32)
+            ss += tl.sum(xb * xb, 1)
+        rstd = 1.0 / tl.sqrt(ss / K + eps)
+    acc = tl.zeros([B_POW2, BLOCK_N], tl.float32)
+    acc_up = tl.zeros([B_POW2, BLOCK_N], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + ks
+        in_k = kk < K
+        xb = tl.load(x_ptr + rows[:, None] * sx_b + kk[None, :], mask=in_b[:, None] & in_k[None, :],
+                     other=0.0).to(tl.float32)
+        if NORM:   # the model's RMSNorm: fp32, the gain applied, rounded once to the weights' dtype
+            gain = tl.load(g_ptr + kk, mask=in_k, other=0.0).to(tl.float32)
+            xb = xb * rstd[:, None] * gain[None, :]
+        xb = xb.to(dt)
+        w_ptrs = w_ptr + cols[None, :].to(tl.int64) * K + kk[:, None]   # (BLOCK_K, BLOCK_N): W^T's block
+        wb = tl.load(w_ptrs, mask=in_k[:, None] & in_n[None, :], other=0.0)
+        if IEEE:   # fp32 weights: exact fp32 products, not TF32
+            acc = tl.dot(xb, wb, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(xb, wb, acc)
+        if GLU:
+            wu = tl.load(w_ptrs + N * K, mask=in_k[:, None] & in_n[None, :], other=0.0)
+            if IEEE:
+                acc_up = tl.dot(xb, wu, acc_up, input_precision="ieee")
+            else:
+                acc_up = tl.dot(xb, wu, acc_up)
+    y = acc.to(dt).to(tl.float32)      # each matmul's output rounded, as the model's are
+    if GLU:
+        up = acc_up.to(dt).to(tl.float32)
+        y = (y / (1.0 + tl.exp(-y))) * up
+    if RESIDUAL:
+        res = tl.load(res_ptr + rows[:, None] * N + cols[None, :], mask=in_b[:, None] & in_n[None, :], other=0.0)
+        y = y.to(dt).to(tl.float32) + res.to(tl.float32)
+    tl.store(out_ptr + rows[:, None] * N + cols[None, :], y.to(out_ptr.dtype.element_ty),
+             mask=in_b[:, None] & in_n[None, :])
