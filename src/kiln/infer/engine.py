@@ -112,9 +112,13 @@ class Engine:
         self.max_len = min(max_len or model.cfg.max_seq_len, model.cfg.max_seq_len)
         self.max_slots, self.max_queue, self.prefill_tokens = max_slots, max_queue, prefill_tokens
         self.cache = SlotCache.for_model(model, max_slots, self.max_len)
-        # Default: on CUDA with Triton. Elsewhere the op is PyTorch arithmetic, slower than the plain path.
-        self.fused_attention = (self.device.type == "cuda" and triton_available()) if fused_attention is None \
-            else fused_attention
+        if cuda_graphs is None:
+            cuda_graphs = self.device.type == "cuda"
+        # Default: under CUDA graphs with Triton, where the kernels' launches are replayed. Launched eagerly, each
+        # adds a Python launch to a step that is host-bound already (GRPO's rollouts; not measured); off CUDA
+        # the op is PyTorch arithmetic.
+        self.fused_attention = (cuda_graphs and self.device.type == "cuda" and triton_available()) \
+            if fused_attention is None else fused_attention
         # The whole layer through kiln/infer/fused_step.py in the fused-attention buckets: off by default (not yet
         # measured on a GPU); a model it cannot take (int8, LoRA, QK-norm, projections not stacked) is refused.
         self.fused_layers = fused_layers and self.fused_attention
@@ -145,8 +149,6 @@ class Engine:
         self._step_logits = self._compiled_step() if compile else self._step
         self.overlap = self.device.type == "cuda" if overlap is None else overlap
         self._inflight: _Launched | None = None
-        if cuda_graphs is None:
-            cuda_graphs = self.device.type == "cuda"
         if cuda_graphs:
             self._capture()
 
