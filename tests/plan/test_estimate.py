@@ -98,6 +98,25 @@ def test_table_for_an_hf_folder_and_lora(capsys, tmp_path):
     assert "Hugging Face config" in out and "trainable" in out and "gguf q4_k_m" in out
 
 
+def test_a_kiln_run_directory_as_the_model(capsys, tmp_path):
+    """An imported model's run directory (config.yaml, no config.json) is its shape; LoRA estimates AdamW's
+    states even when the run's own optimizer is Muon."""
+    import yaml
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump({
+        "model": {"depth": 3, "d_model": 96, "n_heads": 4, "n_kv_heads": 2, "head_dim": 24, "ffn_hidden": 256,
+                  "vocab_size": 500, "max_seq_len": 512}, "train": {"optimizer": "muon"}}))
+    assert main(["estimate", "--estimate.model", str(run), "--json", "--estimate.finetune", "lora"]) == 0
+    est = json.loads(capsys.readouterr().out)
+    assert est["params"]["total"] == param_counts(ModelConfig(depth=3, d_model=96, n_heads=4, n_kv_heads=2,
+                                                              head_dim=24, ffn_hidden=256, vocab_size=500)).total
+    assert est["setup"]["optimizer"] == "adamw" and est["model"]["source"].startswith("kiln run")
+    (run / "config.yaml").write_text("train: {}\n")
+    assert main(["estimate", "--estimate.model", str(run)]) == 2
+    assert "no model section" in capsys.readouterr().err
+
+
 def test_bad_model_names_the_choices(capsys):
     assert main(["estimate", "--estimate.model", "9000b"]) == 2
     assert "124m" in capsys.readouterr().err

@@ -88,6 +88,8 @@ def train_setup(cfg: Config, m: ModelConfig) -> TrainSetup:
     if parallel == "auto":
         parallel = {"none": "none", "ddp": "ddp", "fsdp": "fsdp"}.get(t.parallel, f"zero{t.zero_stage}")
     optimizer = t.optimizer if e.optimizer == "auto" else e.optimizer
+    if e.optimizer == "auto" and e.finetune != "full" and optimizer == "muon":
+        optimizer = "adamw"   # adapters train with AdamW (kiln refuses Muon for LoRA: they are thin factors)
     ckpt = t.activation_checkpointing if e.activation_checkpointing == "auto" else e.activation_checkpointing
     seq = e.seq_len or m.max_seq_len
     mb = e.micro_batch or t.micro_batch_size

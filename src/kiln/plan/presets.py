@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 from kiln.config import ConfigError, ModelConfig
+from kiln.config.base import from_dict, load_yaml
 
 PRESETS: dict[str, tuple[ModelConfig, str]] = {
     "124m": (ModelConfig(depth=12, d_model=768, head_dim=64, n_heads=12, n_kv_heads=12, ffn_hidden=2048,
@@ -87,7 +88,18 @@ def resolve_model(spec: str | None, fallback: ModelConfig) -> tuple[ModelConfig,
     if (m := preset(spec)) is not None:
         key = ALIASES.get(spec.lower(), spec.lower())
         return m, f"preset {key}: {PRESETS[key][1]}"
-    if Path(spec).exists():
+    path = Path(spec)
+    if path.is_dir() and not (path / "config.json").is_file() and (path / "config.yaml").is_file():
+        return from_kiln_run(path), f"kiln run {spec}"
+    if path.exists():
         return from_hf_config(spec), f"Hugging Face config {spec}"
     raise ConfigError(f"estimate.model={spec!r} is neither a preset ({', '.join(preset_names())}) nor an existing "
-                      "Hugging Face folder / config.json")
+                      "Hugging Face folder / config.json or kiln run directory")
+
+
+def from_kiln_run(run_dir: Path) -> ModelConfig:
+    """The model of a kiln run directory (`kiln import` writes one): its saved config.yaml's model section."""
+    data = load_yaml(run_dir / "config.yaml")
+    if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
+        raise ConfigError(f"{run_dir / 'config.yaml'}: no model section; is this a kiln run directory?")
+    return from_dict(ModelConfig, data["model"], "model.")
