@@ -90,6 +90,7 @@ class Variant:
     compile: bool = True
     packing: str = "pack"        # kiln only; the baselines always get the packed rows, unmasked
     dynamic: bool | None = None  # torch.compile's `dynamic`: None = automatic (kiln's setup), False = a graph per T
+    checkpointing: str = "off"   # kiln only: train.activation_checkpointing (off, selective, block)
 
     @property
     def group(self) -> str:
@@ -112,6 +113,9 @@ VARIANTS = {
     "kiln_lora_eager": Variant("kiln", lora="bf16", compile=False),
     "kiln_lora_pad_eager": Variant("kiln", lora="bf16", packing="pad", compile=False),
     "kiln_lora_pad_static": Variant("kiln", lora="bf16", packing="pad", dynamic=False),
+    "kiln_full_selective": Variant("kiln", checkpointing="selective"),
+    "kiln_lora_selective": Variant("kiln", lora="bf16", checkpointing="selective"),
+    "kiln_full_block": Variant("kiln", checkpointing="block"),
     "kiln_qlora": Variant("kiln", lora="nf4"),
     "kiln_qlora_eager": Variant("kiln", lora="nf4", compile=False),
 }
@@ -199,7 +203,8 @@ def build_hf(var: Variant, shape: str, device: torch.device):
 
 
 def build_kiln(var: Variant, shape: str, device: torch.device):
-    from kiln.train.cross_entropy import apply_fused_cross_entropy, triton_available
+    from kiln.runtime.device import triton_available
+    from kiln.train.cross_entropy import apply_fused_cross_entropy
     model = base_model(shape)
     info = {}
     if var.lora:
@@ -212,6 +217,9 @@ def build_kiln(var: Variant, shape: str, device: torch.device):
     # arithmetic in PyTorch, so the smoke run goes through the same code.
     apply_fused_cross_entropy(model)
     info["fused_ce"] = "triton" if device.type == "cuda" and triton_available() else "pytorch"
+    if var.checkpointing != "off":   # after the head, before compile: kiln's own order (kiln/train/setup.py)
+        from kiln.train.memory import apply_activation_checkpointing
+        info["checkpointed_blocks"] = apply_activation_checkpointing(model, var.checkpointing)
     return model, info
 
 
