@@ -37,6 +37,7 @@ import torch
 
 from kiln.runtime.device import triton_available
 
+
 def rope_one(x_BXE: torch.Tensor, cos_BE: torch.Tensor, sin_BE: torch.Tensor) -> torch.Tensor:
     """RoPE of one position per row (`rotate_half` layout), computed in fp32 with the tables in x's dtype,
     rounded once to x's dtype."""
