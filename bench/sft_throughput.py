@@ -31,6 +31,8 @@ Variants (each in a fresh subprocess, so its peak memory is its own):
   kiln_lora, kiln_lora_pad    the same with kiln.train.lora.apply_lora (r=16, alpha=32, bf16 base)
   kiln_qlora(_eager)          the same over an NF4 base (QLoRA; torchao)
   kiln_*_eager, kiln_*_pad_eager     not compiled: pack against pad without compilation's part in it
+  kiln_*_allrows                     the head (and its logits) on every position, not only on the trained ones
+  kiln_*_selective, kiln_full_block  activation checkpointing (train.activation_checkpointing)
   kiln_*_pad_static                  (not in the default list) padded rows under torch.compile(dynamic=False):
                                      one graph per row length, each compiled in the warm-up (slow to start)
 
@@ -91,6 +93,7 @@ class Variant:
     packing: str = "pack"        # kiln only; the baselines always get the packed rows, unmasked
     dynamic: bool | None = None  # torch.compile's `dynamic`: None = automatic (kiln's setup), False = a graph per T
     checkpointing: str = "off"   # kiln only: train.activation_checkpointing (off, selective, block)
+    all_rows: bool = False       # kiln only: the head on every position (before `rows`: the trained ones only)
 
     @property
     def group(self) -> str:
@@ -116,6 +119,8 @@ VARIANTS = {
     "kiln_full_selective": Variant("kiln", checkpointing="selective"),
     "kiln_lora_selective": Variant("kiln", lora="bf16", checkpointing="selective"),
     "kiln_full_block": Variant("kiln", checkpointing="block"),
+    "kiln_full_allrows": Variant("kiln", all_rows=True),
+    "kiln_lora_allrows": Variant("kiln", lora="bf16", all_rows=True),
     "kiln_qlora": Variant("kiln", lora="nf4"),
     "kiln_qlora_eager": Variant("kiln", lora="nf4", compile=False),
 }
@@ -144,7 +149,7 @@ def conversations(n: int, seq: int, vocab: int, seed: int) -> list:
 def batches(args, packing: str) -> list[dict[str, torch.Tensor]]:
     """warmup + steps micro-batches; the same ones in every subprocess (fixed seed)."""
     shape = SHAPES[args.shape]
-    n_steps = args.warmup + args.steps
+    n_steps = args.warmup + args.steps + args.profile
     examples = conversations(max(256, n_steps * shape["batch"] * 4), shape["seq"], shape["model"]["vocab_size"], 0)
     source = ChatBatches(examples, shape["seq"], shape["batch"], packing, PAD, seed=0)
     return [next(source) for _ in range(n_steps)]
@@ -272,6 +277,8 @@ def run_one(name: str, args) -> dict:
     compiled = var.compile and not args.no_compile
     packing = var.packing if var.impl == "kiln" else "pack"
     data = batches(args, packing)
+    if var.all_rows:
+        data = [{k: v for k, v in b.items() if k != "rows"} for b in data]
     extra = pad_warmup(data, args.warmup) if packing == "pad" and compiled else []
     data = data[:args.warmup] + extra + data[args.warmup:]
     warmup = args.warmup + len(extra)
@@ -325,7 +332,9 @@ def run_one(name: str, args) -> dict:
         losses.append(step())
     sync(device)
     dt = time.perf_counter() - t0
-    timed = slice(warmup, None)
+    timed = slice(warmup, warmup + args.steps)
+    if args.profile:
+        info["profile"] = profile_steps(step, args.profile, device)
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated() / 1e9
         info["peak_reserved_gb"] = torch.cuda.max_memory_reserved() / 1e9
@@ -345,11 +354,35 @@ def run_one(name: str, args) -> dict:
                 losses=[float(v) for v in torch.stack(losses).float().cpu()], **info)
 
 
+def profile_steps(step, n: int, device: torch.device) -> dict:
+    """Device time per step by kernel category (bench/profile_step.py's) and the top kernels, over n more steps
+    under torch.profiler (after the timed ones: the figures above do not include the profiler)."""
+    from collections import defaultdict
+
+    from profile_step import category
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA if device.type == "cuda" else ProfilerActivity.CPU]) as prof:
+        for _ in range(n):
+            step()
+        sync(device)
+    per_kernel: dict[str, float] = defaultdict(float)
+    for ev in prof.key_averages():
+        if ev.self_device_time_total > 0 and ev.device_type == torch.autograd.DeviceType.CUDA:
+            per_kernel[ev.key] += ev.self_device_time_total / 1e3 / n
+    per_cat: dict[str, float] = defaultdict(float)
+    for k, ms in per_kernel.items():
+        per_cat[category(k)] += ms
+    top = sorted(per_kernel.items(), key=lambda kv: -kv[1])[:25]
+    return {"kernel_ms_per_step": sum(per_kernel.values()),
+            "categories": dict(sorted(per_cat.items(), key=lambda kv: -kv[1])), "top_kernels": dict(top)}
+
+
 # ---------------------------------------------------------------- the driver
 
 def run_subprocess(name: str, args) -> dict:
     cmd = [sys.executable, __file__, "--one", name, "--device", args.device, "--shape", args.shape,
-           "--steps", str(args.steps), "--warmup", str(args.warmup)] + (["--no-compile"] if args.no_compile else [])
+           "--steps", str(args.steps), "--warmup", str(args.warmup), "--profile", str(args.profile)] + \
+        (["--no-compile"] if args.no_compile else [])
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
     except subprocess.TimeoutExpired:
@@ -413,6 +446,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "sft_throughput.json"))
     ap.add_argument("--append", action="store_true",
                     help="keep --out's rows of other variants (a run split over several calls; same device and shape)")
+    ap.add_argument("--profile", type=int, default=0,
+                    help="after the timed steps, this many more under torch.profiler: CUDA kernel time by category")
     ap.add_argument("--one", help=argparse.SUPPRESS)   # internal: run this variant here, print its RESULT line
     args = ap.parse_args(argv)
     if args.steps < 1 or args.warmup < 0:
@@ -443,6 +478,13 @@ def main(argv=None) -> int:
         out.write_text(json.dumps({"device": dev, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
                                    "args": vars(args), "shape": shape, "results": results}, indent=2) + "\n")
     print(table(results, args.device))
+    for r in results:
+        if "profile" in r:
+            pr = r["profile"]
+            print(f"{r['name']}: {pr['kernel_ms_per_step']:.1f} ms of kernels per step: " +
+                  ", ".join(f"{c} {ms:.1f}" for c, ms in pr["categories"].items()))
+            for k, ms in list(pr["top_kernels"].items())[:12]:
+                print(f"    {ms:6.2f} ms  {k[:100]}")
     for r in results:
         lengths = len(r.get("row_lengths", [0]))
         if r.get("compiled_graphs", 1) > lengths:

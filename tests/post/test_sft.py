@@ -78,6 +78,39 @@ def test_packed_loss_equals_each_conversation_alone():
     assert count_targets(b) == sum(int((ex[i][1] != IGNORE).sum()) for i in packed._rows[0])
 
 
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("packing", ["pack", "pad"])
+def test_head_on_the_trained_rows_only_gives_the_same_loss_and_gradients(fused, packing):
+    """`rows` lists exactly the trained targets, and the head run on those positions alone gives the loss and
+    every gradient of the head run on all of them (the plain and the fused head)."""
+    from kiln.train.cross_entropy import apply_fused_cross_entropy
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(depth=2, aspect_ratio=32, head_dim=16, n_kv_heads=1, vocab_size=64,
+                                    max_seq_len=32))
+    if fused:
+        apply_fused_cross_entropy(model)
+    b = next(ChatBatches(_examples([6, 9, 4, 11, 3, 14], seed=5), 32, 3, packing, pad_id=2, seed=2))
+    assert b["rows"].tolist() == (b["targets"].reshape(-1) != IGNORE).nonzero().squeeze(1).tolist()
+    assert 0 < len(b["rows"]) < b["targets"].numel()
+
+    def loss_and_grads(batch):
+        model.zero_grad()
+        loss = chat_loss(model, batch)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    want, want_g = loss_and_grads({k: v for k, v in b.items() if k != "rows"})
+    got, got_g = loss_and_grads(b)
+    assert torch.allclose(got, want, rtol=1e-5)
+    for g, w in zip(got_g, want_g):
+        assert torch.allclose(g, w, rtol=1e-4, atol=1e-6)
+    mean = model(b["input_ids"], b["targets"], segments_BT=b.get("segments"))
+    assert torch.allclose(model(b["input_ids"], b["targets"], segments_BT=b.get("segments"), rows_N=b["rows"]),
+                          mean, rtol=1e-5)
+    with pytest.raises(ValueError, match="rows_N"):
+        model(b["input_ids"], b["targets"], reduction="none", rows_N=b["rows"])
+
+
 def test_batches_resume_where_they_stopped():
     ex = _examples(list(range(3, 20)))
     a = ChatBatches(ex, 24, 2, "pack", pad_id=2, seed=4)

@@ -274,7 +274,7 @@ class Transformer(nn.Module):
 
     def forward(self, input_ids_BT: torch.Tensor, targets_BT: torch.Tensor | None = None,
                 cache: KVCache | None = None, reduction: str = "mean",
-                segments_BT: torch.Tensor | None = None) -> torch.Tensor:
+                segments_BT: torch.Tensor | None = None, rows_N: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, T, V) in fp32 when `targets_BT` is None, else the fp32 cross-entropy.
 
         reduction: "mean" (scalar over non-ignored tokens; NaN if all are ignored), "sum", or
@@ -285,6 +285,11 @@ class Transformer(nn.Module):
         document's id. Attention stays inside a document (a block-diagonal causal mask) and positions
         restart at 0 in each, so every document is computed exactly as if it were alone in its row.
         Ids must be non-decreasing along a row (documents are contiguous).
+
+        rows_N (with targets, reduction "mean" or "sum"): the flat indices into B * T of every position whose
+        target counts (all others must be -100). The head and the loss then run on those N positions only: the
+        same loss, without the head's matmuls and the (N, V) logits for positions nothing is trained on (a chat
+        row's user turns). The caller knows them without a host sync (kiln.post.sft.ChatBatches).
         """
         T = input_ids_BT.shape[1]
         pos = 0 if cache is None else cache.pos  # a Python int: no host sync
@@ -306,6 +311,11 @@ class Transformer(nn.Module):
             return self.lm_head(h_BTD).float()
         if reduction not in ("mean", "sum", "none"):
             raise ValueError(f"reduction={reduction!r}: use 'mean', 'sum' or 'none'")
+        if rows_N is not None:
+            if reduction == "none":
+                raise ValueError("rows_N drops positions: use reduction 'mean' or 'sum' with it")
+            h_BTD = h_BTD.flatten(0, 1).index_select(0, rows_N).unsqueeze(0)       # (1, N, D)
+            targets_BT = targets_BT.reshape(-1).index_select(0, rows_N).unsqueeze(0)
         return self.loss(h_BTD, targets_BT, reduction)
 
     def _document_rope_and_mask(self, seg_BT: torch.Tensor):

@@ -54,9 +54,10 @@ def pack_rows(lengths: Sequence[int], order: Sequence[int], seq_len: int, rng: n
 
 
 class ChatBatches:
-    """Endless micro-batches of conversations for one rank: dicts of `input_ids`, `targets` (B, T) and, when
-    packed, `segments` (B, T) (each token's conversation within its row). Resumable: the state is the
-    epoch and the position in this rank's row stream of that epoch."""
+    """Endless micro-batches of conversations for one rank: dicts of `input_ids`, `targets` (B, T), `rows` (N,)
+    (the flat indices of the trained targets) and, when packed, `segments` (B, T) (each token's conversation
+    within its row). Resumable: the state is the epoch and the position in this rank's row stream of that
+    epoch."""
 
     def __init__(self, examples: list[Example], seq_len: int, batch_size: int, packing: str, pad_id: int,
                  seed: int = 0, shuffle: bool = True, rank: int = 0, world_size: int = 1):
@@ -113,7 +114,8 @@ class ChatBatches:
                 x[b, at:at + len(xi)], y[b, at:at + len(xi)], seg[b, at:at + len(xi)] = xi, yi, k
                 at += len(xi)
             seg[b, at:] = len(row)             # padding: a segment of its own, after the last conversation
-        out = {"input_ids": torch.from_numpy(x), "targets": torch.from_numpy(y)}
+        out = {"input_ids": torch.from_numpy(x), "targets": torch.from_numpy(y),
+               "rows": torch.from_numpy(np.flatnonzero(y != IGNORE))}
         if self.packing == "pack":
             out["segments"] = torch.from_numpy(seg)
         return out
@@ -132,8 +134,13 @@ class ChatBatches:
 # ---------------------------------------------------------------- loss
 
 def chat_loss(model: nn.Module, batch: loop.Batch) -> torch.Tensor:
-    """Summed cross-entropy over the trained (assistant) targets; packed rows carry their document mask."""
-    return model(batch["input_ids"], batch["targets"], reduction="sum", segments_BT=batch.get("segments"))
+    """Summed cross-entropy over the trained (assistant) targets; packed rows carry their document mask, and
+    `rows` (the trained positions) keeps the head off the rest."""
+    rows = batch.get("rows")
+    if rows is not None:   # its length changes every batch: one compiled graph for all (no recompile per length)
+        torch._dynamo.maybe_mark_dynamic(rows, 0)
+    return model(batch["input_ids"], batch["targets"], reduction="sum", segments_BT=batch.get("segments"),
+                 rows_N=rows)
 
 
 def count_targets(batch: loop.Batch) -> torch.Tensor:
