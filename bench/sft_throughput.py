@@ -31,7 +31,9 @@ Variants (each in a fresh subprocess, so its peak memory is its own):
   kiln_lora, kiln_lora_pad    the same with kiln.train.lora.apply_lora (r=16, alpha=32, bf16 base)
   kiln_qlora(_eager)          the same over an NF4 base (QLoRA; torchao)
   kiln_*_eager, kiln_*_pad_eager     not compiled: pack against pad without compilation's part in it
-  kiln_*_allrows                     the head (and its logits) on every position, not only on the trained ones
+  kiln_full_allrows                  the head (and its logits) on every position, not only on the trained ones
+  kiln_full_mask                     packed documents through SDPA's dense mask, not variable-length flash
+  kiln_*_before                      both (kiln's SFT step before either)
   kiln_*_selective, kiln_full_block  activation checkpointing (train.activation_checkpointing)
   kiln_*_pad_static                  (not in the default list) padded rows under torch.compile(dynamic=False):
                                      one graph per row length, each compiled in the warm-up (slow to start)
@@ -93,7 +95,9 @@ class Variant:
     packing: str = "pack"        # kiln only; the baselines always get the packed rows, unmasked
     dynamic: bool | None = None  # torch.compile's `dynamic`: None = automatic (kiln's setup), False = a graph per T
     checkpointing: str = "off"   # kiln only: train.activation_checkpointing (off, selective, block)
-    all_rows: bool = False       # kiln only: the head on every position (before `rows`: the trained ones only)
+    drop: tuple = ()             # kiln only: batch keys left out, to measure what each one buys: "rows" (the
+    #                              head on every position, not only the trained ones), "cu_seqlens" (packed
+    #                              documents through the dense masked SDPA, not variable-length flash attention)
 
     @property
     def group(self) -> str:
@@ -119,8 +123,10 @@ VARIANTS = {
     "kiln_full_selective": Variant("kiln", checkpointing="selective"),
     "kiln_lora_selective": Variant("kiln", lora="bf16", checkpointing="selective"),
     "kiln_full_block": Variant("kiln", checkpointing="block"),
-    "kiln_full_allrows": Variant("kiln", all_rows=True),
-    "kiln_lora_allrows": Variant("kiln", lora="bf16", all_rows=True),
+    "kiln_full_allrows": Variant("kiln", drop=("rows",)),
+    "kiln_full_mask": Variant("kiln", drop=("cu_seqlens",)),
+    "kiln_full_before": Variant("kiln", drop=("rows", "cu_seqlens")),
+    "kiln_lora_before": Variant("kiln", lora="bf16", drop=("rows", "cu_seqlens")),
     "kiln_qlora": Variant("kiln", lora="nf4"),
     "kiln_qlora_eager": Variant("kiln", lora="nf4", compile=False),
 }
@@ -277,8 +283,8 @@ def run_one(name: str, args) -> dict:
     compiled = var.compile and not args.no_compile
     packing = var.packing if var.impl == "kiln" else "pack"
     data = batches(args, packing)
-    if var.all_rows:
-        data = [{k: v for k, v in b.items() if k != "rows"} for b in data]
+    if var.drop:
+        data = [{k: v for k, v in b.items() if k not in var.drop} for b in data]
     extra = pad_warmup(data, args.warmup) if packing == "pad" and compiled else []
     data = data[:args.warmup] + extra + data[args.warmup:]
     warmup = args.warmup + len(extra)

@@ -54,6 +54,16 @@ def test_packed_batches_keep_conversations_apart():
         assert (b["targets"][r, len(want):] == IGNORE).all()
 
 
+def test_packed_batches_give_the_segments_bounds_in_the_flat_batch():
+    src = ChatBatches(_examples([5, 9, 3, 12, 7, 1, 15, 16]), 16, 3, "pack", pad_id=2, seed=4)
+    for _ in range(3):
+        b = next(src)
+        flat = b["segments"].reshape(-1)
+        starts = [0] + [i for i in range(1, flat.numel()) if flat[i] != flat[i - 1] or i % 16 == 0]
+        assert b["cu_seqlens"].dtype == torch.int32
+        assert b["cu_seqlens"].tolist() == starts + [flat.numel()]
+
+
 def test_padded_batches_one_conversation_per_row():
     ex = _examples([5, 9, 3])
     src = ChatBatches(ex, 64, 3, "pad", pad_id=2, shuffle=False)

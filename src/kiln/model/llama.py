@@ -15,6 +15,7 @@ Shape legend (suffixes such as `x_BTD`):
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Protocol
 
@@ -40,6 +41,45 @@ class KVCache(Protocol):
     # Optional: a cache may also offer `attend(layer_idx, q_BTHE, k_BTKE, v_BTKE, cos, sin) -> y_BHTE`, doing
     # RoPE, its own write and the attention at once (one new token per row; kiln/infer/attention.py's kernel);
     # the layer then calls it instead of `update` and SDPA.
+
+
+try:   # flash attention over variable-length sequences (torch >= 2.10), on CUDA in fp16 / bf16
+    from torch.nn.attention.varlen import varlen_attn as _varlen_attn
+    _VARLEN_ARGS = inspect.signature(_varlen_attn).parameters
+except ImportError:
+    _varlen_attn, _VARLEN_ARGS = None, {}
+
+
+class Documents:
+    """Several documents packed in each row of a (B, T) batch, as the attention sees them: the block-diagonal
+    causal mask (B, 1, T, T), True = may attend, and, when the caller has them, the documents' bounds in the
+    B * T flattened tokens (`cu_seqlens_S`, int32, flash attention's convention: S = documents + 1, first 0,
+    last B * T). With the bounds, on CUDA in 16-bit, each document is attended alone by the flash kernel for
+    variable-length sequences: no work on masked-out keys (a masked dense kernel computes all T x T scores)."""
+
+    def __init__(self, mask_B1TT: torch.Tensor, cu_seqlens_S: torch.Tensor | None):
+        self.mask_B1TT, self.cu_seqlens_S = mask_B1TT, cu_seqlens_S
+
+    def attend(self, q_BHTE, k_BKTE, v_BKTE) -> torch.Tensor | None:
+        """(B, T, H, E), or None when the flash kernel cannot take these inputs (then the mask is used)."""
+        B, H, T, E = q_BHTE.shape
+        if (self.cu_seqlens_S is None or _varlen_attn is None or not q_BHTE.is_cuda
+                or q_BHTE.dtype not in (torch.float16, torch.bfloat16) or E % 8 or E > 256):
+            return None
+        K = k_BKTE.size(1)
+        q_NHE, k_NKE, v_NKE = (t.transpose(1, 2).reshape(B * T, t.size(1), E) for t in (q_BHTE, k_BKTE, v_BKTE))
+        extra = {}
+        if K != H:
+            if "enable_gqa" in _VARLEN_ARGS:
+                extra["enable_gqa"] = True
+            else:
+                k_NKE, v_NKE = k_NKE.repeat_interleave(H // K, 1), v_NKE.repeat_interleave(H // K, 1)
+        if "window_size" in _VARLEN_ARGS:
+            extra["window_size"] = (-1, 0)   # causal
+        else:
+            extra["is_causal"] = True
+        cu = self.cu_seqlens_S
+        return _varlen_attn(q_NHE, k_NKE, v_NKE, cu, cu, T, T, **extra).view(B, T, H, E)
 
 
 class RMSNorm(nn.Module):
@@ -112,7 +152,7 @@ class Attention(nn.Module):
         # being views of it, so one matmul replaces three. Not saved; None while training.
         self.register_buffer("qkv_weight", None, persistent=False)
 
-    def forward(self, x_BTD, cos_TE, sin_TE, cache: KVCache | None, mask_TS: torch.Tensor | None):
+    def forward(self, x_BTD, cos_TE, sin_TE, cache: KVCache | None, mask_TS: torch.Tensor | Documents | None):
         B, T, _ = x_BTD.shape
         if self.qkv_weight is not None:
             q, k, v = F.linear(x_BTD, self.qkv_weight).split(
@@ -131,6 +171,11 @@ class Attention(nn.Module):
         q_BHTE = apply_rope(q_BTHE.transpose(1, 2), cos_TE, sin_TE)
         k_BKSE = apply_rope(k_BTKE.transpose(1, 2), cos_TE, sin_TE)
         v_BKSE = v_BTKE.transpose(1, 2)
+        if isinstance(mask_TS, Documents):
+            y_BTHE = mask_TS.attend(q_BHTE, k_BKSE, v_BKSE)
+            if y_BTHE is not None:
+                return self.o_proj(y_BTHE.reshape(B, T, -1))
+            mask_TS = mask_TS.mask_B1TT
         if cache is not None:
             k_BKSE, v_BKSE = cache.update(self.layer_idx, k_BKSE, v_BKSE)
         # No mask and S == T: plain causal (training, prefill). No mask and S > T: one new
@@ -274,7 +319,8 @@ class Transformer(nn.Module):
 
     def forward(self, input_ids_BT: torch.Tensor, targets_BT: torch.Tensor | None = None,
                 cache: KVCache | None = None, reduction: str = "mean",
-                segments_BT: torch.Tensor | None = None, rows_N: torch.Tensor | None = None) -> torch.Tensor:
+                segments_BT: torch.Tensor | None = None, rows_N: torch.Tensor | None = None,
+                cu_seqlens_S: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, T, V) in fp32 when `targets_BT` is None, else the fp32 cross-entropy.
 
         reduction: "mean" (scalar over non-ignored tokens; NaN if all are ignored), "sum", or
@@ -284,7 +330,9 @@ class Transformer(nn.Module):
         segments_BT (no cache): several documents packed in a row, each token labelled with its
         document's id. Attention stays inside a document (a block-diagonal causal mask) and positions
         restart at 0 in each, so every document is computed exactly as if it were alone in its row.
-        Ids must be non-decreasing along a row (documents are contiguous).
+        Ids must be non-decreasing along a row (documents are contiguous). With `cu_seqlens_S` (the same
+        documents' bounds in the flattened batch, `Documents`), CUDA runs them through variable-length flash
+        attention instead of the mask.
 
         rows_N (with targets, reduction "mean" or "sum"): the flat indices into B * T of every position whose
         target counts (all others must be -100). The head and the loss then run on those N positions only: the
@@ -298,7 +346,7 @@ class Transformer(nn.Module):
         if segments_BT is not None:
             assert cache is None, "packed documents (segments_BT) are a training / scoring input, not a cache's"
             cos, sin, mask = self._document_rope_and_mask(segments_BT)
-            h_BTD = self.model(input_ids_BT, cos, sin, None, mask)
+            h_BTD = self.model(input_ids_BT, cos, sin, None, Documents(mask, cu_seqlens_S))
         else:
             mask_TS = None
             if pos > 0 and T > 1:  # several new queries after a cached prefix: query i sits at pos + i

@@ -56,7 +56,7 @@ def pack_rows(lengths: Sequence[int], order: Sequence[int], seq_len: int, rng: n
 class ChatBatches:
     """Endless micro-batches of conversations for one rank: dicts of `input_ids`, `targets` (B, T), `rows` (N,)
     (the flat indices of the trained targets) and, when packed, `segments` (B, T) (each token's conversation
-    within its row). Resumable: the state is the epoch and the position in this rank's row stream of that
+    within its row) and `cu_seqlens` (S,) (the same segments' bounds in the flattened batch). Resumable: the state is the epoch and the position in this rank's row stream of that
     epoch."""
 
     def __init__(self, examples: list[Example], seq_len: int, batch_size: int, packing: str, pad_id: int,
@@ -107,17 +107,22 @@ class ChatBatches:
         x = np.full((B, T), self.pad_id, dtype=np.int64)
         y = np.full((B, T), IGNORE, dtype=np.int64)
         seg = np.zeros((B, T), dtype=np.int64)
+        starts = []                            # each segment's first index in the flattened (B * T) batch
         for b, row in enumerate(rows):
             at = 0
             for k, i in enumerate(row):
                 xi, yi = self.examples[i]
                 x[b, at:at + len(xi)], y[b, at:at + len(xi)], seg[b, at:at + len(xi)] = xi, yi, k
+                starts.append(b * T + at)
                 at += len(xi)
             seg[b, at:] = len(row)             # padding: a segment of its own, after the last conversation
+            if at < T:
+                starts.append(b * T + at)
         out = {"input_ids": torch.from_numpy(x), "targets": torch.from_numpy(y),
                "rows": torch.from_numpy(np.flatnonzero(y != IGNORE))}
         if self.packing == "pack":
             out["segments"] = torch.from_numpy(seg)
+            out["cu_seqlens"] = torch.tensor(starts + [B * T], dtype=torch.int32)
         return out
 
     def state_dict(self) -> dict[str, Any]:
@@ -136,11 +141,12 @@ class ChatBatches:
 def chat_loss(model: nn.Module, batch: loop.Batch) -> torch.Tensor:
     """Summed cross-entropy over the trained (assistant) targets; packed rows carry their document mask, and
     `rows` (the trained positions) keeps the head off the rest."""
-    rows = batch.get("rows")
-    if rows is not None:   # its length changes every batch: one compiled graph for all (no recompile per length)
-        torch._dynamo.maybe_mark_dynamic(rows, 0)
+    rows, bounds = batch.get("rows"), batch.get("cu_seqlens")
+    for t in (rows, bounds):   # lengths that change every batch: one compiled graph for all (no recompiles)
+        if t is not None:
+            torch._dynamo.maybe_mark_dynamic(t, 0)
     return model(batch["input_ids"], batch["targets"], reduction="sum", segments_BT=batch.get("segments"),
-                 rows_N=rows)
+                 rows_N=rows, cu_seqlens_S=bounds)
 
 
 def count_targets(batch: loop.Batch) -> torch.Tensor:

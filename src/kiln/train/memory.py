@@ -31,6 +31,11 @@ _SAVE = {
     _aten._scaled_dot_product_cudnn_attention.default,
     _aten._scaled_dot_product_flash_attention_for_cpu.default,
 }
+try:   # flash attention over packed documents (kiln.model.llama.Documents), where this torch has it
+    import torch.nn.attention.varlen  # noqa: F401  (registers torch_attn::_varlen_attn)
+    _SAVE.add(torch.ops.torch_attn._varlen_attn.default)
+except (ImportError, AttributeError):
+    pass
 
 
 def _policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
