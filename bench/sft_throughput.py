@@ -31,9 +31,9 @@ Variants (each in a fresh subprocess, so its peak memory is its own):
   kiln_lora, kiln_lora_pad    the same with kiln.train.lora.apply_lora (r=16, alpha=32, bf16 base)
   kiln_qlora(_eager)          the same over an NF4 base (QLoRA; torchao)
   kiln_*_eager, kiln_*_pad_eager     not compiled: pack against pad without compilation's part in it
-  kiln_full_allrows                  the head (and its logits) on every position, not only on the trained ones
-  kiln_full_mask                     packed documents through SDPA's dense mask, not variable-length flash
-  kiln_*_before                      both (kiln's SFT step before either)
+  kiln_full_rows                     the head (and its logits) on the trained positions only
+  kiln_full_varlen                   packed documents through variable-length flash attention, not the mask
+  kiln_*_both                        both
   kiln_*_selective, kiln_full_block  activation checkpointing (train.activation_checkpointing)
   kiln_*_pad_static                  (not in the default list) padded rows under torch.compile(dynamic=False):
                                      one graph per row length, each compiled in the warm-up (slow to start)
@@ -95,9 +95,9 @@ class Variant:
     packing: str = "pack"        # kiln only; the baselines always get the packed rows, unmasked
     dynamic: bool | None = None  # torch.compile's `dynamic`: None = automatic (kiln's setup), False = a graph per T
     checkpointing: str = "off"   # kiln only: train.activation_checkpointing (off, selective, block)
-    drop: tuple = ()             # kiln only: batch keys left out, to measure what each one buys: "rows" (the
-    #                              head on every position, not only the trained ones), "cu_seqlens" (packed
-    #                              documents through the dense masked SDPA, not variable-length flash attention)
+    rows: bool = False           # kiln only: the head on the trained positions only (ChatBatches' trained_rows)
+    varlen: bool = False         # kiln only: packed documents through variable-length flash attention
+    #                              (ChatBatches' document_bounds) instead of the dense masked SDPA
 
     @property
     def group(self) -> str:
@@ -123,10 +123,10 @@ VARIANTS = {
     "kiln_full_selective": Variant("kiln", checkpointing="selective"),
     "kiln_lora_selective": Variant("kiln", lora="bf16", checkpointing="selective"),
     "kiln_full_block": Variant("kiln", checkpointing="block"),
-    "kiln_full_allrows": Variant("kiln", drop=("rows",)),
-    "kiln_full_mask": Variant("kiln", drop=("cu_seqlens",)),
-    "kiln_full_before": Variant("kiln", drop=("rows", "cu_seqlens")),
-    "kiln_lora_before": Variant("kiln", lora="bf16", drop=("rows", "cu_seqlens")),
+    "kiln_full_rows": Variant("kiln", rows=True),
+    "kiln_full_varlen": Variant("kiln", varlen=True),
+    "kiln_full_both": Variant("kiln", rows=True, varlen=True),
+    "kiln_lora_both": Variant("kiln", lora="bf16", rows=True, varlen=True),
     "kiln_qlora": Variant("kiln", lora="nf4"),
     "kiln_qlora_eager": Variant("kiln", lora="nf4", compile=False),
 }
@@ -152,12 +152,13 @@ def conversations(n: int, seq: int, vocab: int, seed: int) -> list:
     return out
 
 
-def batches(args, packing: str) -> list[dict[str, torch.Tensor]]:
+def batches(args, packing: str, var: Variant) -> list[dict[str, torch.Tensor]]:
     """warmup + steps micro-batches; the same ones in every subprocess (fixed seed)."""
     shape = SHAPES[args.shape]
-    n_steps = args.warmup + args.steps + args.profile
+    n_steps = args.warmup + args.steps + args.profile + args.sync_debug   # the extra steps' batches too
     examples = conversations(max(256, n_steps * shape["batch"] * 4), shape["seq"], shape["model"]["vocab_size"], 0)
-    source = ChatBatches(examples, shape["seq"], shape["batch"], packing, PAD, seed=0)
+    source = ChatBatches(examples, shape["seq"], shape["batch"], packing, PAD, seed=0, trained_rows=var.rows,
+                         document_bounds=var.varlen)
     return [next(source) for _ in range(n_steps)]
 
 
@@ -282,9 +283,7 @@ def run_one(name: str, args) -> dict:
     configure_torch(device, 0)   # TF32 on CUDA, for every variant alike
     compiled = var.compile and not args.no_compile
     packing = var.packing if var.impl == "kiln" else "pack"
-    data = batches(args, packing)
-    if var.drop:
-        data = [{k: v for k, v in b.items() if k not in var.drop} for b in data]
+    data = batches(args, packing, var)
     extra = pad_warmup(data, args.warmup) if packing == "pad" and compiled else []
     data = data[:args.warmup] + extra + data[args.warmup:]
     warmup = args.warmup + len(extra)
@@ -341,6 +340,8 @@ def run_one(name: str, args) -> dict:
     timed = slice(warmup, warmup + args.steps)
     if args.profile:
         info["profile"] = profile_steps(step, args.profile, device)
+    if args.sync_debug and device.type == "cuda":
+        info["host_syncs"] = host_syncs(step)
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated() / 1e9
         info["peak_reserved_gb"] = torch.cuda.max_memory_reserved() / 1e9
@@ -358,6 +359,34 @@ def run_one(name: str, args) -> dict:
                 trained_tokens_per_s=sum(trained[timed]) / dt, step_ms=1e3 * dt / args.steps,
                 wall_s_incl_warmup=time.perf_counter() - t_start, peak_mem_gb=peak,
                 losses=[float(v) for v in torch.stack(losses).float().cpu()], **info)
+
+
+def host_syncs(step) -> dict[str, int]:
+    """Where one more step makes the host wait for the device (torch.cuda's sync debug mode): each such place
+    stops the host from queueing the next kernels ahead, so the device idles while they are launched. Keyed by
+    the innermost frames of the Python stack at the wait."""
+    import traceback
+    import warnings
+    where: dict[str, int] = {}
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        if "synchroniz" in str(message):
+            frames = traceback.extract_stack()[:-2][-4:]
+            key = " <- ".join(f"{Path(f.filename).name}:{f.lineno}" for f in reversed(frames))
+            where[key] = where.get(key, 0) + 1
+
+    shown = warnings.showwarning
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.showwarning = record
+            step()
+            torch.cuda.synchronize()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+        warnings.showwarning = shown
+    return where
 
 
 def profile_steps(step, n: int, device: torch.device) -> dict:
@@ -388,7 +417,7 @@ def profile_steps(step, n: int, device: torch.device) -> dict:
 def run_subprocess(name: str, args) -> dict:
     cmd = [sys.executable, __file__, "--one", name, "--device", args.device, "--shape", args.shape,
            "--steps", str(args.steps), "--warmup", str(args.warmup), "--profile", str(args.profile)] + \
-        (["--no-compile"] if args.no_compile else [])
+        (["--no-compile"] if args.no_compile else []) + (["--sync-debug"] if args.sync_debug else [])
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
     except subprocess.TimeoutExpired:
@@ -436,7 +465,8 @@ def previous_rows(out: Path, names: list[str], dev: str, args) -> list[dict]:
         (dev, args.shape, args.steps, args.warmup)
     if not same:
         raise ValueError(f"--append: {out} was measured on {old['device']} ({old['args']['shape']}, "
-                         f"{old['args']['warmup']} + {old['args']['steps']} steps); this run differs: use another --out")
+                         f"{old['args']['warmup']} + {old['args']['steps']} steps); this run differs: "
+                         "use another --out")
     return [r for r in old["results"] if r["name"] not in names]
 
 
@@ -454,6 +484,8 @@ def main(argv=None) -> int:
                     help="keep --out's rows of other variants (a run split over several calls; same device and shape)")
     ap.add_argument("--profile", type=int, default=0,
                     help="after the timed steps, this many more under torch.profiler: CUDA kernel time by category")
+    ap.add_argument("--sync-debug", action="store_true",
+                    help="after the timed steps, one more with torch.cuda's sync debug mode: where the host waits")
     ap.add_argument("--one", help=argparse.SUPPRESS)   # internal: run this variant here, print its RESULT line
     args = ap.parse_args(argv)
     if args.steps < 1 or args.warmup < 0:
@@ -479,6 +511,12 @@ def main(argv=None) -> int:
         else:
             print(f"  {name}: {r['real_tokens_per_s']:,.0f} real tokens/s, {r['step_ms']:.1f} ms/step, "
                   f"peak {r['peak_mem_gb']:.2f} GB, loss {r['losses'][-1]:.3f}", flush=True)
+            for where, n in r.get("host_syncs", {}).items():
+                print(f"    host waits for the device {n}x in a step at {where}", flush=True)
+            if "profile" in r:
+                pr = r["profile"]
+                print(f"    {pr['kernel_ms_per_step']:.1f} ms of kernels a step: " +
+                      ", ".join(f"{c} {ms:.1f}" for c, ms in pr["categories"].items()), flush=True)
         add_ratios(results)
         out.parent.mkdir(parents=True, exist_ok=True)   # rewritten after each variant: a crash keeps the rows
         out.write_text(json.dumps({"device": dev, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
@@ -495,7 +533,8 @@ def main(argv=None) -> int:
         lengths = len(r.get("row_lengths", [0]))
         if r.get("compiled_graphs", 1) > lengths:
             print(f"{r['name']}: {r['compiled_graphs']} compiled graphs for {lengths} row length(s): graph breaks or "
-                  f"recompiles (TORCH_LOGS=recompiles,graph_breaks python {sys.argv[0]} --one {r['name']} ... says which)")
+                  f"recompiles (TORCH_LOGS=recompiles,graph_breaks python {sys.argv[0]} --one {r['name']} ... "
+                  "says which)")
         if r.get("graphs_compiled_while_timed"):
             print(f"{r['name']}: {r['graphs_compiled_while_timed']} graph(s) compiled during the timed steps: its "
                   "tokens/s include compilation (raise --warmup)")

@@ -91,7 +91,12 @@ def test_engine_fused_layers_equal_the_models_path(monkeypatch):
     ref = [generate(model, p, 12, temperature=0, use_cache=False) for p in prompts]
     with pytest.raises(ValueError, match="stacked q/k/v"):
         Engine(model, max_slots=2, fused_attention=True, fused_layers=True)
+    assert not Engine(model, max_slots=2, fused_attention=True).fused_layers    # by default: where it can
     fuse_projections(model)
+    assert Engine(model, max_slots=2, fused_attention=True).fused_layers
+    assert not Engine(model, max_slots=2, fused_attention=True, fused_layers=False).fused_layers
+    with pytest.raises(ValueError, match="needs fused_attention"):
+        Engine(model, max_slots=2, fused_attention=False, fused_layers=True)
     monkeypatch.setattr(Engine, "fused_attention_rows", 2)   # buckets of 1 and 2 rows fused, 4 not
     for slots in (1, 2, 4):
         engine = Engine(model, max_slots=slots, fused_attention=True, fused_layers=True)
@@ -100,6 +105,7 @@ def test_engine_fused_layers_equal_the_models_path(monkeypatch):
     fuse_projections(qk)
     with pytest.raises(ValueError, match="QK-norm"):
         Engine(qk, max_slots=2, fused_attention=True, fused_layers=True)
+    assert not Engine(qk, max_slots=2, fused_attention=True).fused_layers
 
 
 if __name__ == "__main__":

@@ -14,8 +14,8 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 def make(device="cuda", **kw) -> Transformer:
     torch.manual_seed(0)
-    cfg = ModelConfig(depth=2, d_model=128, head_dim=64, n_kv_heads=1, vocab_size=211, max_seq_len=64,
-                      init_std=0.1, **kw)
+    cfg = ModelConfig(**{"depth": 2, "d_model": 128, "head_dim": 64, "n_kv_heads": 1, "vocab_size": 211,
+                         "max_seq_len": 64, "init_std": 0.1, **kw})
     return Transformer.from_config(cfg, device=device)
 
 

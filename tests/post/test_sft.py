@@ -55,7 +55,8 @@ def test_packed_batches_keep_conversations_apart():
 
 
 def test_packed_batches_give_the_segments_bounds_in_the_flat_batch():
-    src = ChatBatches(_examples([5, 9, 3, 12, 7, 1, 15, 16]), 16, 3, "pack", pad_id=2, seed=4)
+    src = ChatBatches(_examples([5, 9, 3, 12, 7, 1, 15, 16]), 16, 3, "pack", pad_id=2, seed=4, document_bounds=True)
+    assert "cu_seqlens" not in next(ChatBatches(_examples([5, 9]), 16, 1, "pack", pad_id=2))
     for _ in range(3):
         b = next(src)
         flat = b["segments"].reshape(-1)
@@ -99,7 +100,8 @@ def test_head_on_the_trained_rows_only_gives_the_same_loss_and_gradients(fused, 
                                     max_seq_len=32))
     if fused:
         apply_fused_cross_entropy(model)
-    b = next(ChatBatches(_examples([6, 9, 4, 11, 3, 14], seed=5), 32, 3, packing, pad_id=2, seed=2))
+    b = next(ChatBatches(_examples([6, 9, 4, 11, 3, 14], seed=5), 32, 3, packing, pad_id=2, seed=2,
+                         trained_rows=True))
     assert b["rows"].tolist() == (b["targets"].reshape(-1) != IGNORE).nonzero().squeeze(1).tolist()
     assert 0 < len(b["rows"]) < b["targets"].numel()
 

@@ -54,15 +54,21 @@ def pack_rows(lengths: Sequence[int], order: Sequence[int], seq_len: int, rng: n
 
 
 class ChatBatches:
-    """Endless micro-batches of conversations for one rank: dicts of `input_ids`, `targets` (B, T), `rows` (N,)
-    (the flat indices of the trained targets) and, when packed, `segments` (B, T) (each token's conversation
-    within its row) and `cu_seqlens` (S,) (the same segments' bounds in the flattened batch). Resumable: the state is the epoch and the position in this rank's row stream of that
-    epoch."""
+    """Endless micro-batches of conversations for one rank: dicts of `input_ids`, `targets` (B, T) and, when
+    packed, `segments` (B, T) (each token's conversation within its row). Resumable: the state is the epoch and
+    the position in this rank's row stream of that epoch.
+
+    Two opt-in keys, off by default until a GPU step measures faster with them (docs/decisions.md): `rows` (N,)
+    with `trained_rows` (the flat indices of the trained targets: the head runs there only), and `cu_seqlens`
+    (S,) with `document_bounds` (packed rows' segments as bounds in the flattened batch: variable-length flash
+    attention on CUDA instead of the dense mask)."""
 
     def __init__(self, examples: list[Example], seq_len: int, batch_size: int, packing: str, pad_id: int,
-                 seed: int = 0, shuffle: bool = True, rank: int = 0, world_size: int = 1):
+                 seed: int = 0, shuffle: bool = True, rank: int = 0, world_size: int = 1, trained_rows: bool = False,
+                 document_bounds: bool = False):
         if not examples:
             raise ValueError("no conversations to train on")
+        self.trained_rows, self.document_bounds = trained_rows, document_bounds
         self.examples, self.seq_len, self.batch_size, self.packing = examples, seq_len, batch_size, packing
         self.pad_id, self.seed, self.shuffle, self.rank, self.world = pad_id, seed, shuffle, rank, world_size
         self.lengths = [len(x) for x, _ in examples]
@@ -118,11 +124,13 @@ class ChatBatches:
             seg[b, at:] = len(row)             # padding: a segment of its own, after the last conversation
             if at < T:
                 starts.append(b * T + at)
-        out = {"input_ids": torch.from_numpy(x), "targets": torch.from_numpy(y),
-               "rows": torch.from_numpy(np.flatnonzero(y != IGNORE))}
+        out = {"input_ids": torch.from_numpy(x), "targets": torch.from_numpy(y)}
+        if self.trained_rows:
+            out["rows"] = torch.from_numpy(np.flatnonzero(y != IGNORE))
         if self.packing == "pack":
             out["segments"] = torch.from_numpy(seg)
-            out["cu_seqlens"] = torch.tensor(starts + [B * T], dtype=torch.int32)
+            if self.document_bounds:
+                out["cu_seqlens"] = torch.tensor(starts + [B * T], dtype=torch.int32)
         return out
 
     def state_dict(self) -> dict[str, Any]:
@@ -140,7 +148,7 @@ class ChatBatches:
 
 def chat_loss(model: nn.Module, batch: loop.Batch) -> torch.Tensor:
     """Summed cross-entropy over the trained (assistant) targets; packed rows carry their document mask, and
-    `rows` (the trained positions) keeps the head off the rest."""
+    the batch's `rows` and `cu_seqlens`, where present, go to the model (ChatBatches)."""
     rows, bounds = batch.get("rows"), batch.get("cu_seqlens")
     for t in (rows, bounds):   # lengths that change every batch: one compiled graph for all (no recompiles)
         if t is not None:
