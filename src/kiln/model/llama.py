@@ -346,7 +346,9 @@ class Transformer(nn.Module):
         if segments_BT is not None:
             assert cache is None, "packed documents (segments_BT) are a training / scoring input, not a cache's"
             cos, sin, mask = self._document_rope_and_mask(segments_BT)
-            h_BTD = self.model(input_ids_BT, cos, sin, None, Documents(mask, cu_seqlens_S))
+            if cu_seqlens_S is not None:
+                mask = Documents(mask, cu_seqlens_S)
+            h_BTD = self.model(input_ids_BT, cos, sin, None, mask)
         else:
             mask_TS = None
             if pos > 0 and T > 1:  # several new queries after a cached prefix: query i sits at pos + i
