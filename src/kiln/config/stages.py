@@ -432,12 +432,12 @@ def derived_lr(d_model: int) -> float:
 def resolve_train(train: TrainConfig, model: ModelConfig, world_size: int = 1) -> TrainConfig:
     """Fill in the derived training values and check the batch divides into micro-batches."""
     m = model.resolved()
-    tokens_per_micro = train.micro_batch_size * (train.seq_len or m.max_seq_len) * world_size
+    tokens_per_micro = train.micro_batch_size * train.row_len(m.max_seq_len) * world_size
     batch_tokens = train.batch_tokens or tokens_per_micro
     if batch_tokens % tokens_per_micro:
         raise ConfigError(
             f"train.batch_tokens={batch_tokens} must be a multiple of micro_batch_size * seq_len * world_size"
-            f" = {train.micro_batch_size} * {train.seq_len or m.max_seq_len} * {world_size} = {tokens_per_micro}")
+            f" = {train.micro_batch_size} * {train.row_len(m.max_seq_len)} * {world_size} = {tokens_per_micro}")
     max_steps = train.max_steps
     if max_steps is None and m.vocab_size is not None:   # the horizon needs the parameter count
         max_steps = max(1, math.ceil(train.tokens_per_param * m.num_params() / batch_tokens))
@@ -447,4 +447,4 @@ def resolve_train(train: TrainConfig, model: ModelConfig, world_size: int = 1) -
 
 def grad_accum_steps(train: TrainConfig, model: ModelConfig, world_size: int = 1) -> int:
     t = resolve_train(train, model, world_size)
-    return t.batch_tokens // (train.micro_batch_size * (train.seq_len or model.max_seq_len) * world_size)
+    return t.batch_tokens // (train.micro_batch_size * train.row_len(model.max_seq_len) * world_size)

@@ -39,6 +39,10 @@ class TrainConfig:
     seq_len: int | None = None
     """Tokens per row of a micro-batch (derived: model.max_seq_len). SFT and DPO set it to their rows'
     length (sft.max_seq_len / dpo.max_seq_len), so batch_tokens counts the tokens they train on."""
+
+    def row_len(self, max_seq_len: int) -> int:
+        """Tokens per row: `seq_len`, or the model's context (`max_seq_len`) when unset."""
+        return self.seq_len or max_seq_len
     lr: float | None = None
     """Peak learning rate (derived from width: 6e-4 * sqrt(768 / d_model))."""
     min_lr_ratio: float = 0.1

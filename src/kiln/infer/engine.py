@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kiln.infer.fused_step import fused_hidden, unfused_reason
+from kiln.infer.fused_step import fused_hidden, use_fused_layers
 from kiln.infer.sampling import SamplingParams, penalise, sample_rows, top_logprobs
 from kiln.infer.slots import SlotCache
 from kiln.infer.textstream import TextStream, first_stop, safe_end
@@ -120,14 +120,9 @@ class Engine:
         # the op is PyTorch arithmetic.
         self.fused_attention = (cuda_graphs and self.device.type == "cuda" and triton_available()) \
             if fused_attention is None else fused_attention
-        # The whole layer through kiln/infer/fused_step.py in the fused-attention buckets (H100, SmolLM2 shape,
-        # batch 1: 1,177 against 1,077 tokens/s). Default: wherever the model allows it; asked for explicitly, a
-        # model it cannot take (int8, LoRA, QK-norm, projections not stacked) is refused.
-        reason = unfused_reason(model) if self.fused_attention else "no fused attention"
-        if fused_layers and reason is not None:
-            raise ValueError(f"fused_layers: the model has {reason}" if self.fused_attention else
-                             "fused_layers needs fused_attention (CUDA graphs on CUDA with Triton, by default)")
-        self.fused_layers = reason is None and fused_layers is not False
+        # The whole layer through kiln/infer/fused_step.py in those buckets (H100, SmolLM2 shape, batch 1: 1,177
+        # against 1,077 tokens/s): wherever the model allows it (int8, LoRA, QK-norm, unstacked projections don't).
+        self.fused_layers = use_fused_layers(model, self.fused_attention, fused_layers)
         self.buckets = sorted({min(2 ** i, max_slots) for i in range(max_slots.bit_length() + 1)})
         low = self.min_length_bucket.bit_length() - 1
         self.lengths = sorted({min(2 ** i, self.max_len) for i in range(low, max(low, self.max_len.bit_length()) + 1)})

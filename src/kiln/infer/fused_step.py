@@ -1,7 +1,7 @@
 """A decode step's layers through kiln's Triton kernels: per layer, norm + q/k/v (`matvec`), RoPE + cache write
 + attention (`decode_attention`), o_proj + residual, norm + gate/up + SwiGLU, down + residual. The engine uses it
-for small decode buckets when asked (`Engine(fused_layers=True)`); it computes what `Transformer.hidden` does
-for one new token per row (tests compare the two), for models it can take (`unfused_reason`).
+in its fused-attention decode buckets for every model it can take (`use_fused_layers`); it computes what
+`Transformer.hidden` does for one new token per row (tests compare the two).
 """
 
 from __future__ import annotations
@@ -26,6 +26,17 @@ def unfused_reason(model) -> str | None:
             if type(lin) is not nn.Linear or lin.bias is not None:
                 return f"layer {i}'s {name} is a {type(lin).__name__}, not a plain bias-free nn.Linear"
     return None
+
+
+def use_fused_layers(model, fused_attention: bool, asked: bool | None) -> bool:
+    """Whether an engine runs its fused-attention buckets through `fused_hidden`: by default (`asked` None)
+    wherever the model allows; asked for (True) where it cannot, a ValueError with the reason."""
+    reason = unfused_reason(model) if fused_attention else None
+    if asked and not fused_attention:
+        raise ValueError("fused_layers needs fused_attention (CUDA graphs on CUDA with Triton, by default)")
+    if asked and reason is not None:
+        raise ValueError(f"fused_layers: the model has {reason}")
+    return fused_attention and reason is None and asked is not False
 
 
 def fused_hidden(model, tokens_B: torch.Tensor, pos_B: torch.Tensor, view) -> torch.Tensor:

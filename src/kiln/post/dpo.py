@@ -317,8 +317,8 @@ def load_split(st: Stage, files: list[str], seq_len: int) -> tuple[list[EncodedP
 
 
 def _dpo(st: Stage, files: list[str]) -> dict:
-    sec, t, m, d = st.section, st.cfg.train, st.cfg.model, st.d
-    seq_len = min(sec.max_seq_len or m.max_seq_len, m.max_seq_len)
+    sec, t, d = st.section, st.cfg.train, st.d
+    seq_len = t.seq_len   # dpo.max_seq_len within the model's context (stage_config)
     train, val = load_split(st, files, seq_len)
     fingerprint = {"data": fingerprint_of([(p.chosen[0].tolist(), p.rejected[0].tolist()) for p in train[:2000]],
                                           len(train)), "base": str(st.base)}

@@ -218,8 +218,8 @@ def _sft(st: Stage) -> dict:
     import json
 
     from kiln.post.chat_data import load_conversations
-    sec, t, m = st.section, st.cfg.train, st.cfg.model
-    seq_len = min(sec.max_seq_len or m.max_seq_len, m.max_seq_len)
+    sec, t = st.section, st.cfg.train
+    seq_len = t.seq_len   # sft.max_seq_len within the model's context (stage_config)
     convs, data_report = load_conversations(sec.data)
     train, val, enc_report = encode_all(st.tok, convs, seq_len, sec.data.val_fraction)
     if not train:

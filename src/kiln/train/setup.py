@@ -35,7 +35,7 @@ def prepare(cfg: Config, model: nn.Module, d: Dist, device: torch.device, finger
     accum = grad_accum_steps(t, m, d.world_size)
     # A frozen weight (LoRA's base) gets no weight gradient: 4 FLOPs per parameter and token, not 6.
     frozen = sum(x.weight.numel() for x in model.modules() if isinstance(x, nn.Linear) and not x.weight.requires_grad)
-    flops_per_token = model.flops_per_token(t.seq_len or m.max_seq_len) - 2.0 * frozen
+    flops_per_token = model.flops_per_token(t.row_len(m.max_seq_len)) - 2.0 * frozen
     if t.fp8 != "off":   # before compile and sharding (torchao's order); names and checkpoints unchanged
         check_fp8(t.fp8, device)
         apply_fp8(model, t.fp8)
