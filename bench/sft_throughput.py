@@ -26,15 +26,17 @@ Variants (each in a fresh subprocess, so its peak memory is its own):
                               compiled / eager
   hf_lora / hf_lora_eager     the same + peft LoRA r=16, alpha=32 on q,k,v,o,gate,up,down (fp32 base)
   hf_lora_bf16                peft LoRA over a bf16 base (fp32 adapters, autocast): like kiln's LoRA storage
-  kiln_full, kiln_full_pad    kiln's setup: fp32 master weights, autocast, fused head + cross-entropy,
-                              torch.compile, fused AdamW, the loop's own train_step (chat_loss)
+  kiln_full, kiln_full_pad    fp32 master weights, autocast, fused head + cross-entropy, torch.compile,
+                              fused AdamW, the loop's own train_step (chat_loss); the head on every position
+                              and the dense document mask (kiln's setup before kiln_*_both became it)
   kiln_lora, kiln_lora_pad    the same with kiln.train.lora.apply_lora (r=16, alpha=32, bf16 base)
   kiln_qlora(_eager)          the same over an NF4 base (QLoRA; torchao)
   kiln_*_eager, kiln_*_pad_eager     not compiled: pack against pad without compilation's part in it
   kiln_full_rows                     the head (and its logits) on the trained positions only
   kiln_full_varlen                   packed documents through variable-length flash attention, not the mask
-  kiln_*_both                        both
+  kiln_*_both                        both: what `kiln sft` runs (ChatBatches' defaults)
   kiln_*_selective, kiln_full_block  activation checkpointing (train.activation_checkpointing)
+  kiln_*_both_selective              rows, varlen and selective checkpointing
   kiln_*_pad_static                  (not in the default list) padded rows under torch.compile(dynamic=False):
                                      one graph per row length, each compiled in the warm-up (slow to start)
 
@@ -127,11 +129,14 @@ VARIANTS = {
     "kiln_full_varlen": Variant("kiln", varlen=True),
     "kiln_full_both": Variant("kiln", rows=True, varlen=True),
     "kiln_lora_both": Variant("kiln", lora="bf16", rows=True, varlen=True),
+    "kiln_full_both_selective": Variant("kiln", rows=True, varlen=True, checkpointing="selective"),
+    "kiln_lora_both_selective": Variant("kiln", lora="bf16", rows=True, varlen=True, checkpointing="selective"),
     "kiln_qlora": Variant("kiln", lora="nf4"),
     "kiln_qlora_eager": Variant("kiln", lora="nf4", compile=False),
 }
-DEFAULT = ("hf_full,hf_full_eager,kiln_full,kiln_full_eager,kiln_full_pad,kiln_full_pad_eager,"
-           "hf_lora,hf_lora_eager,hf_lora_bf16,kiln_lora,kiln_lora_eager,kiln_lora_pad,kiln_lora_pad_eager")
+DEFAULT = ("hf_full,hf_full_eager,kiln_full,kiln_full_both,kiln_full_eager,kiln_full_pad,kiln_full_pad_eager,"
+           "hf_lora,hf_lora_eager,hf_lora_bf16,kiln_lora,kiln_lora_both,kiln_lora_eager,kiln_lora_pad,"
+           "kiln_lora_pad_eager")
 # Memory is compared with the compiled baseline that stores the base as the row does: kiln's LoRA keeps a
 # bf16 base, so hf_lora_bf16 (hf_lora when that was not measured).
 MEMORY_REF = {"full": ["hf_full"], "lora": ["hf_lora_bf16", "hf_lora"]}
@@ -391,25 +396,45 @@ def host_syncs(step) -> dict[str, int]:
 
 def profile_steps(step, n: int, device: torch.device) -> dict:
     """Device time per step by kernel category (bench/profile_step.py's) and the top kernels, over n more steps
-    under torch.profiler (after the timed ones: the figures above do not include the profiler)."""
+    under torch.profiler (after the timed ones: the figures above do not include the profiler). On CUDA also
+    where the device idles: the gaps between consecutive kernels, summed by the kernel that ends each gap (what
+    the device waited for the host to launch), and the host's costliest operators."""
     from collections import defaultdict
 
     from profile_step import category
     from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CUDA if device.type == "cuda" else ProfilerActivity.CPU]) as prof:
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
         for _ in range(n):
             step()
         sync(device)
+    cuda = torch.autograd.DeviceType.CUDA
     per_kernel: dict[str, float] = defaultdict(float)
     for ev in prof.key_averages():
-        if ev.self_device_time_total > 0 and ev.device_type == torch.autograd.DeviceType.CUDA:
+        if ev.self_device_time_total > 0 and ev.device_type == cuda:
             per_kernel[ev.key] += ev.self_device_time_total / 1e3 / n
     per_cat: dict[str, float] = defaultdict(float)
     for k, ms in per_kernel.items():
         per_cat[category(k)] += ms
     top = sorted(per_kernel.items(), key=lambda kv: -kv[1])[:25]
-    return {"kernel_ms_per_step": sum(per_kernel.values()),
-            "categories": dict(sorted(per_cat.items(), key=lambda kv: -kv[1])), "top_kernels": dict(top)}
+    out = {"kernel_ms_per_step": sum(per_kernel.values()),
+           "categories": dict(sorted(per_cat.items(), key=lambda kv: -kv[1])), "top_kernels": dict(top)}
+    kernels = sorted((ev.time_range.start, ev.time_range.end, ev.name) for ev in prof.events()
+                     if ev.device_type == cuda and ev.time_range.end > ev.time_range.start)
+    if kernels:
+        gaps: dict[str, float] = defaultdict(float)
+        idle = 0.0
+        for (_, end, before), (start, _, name) in zip(kernels, kernels[1:]):
+            if start - end > 5:   # microseconds: more than a launch's own latency
+                idle += start - end
+                gaps[f"{category(before)} -> {name[:80]}"] += (start - end) / 1e3 / n
+        out["device_span_ms_per_step"] = (kernels[-1][1] - kernels[0][0]) / 1e3 / n
+        out["device_idle_ms_per_step"] = idle / 1e3 / n
+        out["idle_before"] = dict(sorted(gaps.items(), key=lambda kv: -kv[1])[:12])
+    host = sorted(((ev.key, ev.self_cpu_time_total / 1e3 / n, ev.count // n) for ev in prof.key_averages()
+                   if ev.device_type != cuda), key=lambda r: -r[1])[:15]
+    out["host_ops_ms_per_step"] = {k: [round(ms, 3), c] for k, ms, c in host}
+    return out
 
 
 # ---------------------------------------------------------------- the driver
@@ -517,6 +542,13 @@ def main(argv=None) -> int:
                 pr = r["profile"]
                 print(f"    {pr['kernel_ms_per_step']:.1f} ms of kernels a step: " +
                       ", ".join(f"{c} {ms:.1f}" for c, ms in pr["categories"].items()), flush=True)
+                if "device_idle_ms_per_step" in pr:
+                    print(f"    device span {pr['device_span_ms_per_step']:.1f} ms a step, idle "
+                          f"{pr['device_idle_ms_per_step']:.1f} ms; the longest waits (ms a step), before:", flush=True)
+                    for where, ms in list(pr["idle_before"].items())[:8]:
+                        print(f"      {ms:6.2f}  {where}", flush=True)
+                print("    host operators (self ms a step, calls): " + ", ".join(
+                    f"{k} {v[0]:.2f}/{v[1]}" for k, v in list(pr["host_ops_ms_per_step"].items())[:8]), flush=True)
         add_ratios(results)
         out.parent.mkdir(parents=True, exist_ok=True)   # rewritten after each variant: a crash keeps the rows
         out.write_text(json.dumps({"device": dev, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),

@@ -33,8 +33,10 @@ def test_graphs_greedy_equals_reference_fp32(fused):
 def test_graphs_equal_eager_bf16_with_sampling():
     model = make(torch.bfloat16)
     p = SamplingParams(max_tokens=24, temperature=0.8, top_p=0.9, seed=3, n=2)
-    graphed = Engine(model, max_slots=8, cuda_graphs=True).generate(PROMPTS, p)
-    eager = Engine(model, max_slots=8, cuda_graphs=False).generate(PROMPTS, p)
+    # the same arithmetic on both sides (the Triton decode kernels round bf16 differently from cuBLAS and SDPA)
+    graphed = Engine(model, max_slots=8, cuda_graphs=True, fused_attention=False, fused_layers=False)
+    eager = Engine(model, max_slots=8, cuda_graphs=False, fused_attention=False, fused_layers=False)
+    graphed, eager = graphed.generate(PROMPTS, p), eager.generate(PROMPTS, p)
     assert graphed == eager
 
 

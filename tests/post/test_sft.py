@@ -56,7 +56,8 @@ def test_packed_batches_keep_conversations_apart():
 
 def test_packed_batches_give_the_segments_bounds_in_the_flat_batch():
     src = ChatBatches(_examples([5, 9, 3, 12, 7, 1, 15, 16]), 16, 3, "pack", pad_id=2, seed=4, document_bounds=True)
-    assert "cu_seqlens" not in next(ChatBatches(_examples([5, 9]), 16, 1, "pack", pad_id=2))
+    assert "cu_seqlens" not in next(ChatBatches(_examples([5, 9]), 16, 1, "pack", pad_id=2, document_bounds=False))
+    assert "cu_seqlens" not in next(ChatBatches(_examples([5, 9]), 16, 1, "pad", pad_id=2))   # no packed rows
     for _ in range(3):
         b = next(src)
         flat = b["segments"].reshape(-1)
