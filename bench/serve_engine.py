@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -96,6 +97,9 @@ def kiln_engine(model, batch: int, max_len: int, peer: str, device: str) -> tupl
     from torch.nn.attention import SDPBackend, sdpa_kernel
     rows = Engine.fused_attention_rows
     Engine.fused_attention_rows = batch if "triton" in peer else rows   # -triton: every bucket through the kernel
+    pdl = os.environ.get("KILN_PDL")
+    if peer.endswith("-pdl") or "-pdl-" in peer:   # -pdl: kiln's Triton kernels with programmatic dependent launch
+        os.environ["KILN_PDL"] = "1"
     try:
         with sdpa_kernel([SDPBackend.MATH]) if "math" in peer else nullcontext():
             engine = Engine(model, max_slots=batch, max_len=max_len, prefill_tokens=batch * max_len,
@@ -104,6 +108,10 @@ def kiln_engine(model, batch: int, max_len: int, peer: str, device: str) -> tupl
                             fused_layers="layers" in peer)
     finally:
         Engine.fused_attention_rows = rows
+        if pdl is None:
+            os.environ.pop("KILN_PDL", None)
+        else:
+            os.environ["KILN_PDL"] = pdl
     engine.fused_attention_rows = batch if "triton" in peer else rows   # for any step the graphs do not hold
     return engine, time.perf_counter() - t0
 
@@ -180,6 +188,7 @@ def main(argv=None) -> int:
                          "-sdpa in a kiln peer's name: the model's RoPE + SDPA instead of the one-kernel attention, "
                          "-triton: the kernel at every batch (by default only up to Engine.fused_attention_rows), "
                          "-layers (with -fused): whole layers through kiln/infer/fused_step.py's kernels, "
+                         "-pdl: kiln's Triton kernels with programmatic dependent launch (KILN_PDL=1; Hopper), "
                          "hf (default cache), hf-static (static cache, compiled)")
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--new", type=int, default=256)

@@ -137,3 +137,18 @@ def test_native_bf16_probe_follows_the_cpu_features(monkeypatch):
     monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")
     monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")
     assert runtime.cpu_has_native_bf16() is False   # a torch without the probes: fp32, never a guess
+
+
+def test_programmatic_launch_is_opt_in_and_only_on_cuda(monkeypatch):
+    from kiln.runtime.device import pdl_args, programmatic_launch
+    monkeypatch.delenv("KILN_PDL", raising=False)
+    assert pdl_args(torch.device("cpu")) == {"PDL": False}
+    monkeypatch.setenv("KILN_PDL", "1")
+    assert not programmatic_launch(torch.device("cpu"))            # a CPU never gets the launch option
+    if torch.cuda.is_available():
+        monkeypatch.delenv("KILN_PDL")
+        assert pdl_args(torch.device("cuda")) == {"PDL": False}   # off unless asked
+        monkeypatch.setenv("KILN_PDL", "1")
+        want = torch.cuda.get_device_capability()[0] >= 9
+        assert pdl_args(torch.device("cuda")) == ({"PDL": True, "launch_pdl": True} if want else {"PDL": False})
+        assert pdl_args(torch.device("cuda"), allowed=False) == {"PDL": False}   # an interpreted build

@@ -35,7 +35,7 @@ import math
 
 import torch
 
-from kiln.runtime.device import triton_available
+from kiln.runtime.device import pdl_args, triton_available
 
 
 def rope_one(x_BXE: torch.Tensor, cos_BE: torch.Tensor, sin_BE: torch.Tensor) -> torch.Tensor:
@@ -112,14 +112,15 @@ def decode_attention_triton(q_BHE, k_BKE, v_BKE, cos_BE, sin_BE, k_NKME, v_NKME,
         acc_RE, ml_R2 = out_BHE, out_BHE   # unused: the kernel writes the output itself
     if B:
         decode, combine = kernels or _kernels()
+        pdl = pdl_args(q_BHE.device, kernels is None)
         decode[(B, H, J)](
             q_BHE, k_BKE, v_BKE, cos_BE, sin_BE, k_NKME, v_NKME, pos_B, out_BHE, acc_RE, ml_R2,
             q_BHE.stride(0), q_BHE.stride(1), k_BKE.stride(0), k_BKE.stride(1), v_BKE.stride(0), v_BKE.stride(1),
             k_NKME.stride(0), k_NKME.stride(1), k_NKME.stride(2), chunk, 1.0 / math.sqrt(E),
-            G=H // K, E=E, E_POW2=E_pow2, BLOCK=block, SPLITS=J, num_warps=4)
+            G=H // K, E=E, E_POW2=E_pow2, BLOCK=block, SPLITS=J, num_warps=4, **pdl)
         if J > 1:
             combine[(B * H,)](acc_RE, ml_R2, out_BHE, E=E, E_POW2=E_pow2, SPLITS=J,
-                              SPLITS_POW2=1 << (J - 1).bit_length(), num_warps=4)
+                              SPLITS_POW2=1 << (J - 1).bit_length(), num_warps=4, **pdl)
     return out_BHE
 
 

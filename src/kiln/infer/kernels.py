@@ -5,17 +5,31 @@ when this module is loaded) runs them on a CPU for the tests.
 - `decode_kernel`, `combine_kernel`: `kiln.infer.attention.decode_attention`. Program (b, h, j): row b, query
   head h (key/value head h // G), split j of the cached keys (`chunk` each).
 - `matvec_kernel`: `kiln.infer.matvec.matvec`. Program n: a block of BLOCK_N outputs for every row.
+
+With PDL (constexpr; launched with `launch_pdl=True`, kiln.runtime.device.programmatic_launch) a kernel may
+start while the one before it in the stream still runs: it first does what does not depend on that kernel
+(matvec: load its first block of weights), then waits for it to finish (`gdc_wait`: its writes visible), and
+only then lets the next kernel launch (`gdc_launch_dependents`), so at most two kernels overlap and every
+kernel's input is complete before it is read. The interpreter has no such instructions: PDL=False there.
 """
 
 import triton
 import triton.language as tl
+
+try:   # programmatic dependent launch (Triton 3.3+); kernels use it only with PDL=True (Hopper or newer)
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:
+    gdc_launch_dependents = gdc_wait = None
 
 
 @triton.jit
 def decode_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, pos_ptr, out_ptr, acc_ptr, ml_ptr,
                   sq_b, sq_h, sk_b, sk_h, sv_b, sv_h, sc_n, sc_k, sc_m, chunk, scale,
                   G: tl.constexpr, E: tl.constexpr, E_POW2: tl.constexpr, BLOCK: tl.constexpr,
-                  SPLITS: tl.constexpr):
+                  SPLITS: tl.constexpr, PDL: tl.constexpr):
+    if PDL:   # q, k, v come from the kernel before
+        gdc_wait()
+        gdc_launch_dependents()
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     j = tl.program_id(2)
@@ -80,8 +94,11 @@ def decode_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, pos_ptr
 
 @triton.jit
 def combine_kernel(acc_ptr, ml_ptr, out_ptr, E: tl.constexpr, E_POW2: tl.constexpr, SPLITS: tl.constexpr,
-                   SPLITS_POW2: tl.constexpr):
+                   SPLITS_POW2: tl.constexpr, PDL: tl.constexpr):
     """Program r = b * H + h: merge its SPLITS partial (max, sum, weighted values) into the output row."""
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
     r = tl.program_id(0).to(tl.int64)
     jj = tl.arange(0, SPLITS_POW2)
     e = tl.arange(0, E_POW2)
@@ -98,7 +115,8 @@ def combine_kernel(acc_ptr, ml_ptr, out_ptr, E: tl.constexpr, E_POW2: tl.constex
 @triton.jit
 def matvec_kernel(x_ptr, w_ptr, out_ptr, g_ptr, res_ptr, B, N, K, sx_b, eps,
                   B_POW2: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                  NORM: tl.constexpr, GLU: tl.constexpr, RESIDUAL: tl.constexpr, IEEE: tl.constexpr):
+                  NORM: tl.constexpr, GLU: tl.constexpr, RESIDUAL: tl.constexpr, IEEE: tl.constexpr,
+                  PDL: tl.constexpr):
     """out (B, N) = [silu(.) * of the two halves] (rms_norm(x) * g if NORM else x) @ W^T [+ res].
 
     W is (N, K), or (2N, K) with GLU (gate rows, then up rows). Every program reads all B rows of x (a few KB,
@@ -110,6 +128,15 @@ def matvec_kernel(x_ptr, w_ptr, out_ptr, g_ptr, res_ptr, B, N, K, sx_b, eps,
     in_b = rows < B
     in_n = cols < N
     dt = w_ptr.dtype.element_ty
+    if PDL:   # the first block of weights is in flight while the kernel before (which writes x) finishes
+        w_ptrs0 = w_ptr + cols[None, :].to(tl.int64) * K + ks[:, None]   # (BLOCK_K, BLOCK_N): W^T's first block
+        w_mask0 = (ks < K)[:, None] & in_n[None, :]
+        wb0 = tl.load(w_ptrs0, mask=w_mask0, other=0.0)
+        wu0 = wb0
+        if GLU:
+            wu0 = tl.load(w_ptrs0 + N * K, mask=w_mask0, other=0.0)
+        gdc_wait()
+        gdc_launch_dependents()
     rstd = tl.full([B_POW2], 1.0, tl.float32)
     if NORM:
         ss = tl.zeros([B_POW2], tl.float32)
@@ -131,13 +158,25 @@ def matvec_kernel(x_ptr, w_ptr, out_ptr, g_ptr, res_ptr, B, N, K, sx_b, eps,
             xb = xb * rstd[:, None] * gain[None, :]
         xb = xb.to(dt)
         w_ptrs = w_ptr + cols[None, :].to(tl.int64) * K + kk[:, None]   # (BLOCK_K, BLOCK_N): W^T's block
-        wb = tl.load(w_ptrs, mask=in_k[:, None] & in_n[None, :], other=0.0)
+        if PDL:
+            if k0 == 0:
+                wb = wb0
+            else:
+                wb = tl.load(w_ptrs, mask=in_k[:, None] & in_n[None, :], other=0.0)
+        else:
+            wb = tl.load(w_ptrs, mask=in_k[:, None] & in_n[None, :], other=0.0)
         if IEEE:   # fp32 weights: exact fp32 products, not TF32
             acc = tl.dot(xb, wb, acc, input_precision="ieee")
         else:
             acc = tl.dot(xb, wb, acc)
         if GLU:
-            wu = tl.load(w_ptrs + N * K, mask=in_k[:, None] & in_n[None, :], other=0.0)
+            if PDL:
+                if k0 == 0:
+                    wu = wu0
+                else:
+                    wu = tl.load(w_ptrs + N * K, mask=in_k[:, None] & in_n[None, :], other=0.0)
+            else:
+                wu = tl.load(w_ptrs + N * K, mask=in_k[:, None] & in_n[None, :], other=0.0)
             if IEEE:
                 acc_up = tl.dot(xb, wu, acc_up, input_precision="ieee")
             else:

@@ -22,7 +22,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from kiln.runtime.device import triton_available
+from kiln.runtime.device import pdl_args, triton_available
 
 
 def matvec_reference(x_BK: torch.Tensor, w_NK: torch.Tensor, gain_K: torch.Tensor | None, eps: float,
@@ -55,7 +55,7 @@ def _(x_BK, w_NK, gain_K, eps, residual_BN, glu):
 
 
 def matvec_triton(x_BK, w_NK, gain_K, eps, residual_BN, glu, kernel=None, block_n: int = 16) -> torch.Tensor:
-    """The launch (`kernel`: another build, e.g. in Triton's interpreter, for tests)."""
+    """The launch (`kernel`: another build, e.g. in Triton's interpreter, for tests; it never gets PDL)."""
     B, K = x_BK.shape
     N = w_NK.size(0) // 2 if glu else w_NK.size(0)
     assert x_BK.stride(1) == 1 and w_NK.is_contiguous(), "x contiguous along K, w contiguous"
@@ -67,7 +67,8 @@ def matvec_triton(x_BK, w_NK, gain_K, eps, residual_BN, glu, kernel=None, block_
             x_BK, w_NK, out, gain_K if gain_K is not None else out, residual_BN if residual_BN is not None else out,
             B, N, K, x_BK.stride(0), eps, B_POW2=max(16, 1 << (B - 1).bit_length()), BLOCK_N=block_n,
             BLOCK_K=min(256, max(16, 1 << (K - 1).bit_length())), NORM=gain_K is not None, GLU=glu,
-            RESIDUAL=residual_BN is not None, IEEE=w_NK.dtype == torch.float32, num_warps=4)
+            RESIDUAL=residual_BN is not None, IEEE=w_NK.dtype == torch.float32, num_warps=4,
+            **pdl_args(x_BK.device, kernel is None))
     return out
 
 

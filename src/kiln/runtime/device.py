@@ -20,6 +20,34 @@ def triton_available() -> bool:
     return True
 
 
+def programmatic_launch(device: torch.device) -> bool:
+    """Whether kiln's Triton decode kernels launch with programmatic dependent launch (PDL): each kernel of a
+    chain is launched while the one before it still runs, loads what does not depend on it (its weights) and
+    waits on the device (`griddepcontrol.wait`) before reading its input; CUDA graphs keep the dependency.
+    Hopper (sm_90) or newer with a Triton that has it (3.3+). Opt-in (KILN_PDL=1) until measured on a GPU
+    (docs/decisions.md)."""
+    import os
+    if os.environ.get("KILN_PDL", "0") != "1" or device.type != "cuda" or not triton_available():
+        return False
+    return _pdl_capable(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def pdl_args(device: torch.device, allowed: bool = True) -> dict:
+    """A kiln Triton kernel's `PDL` constexpr and the launch option that goes with it (kiln/infer/kernels.py);
+    `allowed=False` (a test's interpreted build) always gives PDL=False."""
+    pdl = allowed and programmatic_launch(device)
+    return {"PDL": True, "launch_pdl": True} if pdl else {"PDL": False}
+
+
+@functools.cache
+def _pdl_capable(index: int) -> bool:
+    try:
+        from triton.language.extra.cuda import gdc_wait  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.get_device_capability(index)[0] >= 9
+
+
 def pick_device(spec: str) -> torch.device:
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
