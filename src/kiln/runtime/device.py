@@ -24,8 +24,8 @@ def programmatic_launch(device: torch.device) -> bool:
     """Whether kiln's Triton decode kernels launch with programmatic dependent launch (PDL): each kernel of a
     chain is launched while the one before it still runs, loads what does not depend on it (its weights) and
     waits on the device (`griddepcontrol.wait`) before reading its input; CUDA graphs keep the dependency.
-    Hopper (sm_90) or newer with a Triton that has it (3.3+). Opt-in (KILN_PDL=1) until measured on a GPU
-    (docs/decisions.md)."""
+    Hopper (sm_90) or newer with a Triton that has it (3.3+). Opt-in (KILN_PDL=1): measured on an H100 it
+    made SmolLM2's batch-1 decode 2.5% slower, not faster (BENCHMARKS.md, docs/decisions.md)."""
     import os
     if os.environ.get("KILN_PDL", "0") != "1" or device.type != "cuda" or not triton_available():
         return False
