@@ -50,6 +50,14 @@ except ImportError:
     _varlen_attn, _VARLEN_ARGS = None, {}
 
 
+def varlen_supported(device: torch.device) -> bool:
+    """Whether `Documents` can take the flash kernel on `device` (the caller then passes the bounds): this
+    torch has the op, and a CUDA card of Ampere (sm_80) or newer, as PyTorch's flash kernels need. Asked
+    outside the compiled model, so that the capability query is never traced."""
+    return (_varlen_attn is not None and device.type == "cuda"
+            and torch.cuda.get_device_capability(device)[0] >= 8)
+
+
 class Documents:
     """Several documents packed in each row of a (B, T) batch, as the attention sees them: the block-diagonal
     causal mask (B, 1, T, T), True = may attend, and, when the caller has them, the documents' bounds in the

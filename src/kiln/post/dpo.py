@@ -359,11 +359,13 @@ def _dpo(st: Stage, files: list[str]) -> dict:
         before = evaluate_now()
         st.say(f"dpo held-out, before: {_fmt(before)}")
 
-        def evaluate() -> float:
+        def evaluate_and_log() -> float:
             last.clear()
             last.update(evaluate_now())
             st.say(f"dpo held-out: {_fmt(last)}")
             return last["loss"]
+
+        evaluate = evaluate_and_log
 
     objective = Objective(sec.beta, sec.loss, reference, tr.accum, st.device, d)
     task = loop.Task(batches=source, loss=objective.loss, count=count_pairs, source=source, evaluate=evaluate,

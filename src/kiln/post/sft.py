@@ -61,7 +61,8 @@ class ChatBatches:
     Two more keys, on by default (an H100 SFT step of SmolLM2's shape: 64.4 -> 56.5 ms with both; BENCHMARKS.md):
     `rows` (N,) with `trained_rows` (the flat indices of the trained targets: the head runs there only), and
     `cu_seqlens` (S,) with `document_bounds` (packed rows' segments as bounds in the flattened batch:
-    variable-length flash attention on CUDA in 16-bit instead of the dense mask, which stays for the rest)."""
+    variable-length flash attention on CUDA in 16-bit instead of the dense mask, which stays for the rest; the
+    SFT stage asks for them where `kiln.model.llama.varlen_supported`)."""
 
     def __init__(self, examples: list[Example], seq_len: int, batch_size: int, packing: str, pad_id: int,
                  seed: int = 0, shuffle: bool = True, rank: int = 0, world_size: int = 1, trained_rows: bool = True,
@@ -240,8 +241,10 @@ def _sft(st: Stage) -> dict:
     model = load_base(st)
     tr = trainer(st, model, fingerprint)
     d = st.d
+    from kiln.model.llama import varlen_supported
+    bounds = varlen_supported(st.device)   # else the document mask alone (CPU, cards older than Ampere)
     source = ChatBatches(train, seq_len, t.micro_batch_size, sec.packing, st.tok.pad_id, seed=t.seed,
-                         rank=d.rank, world_size=d.world_size)
+                         rank=d.rank, world_size=d.world_size, document_bounds=bounds)
     tokens_per_epoch = report["train_tokens"]
     epochs = t.max_steps * t.micro_batch_size * tr.accum * d.world_size / max(source.rows_per_epoch * d.world_size, 1)
     st.say(f"sft: {source.rows_per_epoch * d.world_size} rows per epoch ({sec.packing}), {tokens_per_epoch} tokens; "
@@ -249,7 +252,7 @@ def _sft(st: Stage) -> dict:
     evaluate = None
     if val:
         vsource = ChatBatches(val, seq_len, t.micro_batch_size, sec.packing, st.tok.pad_id, shuffle=False,
-                              rank=d.rank, world_size=d.world_size)
+                              rank=d.rank, world_size=d.world_size, document_bounds=bounds)
         n_val = max(1, min(t.eval_batches, math.ceil(vsource.rows_per_epoch / t.micro_batch_size)))
         vmodel = eval_model(tr)
         evaluate = lambda: validation_loss(vmodel, vsource, n_val, st.device, tr.amp, d)   # noqa: E731
