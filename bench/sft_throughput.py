@@ -37,6 +37,8 @@ Variants (each in a fresh subprocess, so its peak memory is its own):
   kiln_*_both                        both: what `kiln sft` runs (ChatBatches' defaults)
   kiln_*_selective, kiln_full_block  activation checkpointing (train.activation_checkpointing)
   kiln_*_both_selective              rows, varlen and selective checkpointing
+  kiln_*_both_blocks                 rows, varlen, each block compiled on its own (train.compile_scope=blocks):
+                                     compare wall_s_incl_warmup (compilation) and the step
   kiln_*_pad_static                  (not in the default list) padded rows under torch.compile(dynamic=False):
                                      one graph per row length, each compiled in the warm-up (slow to start)
 
@@ -84,6 +86,9 @@ SHAPES = {
                                     vocab_size=49152, rope_theta=100000.0), seq=1024, batch=16),
     "tiny": dict(model=dict(depth=2, d_model=128, head_dim=32, n_heads=4, n_kv_heads=2, ffn_hidden=384,
                             vocab_size=512), seq=128, batch=4),
+    # SmolLM2's depth at a width a CPU steps through quickly: compilation time (wall_s_incl_warmup) on the CPU
+    "deep-tiny": dict(model=dict(depth=30, d_model=64, head_dim=16, n_heads=4, n_kv_heads=2, ffn_hidden=128,
+                                 vocab_size=512), seq=64, batch=2),
 }
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LR = {False: 2e-5, True: 2e-4}   # full / LoRA; no effect on speed
@@ -100,6 +105,7 @@ class Variant:
     rows: bool = False           # kiln only: the head on the trained positions only (ChatBatches' trained_rows)
     varlen: bool = False         # kiln only: packed documents through variable-length flash attention
     #                              (ChatBatches' document_bounds) instead of the dense masked SDPA
+    scope: str = "model"         # kiln only: train.compile_scope (the whole model, or each block in place)
 
     @property
     def group(self) -> str:
@@ -130,6 +136,8 @@ VARIANTS = {
     "kiln_full_both": Variant("kiln", rows=True, varlen=True),
     "kiln_lora_both": Variant("kiln", lora="bf16", rows=True, varlen=True),
     "kiln_full_both_selective": Variant("kiln", rows=True, varlen=True, checkpointing="selective"),
+    "kiln_full_both_blocks": Variant("kiln", rows=True, varlen=True, scope="blocks"),
+    "kiln_lora_both_blocks": Variant("kiln", lora="bf16", rows=True, varlen=True, scope="blocks"),
     "kiln_lora_both_selective": Variant("kiln", lora="bf16", rows=True, varlen=True, checkpointing="selective"),
     "kiln_qlora": Variant("kiln", lora="nf4"),
     "kiln_qlora_eager": Variant("kiln", lora="nf4", compile=False),
@@ -306,7 +314,12 @@ def run_one(name: str, args) -> dict:
     info.update(more)
     info.setdefault("trainable_params", sum(p.numel() for p in model.parameters() if p.requires_grad))
     opt = optimizer(model, var.lora is not None, device)
-    step_model = torch.compile(model, dynamic=var.dynamic) if compiled else model
+    if compiled and var.scope == "blocks":   # train.compile_scope=blocks: each block in place, the rest eager
+        for block in model.model.layers:
+            block.compile(dynamic=var.dynamic)
+        step_model = model
+    else:
+        step_model = torch.compile(model, dynamic=var.dynamic) if compiled else model
 
     if var.impl == "kiln":   # the loop's own step (kiln/train/loop.py), one micro-batch, one process
         tr = types.SimpleNamespace(step_model=step_model, d=Dist(), device=device, accum=1, amp=True, optimizer=opt)

@@ -149,3 +149,24 @@ def test_no_best_checkpoint_when_turned_off_and_a_clear_error_when_asked_for(mic
     assert not (micro_run / "checkpoints" / "best").exists()
     with pytest.raises(FileNotFoundError, match="no best checkpoint.*train.keep_best"):
         resolve_checkpoint(micro_run / "checkpoints", "best")
+
+
+def test_compile_by_block_trains_like_eager_with_unchanged_names(micro_run, tmp_path, capsys):
+    """train.compile_scope=blocks: each block compiled in place (one graph for the identical blocks), the rest
+    eager; the same losses as the eager run and the same checkpoint names (no torch.compile prefix)."""
+    from torch._dynamo.utils import counters
+    eager = tmp_path / "eager"
+    shutil.copytree(micro_run, eager)
+    train = {"max_steps": 2, "checkpoint_every": 2, "eval_every": 100}
+    run_stage(micro_config(eager, model={"depth": 3}, train=train), "pretrain")
+    torch._dynamo.reset()
+    counters.clear()
+    run_stage(micro_config(micro_run, model={"depth": 3}, train={**train, "compile": True,
+                                                                  "compile_scope": "blocks"}), "pretrain")
+    assert "compiled by block" in capsys.readouterr().out
+    assert 1 <= counters["stats"]["unique_graphs"] <= 2   # the blocks share their graph: not one per block
+    for (s, loss, norm, *_), (s_e, loss_e, norm_e, *_) in zip(_losses(micro_run), _losses(eager)):
+        assert s == s_e and loss == pytest.approx(loss_e, rel=1e-4) and norm == pytest.approx(norm_e, rel=1e-3)
+    got = _weights(latest_checkpoint(micro_run / "checkpoints"))
+    want = _weights(latest_checkpoint(eager / "checkpoints"))
+    assert got.keys() == want.keys()

@@ -76,6 +76,11 @@ class TrainConfig:
     instructions (AVX512-BF16 or AMX), fp32 on other CPUs."""
     compile: bool = False
     """Compile the model with torch.compile."""
+    compile_scope: Literal["model", "blocks"] = "model"
+    """With `compile`: `model` traces the whole forward into one graph (the measured path: fusions across
+    blocks, the head and its loss included); `blocks` compiles each transformer block in place, and identical
+    blocks share one compiled graph, so compilation takes a fraction of the time (a 30-layer LoRA step on the
+    CPU: 96 -> 13 s), while the embedding, the final norm and the head run uncompiled."""
     fp8: Literal["off", "tensorwise", "rowwise"] = "off"
     """Float8 matmuls for every linear layer but lm_head (torchao float8 training; needs `pip install
     'llmkiln[fp8]'` and an H100/L40S/RTX 4090-class GPU). Wins from ~1B parameters (1.13x tokens/s at 1.2B

@@ -43,6 +43,9 @@ def prepare(cfg: Config, model: nn.Module, d: Dist, device: torch.device, finger
     if warning is not None:
         say(warning, file=sys.stderr)
     apply_activation_checkpointing(model, t.activation_checkpointing)   # before sharding, as torchtitan does
+    if t.compile and t.compile_scope == "blocks":   # in place, before sharding: names and hooks unchanged
+        for block in model.model.layers:
+            block.compile()
     wrapped = parallelize(model, d, device, bf16, t.cpu_offload)   # DDP wrapper, or `model` sharded in place
     optimizer = build_optimizer(model, t, device)
     if d.parallel == "deepspeed":   # the engine wraps model and optimizer together (kiln/train/zero.py)
@@ -52,14 +55,15 @@ def prepare(cfg: Config, model: nn.Module, d: Dist, device: torch.device, finger
         f"{f' x {d.world_size} ranks' if d.world_size > 1 else ''}), lr {t.lr:.2e} {t.schedule}, warmup "
         f"{t.warmup_steps}, device {device}, {'bf16' if bf16 else 'fp32'}"
         f"{f', {d.parallel}' if d.parallel != 'none' else ''}"
-        f"{f' ZeRO-{t.zero_stage}' if d.parallel == 'deepspeed' else ''}{', compiled' if t.compile else ''}"
+        f"{f' ZeRO-{t.zero_stage}' if d.parallel == 'deepspeed' else ''}"
+        f"{(', compiled' + (' by block' if t.compile_scope == 'blocks' else '')) if t.compile else ''}"
         f"{f', activation checkpointing {t.activation_checkpointing}' if t.activation_checkpointing != 'off' else ''}"
         f"{f', attention {t.attention_backend}' if t.attention_backend != 'auto' else ''}"
         f"{', fused cross-entropy' if fused_ce else ''}")
     if peak:
         say(f"MFU against {peak / 1e12:.4g} TFLOP/s per device ({peak_source}), {flops_per_token / 1e6:.0f} MFLOP/token")
     return Trainer(cfg=cfg, rd=RunDir(cfg.run_path), d=d, device=device, model=model,
-                   step_model=torch.compile(wrapped) if t.compile else wrapped,
+                   step_model=torch.compile(wrapped) if whole_model_compiled(cfg) else wrapped,
                    holder=wrapped if d.parallel == "deepspeed" else model, optimizer=optimizer,
                    amp=bf16 and uses_autocast(d), accum=accum, fingerprint=fingerprint,
                    flops_per_token=flops_per_token, peak=peak)
@@ -69,8 +73,13 @@ def eval_model(tr: Trainer) -> nn.Module:
     """What validation runs: DDP's forward hooks are for training, so the module inside (compiled like the
     step); FSDP and DeepSpeed must run their own forward."""
     if tr.d.parallel == "ddp":
-        return torch.compile(tr.model) if tr.cfg.train.compile else tr.model
+        return torch.compile(tr.model) if whole_model_compiled(tr.cfg) else tr.model
     return tr.step_model
+
+
+def whole_model_compiled(cfg: Config) -> bool:
+    """Whether the step compiles the whole wrapped model (else it is eager, or its blocks are compiled)."""
+    return cfg.train.compile and cfg.train.compile_scope == "model"
 
 
 def full_weights_here(tr: Trainer) -> bool:
