@@ -242,7 +242,12 @@ def _sft(st: Stage) -> dict:
     tr = trainer(st, model, fingerprint)
     d = st.d
     from kiln.model.llama import varlen_supported
-    bounds = varlen_supported(st.device)   # else the document mask alone (CPU, cards older than Ampere)
+    from kiln.runtime.device import use_bf16
+    # The documents' bounds, where the flash kernel takes them; else the dense document mask alone.
+    bounds = varlen_supported(st.device) and use_bf16(t.precision, st.device)
+    if st.device.type == "cuda" and sec.packing == "pack" and not bounds:
+        st.say("sft: packed conversations attend through the dense document mask, not variable-length flash "
+               "attention (that needs bf16, an Ampere or newer card and torch.nn.attention.varlen)")
     source = ChatBatches(train, seq_len, t.micro_batch_size, sec.packing, st.tok.pad_id, seed=t.seed,
                          rank=d.rank, world_size=d.world_size, document_bounds=bounds)
     tokens_per_epoch = report["train_tokens"]
