@@ -80,7 +80,9 @@ class TrainConfig:
     """With `compile`: `model` traces the whole forward into one graph (the measured path: fusions across
     blocks, the head and its loss included); `blocks` compiles each transformer block in place, and identical
     blocks share one compiled graph, so compilation takes a fraction of the time (a 30-layer LoRA step on the
-    CPU: 96 -> 13 s), while the embedding, the final norm and the head run uncompiled."""
+    CPU: 96 -> 13 s), while the embedding, the final norm and the head run uncompiled. The blocks stay compiled
+    for whatever else runs the model in the process (validation, samples, GRPO's rollouts: their first call
+    compiles for the generation shapes; a GRPO step on the CPU ran that way)."""
     fp8: Literal["off", "tensorwise", "rowwise"] = "off"
     """Float8 matmuls for every linear layer but lm_head (torchao float8 training; needs `pip install
     'llmkiln[fp8]'` and an H100/L40S/RTX 4090-class GPU). Wins from ~1B parameters (1.13x tokens/s at 1.2B
