@@ -58,7 +58,8 @@ def test_unknown_mode():
 
 
 def test_selective_keeps_wide_matmuls_and_redoes_narrow_ones():
-    """A matmul contracting over a few columns (LoRA's rank-r factor) is redone, not kept; wide ones are kept."""
+    """A linear's matmul contracting over a few columns (LoRA's rank-r factor) is redone, not kept; wide ones
+    and attention's are kept."""
     from torch.utils.checkpoint import CheckpointPolicy
 
     from kiln.train.memory import NARROW, _policy
@@ -69,6 +70,9 @@ def test_selective_keeps_wide_matmuls_and_redoes_narrow_ones():
     assert _policy(None, addmm, torch.empty(32), narrow, torch.empty(16, 32)) == CheckpointPolicy.PREFER_RECOMPUTE
     assert _policy(None, addmm, torch.empty(32), wide, torch.empty(NARROW + 1, 32)) == CheckpointPolicy.MUST_SAVE
     assert _policy(None, torch.ops.aten.mul.Tensor, wide, wide) == CheckpointPolicy.PREFER_RECOMPUTE
+    # attention's bmm (the math path's scores contract over head_dim): kept, it is the attention's cost
+    q, kt = torch.empty(2, 8, 16), torch.empty(2, 16, 8)
+    assert _policy(None, torch.ops.aten.bmm.default, q, kt) == CheckpointPolicy.MUST_SAVE
 
 
 def test_selective_with_lora_gives_the_same_adapter_gradients():

@@ -42,8 +42,10 @@ except (ImportError, AttributeError):
 # A matmul that contracts over a few columns is cheap to redo (2 x that many flops an output element) and, as
 # LoRA's second factor (rank r), its output is never needed by backward: saving it only costs memory (LoRA r=16
 # on every linear of a SmolLM2 step: 10.5 GB without checkpointing, 11.7 GB selective when it was kept).
+# Linear layers only (mm, addmm): a bmm is attention's (the math path's scores contract over head_dim, and
+# those are the attention's cost, worth keeping).
 NARROW = 64
-_MATMULS = {_aten.mm.default, _aten.addmm.default, _aten.bmm.default}
+_MATMULS = {_aten.mm.default, _aten.addmm.default}
 
 
 def _policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
