@@ -14,6 +14,8 @@ sources (kiln.post.sft.ChatBatches, kiln.post.dpo.PairBatches) and losses (sft.c
     dpo precomputed    DPO, reference log-probs in the batch (dpo.reference=precomputed): one forward and
                        backward over 2B rows
     dpo frozen         DPO with a frozen copy scoring each batch (dpo.reference=frozen): one more forward
+    dpo all positions  `dpo precomputed` with the head at every position (PairBatches before `rows`): the
+                       answers' tokens only is what DPO runs
 
 A DPO step must run both answers of every pair, so against `sft chosen` the floor is 2x; the target is at most
 2.2x (the loss itself, the per-sequence sums and the plain head's fp32 logits within 10%). Against `sft both`
@@ -162,11 +164,13 @@ def main() -> None:
     sync(device)
     t0 = time.perf_counter()
     with torch.no_grad(), autocast(device, bf16):
-        src.ref = reference_table(lambda b: sequence_logps(model, b["input_ids"], b["targets"]), src, device, Dist())
+        src.ref = reference_table(lambda b: sequence_logps(model, b["input_ids"], b["targets"], b.get("rows")), src,
+                                  device, Dist())
     sync(device)
     ref_ms_per_pair = (time.perf_counter() - t0) * 1e3 / len(pairs)
     model.train()
     with_ref = [src.collate(list(range(i * B, (i + 1) * B))) for i in range(n_batches)]
+    every_position = [{k: v for k, v in b.items() if k != "rows"} for b in with_ref]   # the head at every position
     frozen = Transformer.from_config(cfg, device).eval().requires_grad_(False)
     frozen.load_state_dict(model.state_dict())
 
@@ -174,6 +178,8 @@ def main() -> None:
                 Variant("sft both", model, chat_loss, count_targets, sft_both, device),
                 Variant("dpo precomputed", model, Objective(0.1, "sigmoid", Reference(), 1, device).loss, count_pairs,
                         with_ref, device),
+                Variant("dpo all positions", model, Objective(0.1, "sigmoid", Reference(), 1, device).loss,
+                        count_pairs, every_position, device),
                 Variant("dpo frozen", model, Objective(0.1, "sigmoid", Reference(frozen), 1, device).loss, count_pairs,
                         dpo_batches, device)]
     rows = interleaved(variants, bf16, args.steps, args.warmup)

@@ -72,12 +72,30 @@ def test_sequence_logps_sum_the_answer_tokens():
     model = _tiny_model()
     pairs = _pairs(3)
     b = PairBatches(pairs, 3, 32, pad_id=0, shuffle=False).collate([0, 1, 2])
-    got = sequence_logps(model, b["input_ids"], b["targets"])
+    assert b["rows"].tolist() == (b["targets"].reshape(-1) != IGNORE).nonzero().squeeze(1).tolist()
+    got = sequence_logps(model, b["input_ids"], b["targets"])                   # the head at every position
+    on_rows = sequence_logps(model, b["input_ids"], b["targets"], b["rows"])   # at the answer tokens only
     logits = model(b["input_ids"]).log_softmax(-1)
     for r in range(6):
         keep = b["targets"][r] != IGNORE
         want = logits[r, keep].gather(-1, b["targets"][r, keep][:, None]).sum()
         assert got[r].item() == pytest.approx(want.item(), rel=1e-5)
+        assert on_rows[r].item() == pytest.approx(want.item(), rel=1e-5)
+    assert "rows" not in PairBatches(pairs, 3, 32, pad_id=0, trained_rows=False).collate([0])
+
+
+def test_answer_rows_give_the_gradient_of_every_position():
+    """The policy's gradient through the head on the answer tokens only equals the one through every position."""
+    model = _tiny_model()
+    b = PairBatches(_pairs(3), 3, 32, pad_id=0, shuffle=False).collate([0, 1, 2])
+
+    def grads(rows):
+        model.zero_grad()
+        sequence_logps(model, b["input_ids"], b["targets"], rows).pow(2).sum().backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    for g, w in zip(grads(b["rows"]), grads(None)):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
 
 
 # ---------------------------------------------------------------- batches
@@ -124,7 +142,7 @@ def test_precomputed_reference_equals_the_frozen_one():
     model = _tiny_model(1)
     pairs = _pairs(10, seed=5)
     src = PairBatches(pairs, 4, 32, pad_id=0, seed=3)
-    table = reference_table(lambda b: sequence_logps(model, b["input_ids"], b["targets"]), src, torch.device("cpu"),
+    table = reference_table(lambda b: sequence_logps(model, b["input_ids"], b["targets"], b.get("rows")), src, torch.device("cpu"),
                             Dist())
     frozen = Reference(model)
     src.ref = table
@@ -141,7 +159,7 @@ def test_step_zero_is_the_reference(kind, want):
     1 / (4 beta^2) (ipo), the rewards 0 and no pair is ranked right."""
     model = _tiny_model(2)
     src = PairBatches(_pairs(8, seed=1), 4, 32, pad_id=0, seed=0)
-    src.ref = reference_table(lambda b: sequence_logps(model, b["input_ids"], b["targets"]), src,
+    src.ref = reference_table(lambda b: sequence_logps(model, b["input_ids"], b["targets"], b.get("rows")), src,
                               torch.device("cpu"), Dist())
     obj = Objective(0.2, kind, Reference(), accum=1, device=torch.device("cpu"))
     b = next(src)

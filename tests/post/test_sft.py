@@ -120,8 +120,9 @@ def test_head_on_the_trained_rows_only_gives_the_same_loss_and_gradients(fused, 
     mean = model(b["input_ids"], b["targets"], segments_BT=b.get("segments"))
     assert torch.allclose(model(b["input_ids"], b["targets"], segments_BT=b.get("segments"), rows_N=b["rows"]),
                           mean, rtol=1e-5)
-    with pytest.raises(ValueError, match="rows_N"):
-        model(b["input_ids"], b["targets"], reduction="none", rows_N=b["rows"])
+    per_N = model(b["input_ids"], b["targets"], segments_BT=b.get("segments"), reduction="none", rows_N=b["rows"])
+    per_BT = model(b["input_ids"], b["targets"], segments_BT=b.get("segments"), reduction="none")
+    assert torch.allclose(per_N, per_BT.reshape(-1)[b["rows"]], rtol=1e-5)   # (N,): each trained position's
 
 
 def test_batches_resume_where_they_stopped():

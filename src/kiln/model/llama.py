@@ -342,10 +342,11 @@ class Transformer(nn.Module):
         documents' bounds in the flattened batch, `Documents`), CUDA runs them through variable-length flash
         attention instead of the mask.
 
-        rows_N (with targets, reduction "mean" or "sum"): the flat indices into B * T of every position whose
-        target counts (all others must be -100). The head and the loss then run on those N positions only: the
-        same loss, without the head's matmuls and the (N, V) logits for positions nothing is trained on (a chat
-        row's user turns). The caller knows them without a host sync (kiln.post.sft.ChatBatches).
+        rows_N (with targets): the flat indices into B * T of every position whose target counts (all others
+        must be -100). The head and the loss then run on those N positions only: the same loss, without the
+        head's matmuls and the (N, V) logits for positions nothing is trained on (a chat row's user turns); with
+        reduction "none" the result is then (N,), the loss at each of those positions. The caller knows them
+        without a host sync (kiln.post.sft.ChatBatches, kiln.post.dpo.PairBatches).
         """
         T = input_ids_BT.shape[1]
         pos = 0 if cache is None else cache.pos  # a Python int: no host sync
@@ -370,10 +371,10 @@ class Transformer(nn.Module):
         if reduction not in ("mean", "sum", "none"):
             raise ValueError(f"reduction={reduction!r}: use 'mean', 'sum' or 'none'")
         if rows_N is not None:
-            if reduction == "none":
-                raise ValueError("rows_N drops positions: use reduction 'mean' or 'sum' with it")
             h_BTD = h_BTD.flatten(0, 1).index_select(0, rows_N).unsqueeze(0)       # (1, N, D)
             targets_BT = targets_BT.reshape(-1).index_select(0, rows_N).unsqueeze(0)
+            loss = self.loss(h_BTD, targets_BT, reduction)
+            return loss.squeeze(0) if reduction == "none" else loss
         return self.loss(h_BTD, targets_BT, reduction)
 
     def _document_rope_and_mask(self, seg_BT: torch.Tensor):
