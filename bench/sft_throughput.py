@@ -315,8 +315,8 @@ def run_one(name: str, args) -> dict:
     info.setdefault("trainable_params", sum(p.numel() for p in model.parameters() if p.requires_grad))
     opt = optimizer(model, var.lora is not None, device)
     if compiled and var.scope == "blocks":   # train.compile_scope=blocks: each block in place, the rest eager
-        for block in model.model.layers:
-            block.compile(dynamic=var.dynamic)
+        from kiln.train.setup import compile_blocks
+        compile_blocks(model, dynamic=var.dynamic)
         step_model = model
     else:
         step_model = torch.compile(model, dynamic=var.dynamic) if compiled else model

@@ -19,11 +19,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from kiln.config import Config, ConfigError, LoRAConfig, derived_lr, dump_yaml, resolve_train
 from kiln.config.rundir import RunDir
 from kiln.formats.checkpoint import BEST, COMPLETE, checkpoint_config, latest_checkpoint
+from kiln.tokenizer.loader import IGNORE
 from kiln.train import loop
 from kiln.train.distributed import Dist, init_distributed, shutdown
 from kiln.train.setup import prepare
@@ -47,6 +49,20 @@ class Stage:
     d: Dist
     device: torch.device
     say: Any
+
+
+def trained_positions(targets_BT: np.ndarray) -> torch.Tensor:
+    """The flat indices (N,) of a batch's counted targets (not IGNORE): `Transformer.forward`'s `rows_N`, which
+    runs the head there only. Found by the loader, so the step has no host sync for them."""
+    return torch.from_numpy(np.flatnonzero(targets_BT != IGNORE))
+
+
+def varying_length(*tensors: torch.Tensor | None) -> None:
+    """Mark dim 0 of each given tensor as changing from batch to batch (trained positions, document bounds):
+    torch.compile then keeps one graph for every length instead of recompiling."""
+    for t in tensors:
+        if t is not None:
+            torch._dynamo.maybe_mark_dynamic(t, 0)
 
 
 def run_stage(cfg: Config, name: str, body: Callable[[Stage], dict]) -> dict:

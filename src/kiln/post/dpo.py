@@ -44,7 +44,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kiln.post.common import Stage, finish, fingerprint_of, load_base, run_stage, trainer
+from kiln.post.common import (Stage, finish, fingerprint_of, load_base, run_stage, trained_positions, trainer,
+                              varying_length)
 from kiln.post.pairs import EncodedPair, load_pairs, split_pairs
 from kiln.tokenizer.loader import IGNORE
 from kiln.train import loop
@@ -85,7 +86,7 @@ def sequence_logps(model: nn.Module, input_ids: torch.Tensor, targets: torch.Ten
     (with `rows`, the answers' positions only: a quarter of them for a 3:1 prompt:answer split)."""
     if rows is None:
         return -model(input_ids, targets, reduction="none").sum(-1)
-    torch._dynamo.maybe_mark_dynamic(rows, 0)   # a count that changes every batch: one compiled graph for all
+    varying_length(rows)
     per_N = model(input_ids, targets, reduction="none", rows_N=rows)                       # (N,)
     R, T = targets.shape
     return -torch.zeros(R, dtype=per_N.dtype, device=per_N.device).index_add_(0, rows // T, per_N)
@@ -146,7 +147,7 @@ class PairBatches:
         out = {"input_ids": torch.from_numpy(x), "targets": torch.from_numpy(y),
                "index": torch.tensor(list(idx), dtype=torch.int64)}
         if self.trained_rows:
-            out["rows"] = torch.from_numpy(np.flatnonzero(y != IGNORE))
+            out["rows"] = trained_positions(y)
         if self.ref is not None:
             out["ref"] = torch.cat((self.ref[out["index"], 0], self.ref[out["index"], 1]))
         return out

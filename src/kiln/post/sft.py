@@ -19,7 +19,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from kiln.post.common import Stage, finish, fingerprint_of, load_base, run_stage, trainer
+from kiln.post.common import (Stage, finish, fingerprint_of, load_base, run_stage, trained_positions, trainer,
+                              varying_length)
 from kiln.tokenizer.loader import IGNORE
 from kiln.train import loop
 from kiln.train.distributed import Dist, sum_over_ranks
@@ -127,7 +128,7 @@ class ChatBatches:
                 starts.append(b * T + at)
         out = {"input_ids": torch.from_numpy(x), "targets": torch.from_numpy(y)}
         if self.trained_rows:
-            out["rows"] = torch.from_numpy(np.flatnonzero(y != IGNORE))
+            out["rows"] = trained_positions(y)
         if self.packing == "pack":
             out["segments"] = torch.from_numpy(seg)
             if self.document_bounds:
@@ -151,9 +152,7 @@ def chat_loss(model: nn.Module, batch: loop.Batch) -> torch.Tensor:
     """Summed cross-entropy over the trained (assistant) targets; packed rows carry their document mask, and
     the batch's `rows` and `cu_seqlens`, where present, go to the model (ChatBatches)."""
     rows, bounds = batch.get("rows"), batch.get("cu_seqlens")
-    for t in (rows, bounds):   # lengths that change every batch: one compiled graph for all (no recompiles)
-        if t is not None:
-            torch._dynamo.maybe_mark_dynamic(t, 0)
+    varying_length(rows, bounds)
     return model(batch["input_ids"], batch["targets"], reduction="sum", segments_BT=batch.get("segments"),
                  rows_N=rows, cu_seqlens_S=bounds)
 

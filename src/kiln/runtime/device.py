@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import warnings
 
 import torch
@@ -26,7 +27,6 @@ def programmatic_launch(device: torch.device) -> bool:
     waits on the device (`griddepcontrol.wait`) before reading its input; CUDA graphs keep the dependency.
     Hopper (sm_90) or newer with a Triton that has it (3.3+). Opt-in (KILN_PDL=1): measured on an H100 it
     made SmolLM2's batch-1 decode 2.5% slower, not faster (BENCHMARKS.md, docs/decisions.md)."""
-    import os
     if os.environ.get("KILN_PDL", "0") != "1" or device.type != "cuda" or not triton_available():
         return False
     return _pdl_capable(device.index if device.index is not None else torch.cuda.current_device())
