@@ -36,7 +36,9 @@ async def client(http: httpx.AsyncClient, url: str, i: int, quit_after: int | No
             else:
                 usage = event["usage"]
             if quit_after is not None and chunks >= quit_after:
-                return {"quit": True}          # leaving the `async with` drops the connection mid-stream
+                # leaving the `async with` drops the connection mid-stream; on a loaded machine the server may
+                # have written the whole answer already (coalesced chunks), and then it counts a 200, rightly
+                return {"quit": True, "finished": reason is not None}
     return {"quit": False, "usage": usage, "reason": reason}
 
 
@@ -50,12 +52,13 @@ async def round_(url: str) -> list[dict]:
 def test_concurrent_streams_with_disconnects_leak_nothing(tmp_path):
     run = make_run(tmp_path, max_seq_len=64)
     with Server(run, max_batch=16, max_queue=CLIENTS) as srv:
-        memory = []
+        memory, finished_quitters = [], 0
         for _ in range(ROUNDS):
             start = time.monotonic()
             results = asyncio.run(round_(srv.url))
             assert time.monotonic() - start < 60
             done = [r for r in results if not r["quit"]]
+            finished_quitters += sum(r["quit"] and r["finished"] for r in results)
             assert len(done) == CLIENTS - CLIENTS // 3
             assert all(r["reason"] == "length" and r["usage"]["completion_tokens"] == TOKENS for r in done)
             deadline = time.monotonic() + 10
@@ -65,6 +68,7 @@ def test_concurrent_streams_with_disconnects_leak_nothing(tmp_path):
             assert sorted(srv.engine._free) == list(range(16))
             memory.append(rss_mb())
         assert memory[-1] - memory[0] < 40, memory     # flat after the first round's warm-up
-        assert srv.metric("kiln_requests_total", status="499") == ROUNDS * (CLIENTS // 3)
-        assert srv.metric("kiln_requests_total", status="200") == ROUNDS * len(done)
+        gone = srv.metric("kiln_requests_total", status="499")
+        assert 0 < gone <= ROUNDS * (CLIENTS // 3) - finished_quitters
+        assert srv.metric("kiln_requests_total", status="200") + gone == ROUNDS * CLIENTS
         assert srv.metric("kiln_time_to_first_token_seconds_count") == ROUNDS * CLIENTS
