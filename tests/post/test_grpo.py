@@ -92,6 +92,33 @@ def test_loss_matches_a_hand_computation_with_clipping_and_kl():
     assert all(p.grad is None or not p.grad.any() for p in model.parameters())
 
 
+def test_the_head_on_trained_rows_gives_the_same_loss_gradients_and_stats():
+    """Rollouts' batches carry `rows` and (N,) log-probs: the loss must equal the (B, T) masked one."""
+    model = _tiny()
+    batch = build_rows([[5, 6, 7, 9], [5, 6], [4]], [[8, 9, 1], [8, 3, 3, 1], [7, 1]], [True, False, True],
+                       pad_id=2, max_len=32)
+    x, y, mask, rows = batch["input_ids"], batch["targets"], batch["mask"], batch["rows"]
+    assert rows.tolist() == mask.flatten().nonzero()[:, 0].tolist()
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        logp = -model(x, y, reduction="none")
+    old = torch.where(mask, logp + 0.3 * torch.randn(mask.shape, generator=g), 0.0)
+    ref = torch.where(mask, logp - 0.2 * torch.randn(mask.shape, generator=g), 0.0)
+    adv = torch.tensor([1.2, 0.0, -0.7])
+    dense = {"input_ids": x, "targets": y, "mask": mask, "advantages": adv, "old_logp": old, "ref_logp": ref}
+    sparse = {**dense, "rows": rows, "old_logp": old.flatten()[rows], "ref_logp": ref.flatten()[rows]}
+    results = []
+    for b in (dense, sparse):
+        model.zero_grad()
+        loss = GRPOLoss(0.2, 0.05)
+        value = loss(model, b)
+        value.backward()
+        results.append((value.detach(), [p.grad.clone() for p in model.parameters()], loss.take_stats()))
+    (v0, g0, s0), (v1, g1, s1) = results
+    assert torch.allclose(v0, v1, rtol=1e-5) and torch.allclose(s0, s1, rtol=1e-6)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(g0, g1))
+
+
 def test_on_policy_ratio_is_one_and_the_gradient_is_reinforce():
     """old_logp = logp (one update per sample): the loss's gradient is -sum A grad log p."""
     model = _tiny()

@@ -34,6 +34,8 @@ Choices (and their hazards):
   (Liu et al. 2025) drops the division, which otherwise up-weights groups that nearly agree. A group whose
   rewards are all equal gives A = 0 (only the KL term acts on it); DAPO's dynamic sampling, which would draw
   more groups instead, is not done: `zero_var_groups` reports the share.
+- The head runs on the trained completion tokens only (`build_rows`' rows): prompts, padding and dropped samples
+  cost no vocabulary matmul and no logits, in the loss and in both log-prob passes (old_logp, ref_logp (N,)).
 - Token-level normalisation (DAPO): every completion token of a step weighs the same, not every completion
   (GRPO's per-completion mean penalises a long wrong answer less per token, Dr. GRPO shows: lengths grow).
 - A reward function that raises (or returns something not a finite number) drops its sample: it is not trained
@@ -64,7 +66,7 @@ import torch
 from torch import nn
 
 from kiln.config import ConfigError, GRPOConfig
-from kiln.post.common import Stage, finish, fingerprint_of, load_base, run_stage, trainer
+from kiln.post.common import Stage, finish, fingerprint_of, load_base, run_stage, trainer, varying_length
 from kiln.post.rollouts import STAT_KEYS, Problem, Rewarder, Rollouts, token_logp
 from kiln.train import loop
 from kiln.train.distributed import broadcast_object, sum_over_ranks
@@ -86,32 +88,46 @@ class GRPOLoss:
         self._kl = self._clipped = self._tokens = None
 
     def __call__(self, model: nn.Module, batch: loop.Batch) -> torch.Tensor:
-        logp_BT = -model(batch["input_ids"], batch["targets"], reduction="none").float()
-        mask_BT = batch["mask"]
-        adv_B1 = batch["advantages"].float()[:, None]
-        ratio_BT = torch.exp(logp_BT - batch["old_logp"])
-        plain_BT = ratio_BT * adv_B1
-        clipped_BT = ratio_BT.clamp(1 - self.clip_eps, 1 + self.clip_eps) * adv_B1
-        per_token_BT = -torch.minimum(plain_BT, clipped_BT)
-        kl_BT = None
+        """With `rows` (Rollouts' batches) the head runs on the trained positions only and old_logp, ref_logp
+        are (N,) there; without, every position of (B, T) and `mask` picks the trained ones (the same loss)."""
+        x, y, rows = batch["input_ids"], batch["targets"], batch.get("rows")
+        if rows is None:
+            logp = -model(x, y, reduction="none").float()                     # (B, T)
+            mask, adv = batch["mask"], batch["advantages"].float()[:, None]
+        else:
+            varying_length(rows)
+            logp = -model(x, y, reduction="none", rows_N=rows).float()        # (N,)
+            mask, adv = None, batch["advantages"].float()[rows // y.shape[1]]
+        ratio = torch.exp(logp - batch["old_logp"])
+        plain = ratio * adv
+        clipped = ratio.clamp(1 - self.clip_eps, 1 + self.clip_eps) * adv
+        per_token = -torch.minimum(plain, clipped)
+        kl = None
         if self.kl_beta > 0:
-            d_BT = batch["ref_logp"] - logp_BT
-            kl_BT = torch.exp(d_BT) - d_BT - 1
-            per_token_BT = per_token_BT + self.kl_beta * kl_BT
+            d = batch["ref_logp"] - logp
+            kl = torch.exp(d) - d - 1
+            per_token = per_token + self.kl_beta * kl
         # where(), not a product with the mask: an overflowing ratio (inf) times 0 would be NaN
-        loss = torch.where(mask_BT, per_token_BT, 0.0).sum()
-        self._accumulate(mask_BT, clipped_BT < plain_BT, kl_BT)
+        loss = (per_token if mask is None else torch.where(mask, per_token, 0.0)).sum()
+        self._accumulate(logp, mask, clipped < plain, kl)
         return loss
 
     @torch.no_grad()
-    def _accumulate(self, mask_BT: torch.Tensor, clip_BT: torch.Tensor, kl_BT: torch.Tensor | None) -> None:
+    def _accumulate(self, logp: torch.Tensor, mask: torch.Tensor | None, clip: torch.Tensor,
+                    kl: torch.Tensor | None) -> None:
         if self._tokens is None:
-            self._kl, self._clipped, self._tokens = (torch.zeros((), dtype=torch.float64, device=mask_BT.device)
+            self._kl, self._clipped, self._tokens = (torch.zeros((), dtype=torch.float64, device=logp.device)
                                                      for _ in range(3))
-        self._tokens += mask_BT.sum()
-        self._clipped += (clip_BT & mask_BT).sum()
-        if kl_BT is not None:
-            self._kl += torch.where(mask_BT, kl_BT.detach(), 0.0).sum().double()
+        if mask is None:
+            self._tokens += logp.numel()
+            self._clipped += clip.sum()
+            if kl is not None:
+                self._kl += kl.detach().sum().double()
+            return
+        self._tokens += mask.sum()
+        self._clipped += (clip & mask).sum()
+        if kl is not None:
+            self._kl += torch.where(mask, kl.detach(), 0.0).sum().double()
 
     def take_stats(self) -> torch.Tensor | None:
         """(KL sum, clipped tokens, tokens) since the last call, a device tensor; None before any loss."""
@@ -190,17 +206,18 @@ def load_problems(sec: GRPOConfig, tok, seed: int, max_seq_len: int, say=print) 
     return task, train, held, report
 
 
-def reference_fn(policy: nn.Module, lora: bool) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """log p under the reference: the policy with its adapters off (LoRA), else a frozen copy made now."""
+def reference_fn(policy: nn.Module, lora: bool) -> Callable[..., torch.Tensor]:
+    """log p under the reference, (x, y, rows) -> token_logp: the policy with its adapters off (LoRA), else a
+    frozen copy made now."""
     if lora:
         from kiln.train.lora import adapters_disabled
 
-        def with_adapters_off(x, y):
+        def with_adapters_off(x, y, rows=None):
             with adapters_disabled(policy):
-                return token_logp(policy, x, y)
+                return token_logp(policy, x, y, rows)
         return with_adapters_off
     frozen = copy.deepcopy(policy).eval().requires_grad_(False)
-    return lambda x, y: token_logp(frozen, x, y)
+    return lambda x, y, rows=None: token_logp(frozen, x, y, rows)
 
 
 def run_grpo(cfg) -> dict:

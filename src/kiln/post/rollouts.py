@@ -3,7 +3,7 @@ advantages normalised within each group, rows with their completion masks and ol
 The choices and their hazards are in grpo.py's docstring.
 
 Shapes: B rows (prompts_per_step x group_size completions), T positions (prompt + completion - 1, padded),
-P prompts, G samples per prompt.
+P prompts, G samples per prompt, N trained positions (the completion tokens of the samples that scored).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from torch import nn
 from kiln.config import GRPOConfig
 from kiln.infer.engine import Engine, Output
 from kiln.infer.sampling import SamplingParams
+from kiln.post.common import trained_positions, varying_length
 from kiln.tokenizer.loader import IGNORE
 from kiln.train import loop
 from kiln.train.distributed import sum_over_ranks
@@ -45,10 +46,14 @@ def group_advantages(rewards_PG: torch.Tensor, valid_PG: torch.Tensor, eps: floa
     return torch.where(valid_PG & (n_P1 >= 2), adv, 0.0)
 
 
-def token_logp(model: nn.Module, input_ids_BT: torch.Tensor, targets_BT: torch.Tensor) -> torch.Tensor:
-    """log p of each target under `model` (B, T) fp32, 0 where the target is IGNORE; no gradient."""
+def token_logp(model: nn.Module, input_ids_BT: torch.Tensor, targets_BT: torch.Tensor,
+               rows_N: torch.Tensor | None = None) -> torch.Tensor:
+    """log p of each target under `model` (B, T) fp32, 0 where the target is IGNORE; with `rows_N` (the flat
+    indices of the trained targets, `build_rows`' `rows`) the head runs there only and the result is (N,)."""
     with torch.no_grad():
-        return -model(input_ids_BT, targets_BT, reduction="none").float()
+        if rows_N is not None:
+            varying_length(rows_N)
+        return -model(input_ids_BT, targets_BT, reduction="none", rows_N=rows_N).float()
 
 
 # ---------------------------------------------------------------- rewards
@@ -137,7 +142,8 @@ def derive_seed(*parts: int) -> int:
 def build_rows(prompts: list[list[int]], completions: list[list[int]], trained: list[bool], pad_id: int,
                max_len: int) -> dict[str, torch.Tensor]:
     """Prompt + completion rows, right-padded: input_ids (B, T), targets (B, T) = the next token where it is a
-    completion token of a trained sample (else IGNORE), mask (B, T) = targets != IGNORE."""
+    completion token of a trained sample (else IGNORE), mask (B, T) = targets != IGNORE, rows (N,) = the flat
+    indices of mask's True positions (where the loss runs the head; found here, so the step needs no host sync)."""
     n = [len(p) + len(c) - 1 for p, c in zip(prompts, completions)]
     T = min(-(-max(n) // ROW_MULTIPLE) * ROW_MULTIPLE, max_len)
     B = len(prompts)
@@ -149,12 +155,14 @@ def build_rows(prompts: list[list[int]], completions: list[list[int]], trained: 
         if trained[b]:
             y[b, len(p) - 1:n[b]] = full[len(p):]
     targets = torch.from_numpy(y)
-    return {"input_ids": torch.from_numpy(x), "targets": targets, "mask": targets != IGNORE}
+    return {"input_ids": torch.from_numpy(x), "targets": targets, "mask": targets != IGNORE,
+            "rows": trained_positions(y)}
 
 
 class Rollouts:
     """The batch source (see the module docstring): endless micro-batches of input_ids, targets, mask (B, T),
-    advantages (B,), old_logp (B, T) and with a reference ref_logp (B, T); CPU tensors. Resumable: the state is
+    rows (N,), advantages (B,), old_logp (N,) and with a reference ref_logp (N,) (each trained position's, in
+    `rows`' order); CPU tensors. Resumable: the state is
     the count of micro-batches drawn on this rank."""
 
     def __init__(self, policy: nn.Module, tok, problems: list[Problem], rewarder: Rewarder, sec: GRPOConfig,
@@ -234,13 +242,14 @@ class Rollouts:
             self.policy.train(was)
 
     def logps(self, batch: loop.Batch) -> dict[str, torch.Tensor]:
-        """old_logp (the policy that sampled: eval mode, as the engine ran it) and ref_logp, on the CPU."""
-        x, y = batch["input_ids"].to(self.device), batch["targets"].to(self.device)
+        """old_logp (the policy that sampled: eval mode, as the engine ran it) and ref_logp at the trained
+        positions (N,), on the CPU."""
+        x, y, rows = (batch[k].to(self.device) for k in ("input_ids", "targets", "rows"))
         out = {}
         with self.sampling():
-            out["old_logp"] = token_logp(self.policy, x, y)
+            out["old_logp"] = token_logp(self.policy, x, y, rows)
             if self.reference is not None:
-                out["ref_logp"] = self.reference(x, y)
+                out["ref_logp"] = self.reference(x, y, rows)
         return {k: v.cpu() for k, v in out.items()}   # a host sync, once per micro-batch (sampling has many)
 
     def score(self, problem: Problem, ids: list[int]) -> Score:
