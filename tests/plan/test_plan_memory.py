@@ -119,3 +119,34 @@ def test_sharding_divides_what_it_shards():
     assert fsdp.weights == one.weights / 4 and fsdp.optimizer == one.optimizer / 4
     offload = train_memory(cfg, dataclasses.replace(TrainSetup(seq_len=16, parallel="fsdp", gpus=4), cpu_offload=True))
     assert offload.weights == offload.gradients == offload.optimizer == 0 and offload.cpu > 0
+
+
+def test_the_head_on_trained_positions_saves_what_loss_share_predicts():
+    """Post-training runs the head on the trained positions only (rows_N): the final norm, head and loss then
+    keep that share of their logits and inputs for backward. Counted with saved-tensor hooks, fp32 plain head."""
+    cfg = ModelConfig(**CONFIGS["tied"]).resolved()
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    B, T = 3, 7
+    x = torch.randint(0, cfg.vocab_size, (B, T))
+    y = x.clone()
+    y[:, :4] = -100                                   # a 4-token prompt: 3 of 7 positions trained
+    rows = (y.flatten() != -100).nonzero()[:, 0]
+
+    def saved(**kw) -> int:
+        seen = {}
+
+        def pack(t):
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(x, y, reduction="sum", **kw)
+        return sum(seen.values())
+
+    def predicted(share: float) -> float:
+        return train_memory(cfg, TrainSetup(seq_len=T, micro_batch=B, precision="fp32", fused_head=False,
+                                            loss_share=share)).head_saved
+
+    share = rows.numel() / (B * T)
+    assert predicted(share) < predicted(1.0)
+    assert saved() - saved(rows_N=rows) == pytest.approx(predicted(1.0) - predicted(share), rel=0.01)

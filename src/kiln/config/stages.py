@@ -282,6 +282,10 @@ class EstimateConfig:
     """LoRA rank r: r x (in + out) adapter weights per targeted linear."""
     lora_targets: list[str] = field(default_factory=lambda: ["q", "k", "v", "o", "gate", "up", "down"])
     """Linears that get adapters: q, k, v, o, gate, up, down."""
+    loss_share: float = 1.0
+    """Share of each sequence's positions the loss is computed on, in (0, 1]: 1 for pretraining; for SFT, DPO and
+    GRPO, which run the output head on the trained tokens only, the assistant (answer, completion) tokens' share
+    (`kiln sft` prints its count of assistant tokens). Scales the head's logits memory and FLOPs."""
     gpu: str = "h100"
     """Hardware from kiln's table (h100, h100-pcie, h200, a100-80gb, a100-40gb, l40s, l4, rtx-4090, rtx-3090,
     apple-m4-max, apple-m3-ultra, apple-m2-ultra) or any name with gpu_memory_gb and gpu_tflops."""
@@ -313,6 +317,9 @@ class EstimateConfig:
         _positive("estimate.lora_rank", self.lora_rank)
         _positive("estimate.infer_batch", self.infer_batch)
         _non_negative("estimate.price_per_gpu_hour", self.price_per_gpu_hour)
+        if not 0 < self.loss_share <= 1:
+            raise ConfigError(f"estimate.loss_share={self.loss_share} must be in (0, 1] (0.3 = the loss on 30% of "
+                              "the positions, an SFT set's assistant tokens say)")
         if self.mfu is not None and not 0 < self.mfu <= 1:
             raise ConfigError(f"estimate.mfu={self.mfu} must be in (0, 1] (0.4 = 40% of the peak)")
         bad = [t for t in self.lora_targets if t not in ("q", "k", "v", "o", "gate", "up", "down")]

@@ -72,11 +72,11 @@ def default_mfu(n_params: int) -> tuple[float, str]:
     return mfu, "kiln's measured MFU at " + source
 
 
-def flops_per_token(cfg: ModelConfig, seq_len: int) -> dict:
+def flops_per_token(cfg: ModelConfig, seq_len: int, loss_share: float = 1.0) -> dict:
     """Training FLOPs per token: 6 x matmul weights (head included when tied) + 12 L H E T, as
-    Transformer.flops_per_token (a test checks they agree)."""
+    Transformer.flops_per_token (a test checks they agree); the head's 6 V D counted on `loss_share` of the tokens."""
     c = cfg.resolved()
-    dense = 6.0 * param_counts(c).matmul
+    dense = 6.0 * (param_counts(c).matmul - (1 - loss_share) * c.vocab_size * c.d_model)
     attention = 12.0 * c.depth * c.n_heads * c.head_dim * seq_len
     return {"dense": dense, "attention": attention, "total": dense + attention}
 
@@ -99,7 +99,7 @@ def train_setup(cfg: Config, m: ModelConfig) -> TrainSetup:
                       gpus=e.gpus, cpu_offload=t.cpu_offload if e.cpu_offload is None else e.cpu_offload,
                       checkpointing=ckpt, finetune=e.finetune, lora_rank=e.lora_rank,
                       lora_targets=tuple(e.lora_targets), fused_head=t.fused_cross_entropy != "off" and parallel != "zero3",
-                      accumulation=accum)
+                      accumulation=accum, loss_share=e.loss_share)
 
 
 def estimate(cfg: Config, hw: Accelerator | None = None) -> dict:
@@ -122,7 +122,7 @@ def estimate(cfg: Config, hw: Accelerator | None = None) -> dict:
     trainable = pc.total if s.finetune == "full" else lora_params(m, s.lora_rank, s.lora_targets)
     tpp = e.tokens_per_param or cfg.train.tokens_per_param
     tokens = e.tokens or tpp * pc.total
-    fpt = flops_per_token(m, s.seq_len)
+    fpt = flops_per_token(m, s.seq_len, s.loss_share)
     if s.finetune != "full":   # frozen base: no weight gradients, ~2/3 of the backward's matmul work remains
         fpt = {**fpt, "total": fpt["total"] * (2 + 2 * trainable / pc.total + 2) / 6}
     total_flops = fpt["total"] * tokens
@@ -185,7 +185,8 @@ def render(est: dict) -> str:
              "",
              f"training memory per GPU (GiB) on {hw['name']} ({hw['memory_gib']:g} GiB): {s['finetune']}, "
              f"{s['optimizer']}, {s['parallel']} x {s['gpus']}, micro-batch {s['micro_batch']} x {s['seq_len']}, "
-             f"checkpointing {s['checkpointing']}, {s['precision']}"]
+             f"checkpointing {s['checkpointing']}, {s['precision']}"
+             + (f", loss on {s['loss_share']:.0%} of the positions" if s["loss_share"] < 1 else "")]
     rows = [("weights", t["weights"]), ("gradients", t["gradients"]), ("optimizer states", t["optimizer"]),
             ("activations (saved for backward)", t["activations"]), ("output head / logits", t["head"]),
             ("autocast bf16 weight copies", t["autocast_copies"])]

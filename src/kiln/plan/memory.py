@@ -27,7 +27,6 @@ block at a time in backward; `selective` keeps the block input and the outputs o
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field, asdict
 
 from kiln.config import ModelConfig
@@ -138,6 +137,7 @@ class TrainSetup:
     lora_targets: tuple[str, ...] = LORA_TARGETS
     fused_head: bool = True            # kiln's fused head + cross-entropy (on by default on CUDA)
     accumulation: int = 1              # >1: gradients stay allocated through the next micro-batches
+    loss_share: float = 1.0            # positions the head and loss run on (post-training: the trained tokens)
     fused_norm: bool = True            # CUDA's fused rms_norm (False: PyTorch's composite one, as on CPU)
 
 
@@ -151,6 +151,7 @@ class TrainMemory:
     optimizer: float
     activations: float                 # saved for backward by the blocks, at the chosen checkpointing
     head: float                        # output head + loss at their largest (logits and their gradient)
+    head_saved: float                  # what the final norm, head and loss keep for backward (in `peak`'s phases)
     autocast_copies: float             # bf16 copies autocast makes of fp32 matmul weights
     phase: str                         # the phase of the peak
     peak: float                        # what torch.cuda.max_memory_allocated should read
@@ -235,12 +236,14 @@ def train_memory(cfg: ModelConfig, s: TrainSetup) -> TrainMemory:
     acts = by_mode[s.checkpointing]
     layer_full = N * per_tok_full
     recompute = 0.0 if s.checkpointing == "off" else layer_full    # one block's activations rebuilt in backward
-    # the final norm (its fp32 input + rstd) and the head's input in the compute dtype; the embedding's ids
-    head_in = N * (4 * D + 4 + (0 if s.fused_norm else 4 * D) + a * D + 8)
+    # the final norm (its fp32 input + rstd) and the head's input in the compute dtype (the trained positions'
+    # only, when the loss runs there: kiln.model.llama's rows_N); the embedding's ids
+    Nh = N * s.loss_share
+    head_in = N * (4 * D + 4 + (0 if s.fused_norm else 4 * D) + 8) + Nh * a * D
     if s.fused_head and not fp32:
-        head_saved, head_bwd_extra, head_fwd_extra = N * V * a, N * 4, N * 4
+        head_saved, head_bwd_extra, head_fwd_extra = Nh * V * a, Nh * 4, Nh * 4
     else:
-        head_saved, head_bwd_extra, head_fwd_extra = N * V * 4, N * V * 8, N * V * 4
+        head_saved, head_bwd_extra, head_fwd_extra = Nh * V * 4, Nh * V * 8, Nh * V * 4
     grads_live = gradients if s.accumulation > 1 else 0.0
     grad_head = (0 if adapters else (pc.embedding + pc.head) * grad_bytes * fg)
     held_copies = copies_all if s.checkpointing == "off" else copies_head
@@ -268,7 +271,8 @@ def train_memory(cfg: ModelConfig, s: TrainSetup) -> TrainMemory:
     peak = phases[phase]
     framework = CUDA_CONTEXT + ALLOCATOR_RESERVE * peak
     return TrainMemory(weights=weights, gradients=gradients, optimizer=optimizer, activations=acts,
-                       head=head_saved + max(head_fwd_extra, head_bwd_extra), autocast_copies=copies_all,
+                       head=head_saved + max(head_fwd_extra, head_bwd_extra), head_saved=head_in + head_saved,
+                       autocast_copies=copies_all,
                        phase=phase, peak=peak, framework=framework, total=peak + framework, activations_by_mode=by_mode,
                        phases=phases, cpu=cpu)
 
