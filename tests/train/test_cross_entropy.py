@@ -100,10 +100,24 @@ def test_a_target_outside_the_vocabulary_is_an_error_not_a_wrong_loss(bad):
         linear_cross_entropy(h, w, t)
 
 
-def test_rejects_reduction_none():
+def test_per_row_losses_and_their_gradients_match_the_plain_loss():
+    """reduction="none" (DPO's and GRPO's per-token log-probabilities): each row's loss, and the gradients of
+    a weighted sum of them (a different upstream gradient per row, as a policy-gradient loss gives)."""
     h, w, t = _inputs()
-    with pytest.raises(ValueError, match="reduction='none'"):
-        linear_cross_entropy(h, w, t, reduction="none")
+    weights = torch.randn(len(t), generator=torch.Generator().manual_seed(5), dtype=h.dtype)
+    got, want = [], []
+    for fn, out in ((linear_cross_entropy, got), (_plain, want)):
+        rows = fn(h, w, t, reduction="none")
+        out += [rows, *torch.autograd.grad((rows * weights).sum(), (h, w))]
+    assert got[0].shape == (len(t),) and got[0][[3, 10]].abs().max() == 0
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.double(), b.double(), rtol=2e-6, atol=1e-6)
+
+
+def test_rejects_an_unknown_reduction():
+    h, w, t = _inputs()
+    with pytest.raises(ValueError, match="reduction='max'"):
+        linear_cross_entropy(h, w, t, reduction="max")
 
 
 def _tiny_model(tie=True):
@@ -137,6 +151,19 @@ def test_model_trains_the_same_with_the_fused_head(tie):
     with torch.no_grad():   # evaluation keeps the plain path, per-token losses included
         torch.testing.assert_close(fused(x[0], y[0], reduction="none"), plain(x[0], y[0], reduction="none"),
                                    rtol=1e-3, atol=1e-4)
+    # per-token losses with gradients (DPO, GRPO) take the fused head, on the trained positions too (rows_N)
+    fused.load_state_dict(plain.state_dict())   # the same weights (AdamW's steps above differ in the last bits)
+    rows = (y[0].flatten() != -100).nonzero()[:, 0]
+    weights = torch.randn(rows.numel(), generator=g)
+    for kw in ({}, {"rows_N": rows}):
+        grads = []
+        for m in (plain, fused):
+            m.zero_grad()
+            per = m(x[0], y[0], reduction="none", **kw)
+            ((per.flatten()[rows] if not kw else per) @ weights).backward()
+            grads.append([p.grad.clone() for p in m.parameters()])
+        for a, b in zip(*grads):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
 def test_mode_resolution():

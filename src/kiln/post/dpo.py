@@ -81,9 +81,9 @@ def sequence_logps(model: nn.Module, input_ids: torch.Tensor, targets: torch.Ten
     """Summed log-probability (R,) fp32 of each row's target tokens (-100 targets count 0). With `rows` (the
     flat indices of the answer tokens, PairBatches' `rows`) the head runs on those positions only.
 
-    Hazard: the per-token loss (reduction "none") takes the model's plain head, never the fused one, so the
-    fp32 logits of every scored position exist at once: the memory DPO pays over SFT at a large vocabulary
-    (with `rows`, the answers' positions only: a quarter of them for a 3:1 prompt:answer split)."""
+    In training the per-token loss (reduction "none") runs kiln's fused head where the run has it (one (N, V)
+    block in the compute dtype); scoring without gradients (the reference pass) runs the plain head, whose fp32
+    logits of every scored position exist at once (with `rows`, the answers' positions only)."""
     if rows is None:
         return -model(input_ids, targets, reduction="none").sum(-1)
     varying_length(rows)

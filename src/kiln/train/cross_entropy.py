@@ -19,8 +19,10 @@ On CUDA the row kernel is Triton: an online logsumexp over the row, then a secon
 the gradient (partly from L2). Elsewhere it is the same arithmetic in PyTorch, in
 chunks of rows so that the fp32 temporaries stay small; tests compare both with `F.cross_entropy`.
 
-Only the training forward uses it (gradients on, reduction `mean` or `sum`); validation and
-`reduction="none"` keep the plain path. Under DeepSpeed ZeRO-3 it is not applied: there the head's
+Only the training forward uses it (gradients on); validation and scoring without gradients keep the
+plain path. `reduction="none"` (DPO's and GRPO's per-token log-probabilities) returns the per-row losses;
+its backward scales the (N, D) and (V, D) sides by each row's upstream gradient instead of the (N, V)
+block, so it needs no more memory than `sum`. Under DeepSpeed ZeRO-3 it is not applied: there the head's
 weight is gathered by hooks on the module's own forward, which this bypasses.
 """
 
@@ -149,39 +151,47 @@ def _loss_grad_triton(logits_NV, targets_N, scale, ignore_index):
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h_ND, w_VD, targets_N, ignore_index: int, mean: bool):
+    def forward(ctx, h_ND, w_VD, targets_N, ignore_index: int, reduction: str):
         logits_NV = h_ND @ w_VD.t()   # the only (N, V) buffer: it becomes the gradient below
-        if mean:
+        if reduction == "mean":
             scale = 1.0 / (targets_N != ignore_index).sum().float()   # on the device; inf when none count (mean -> NaN)
         else:
             scale = torch.ones((), dtype=torch.float32, device=h_ND.device)
         loss_N = cross_entropy_loss_grad_(logits_NV, targets_N, scale, ignore_index)
         ctx.save_for_backward(h_ND, w_VD, logits_NV)
-        return loss_N.sum() * scale
+        ctx.per_row = reduction == "none"
+        return loss_N if ctx.per_row else loss_N.sum() * scale
 
     @staticmethod
     def backward(ctx, grad_loss):
         h_ND, w_VD, grad_NV = ctx.saved_tensors   # grad_NV: d(loss)/d(logits), reduction included
+        need_h, need_w = ctx.needs_input_grad[:2]
+        if ctx.per_row:   # row n's gradient is grad_loss[n] times its own: scale the thin sides, not (N, V)
+            g_N1 = grad_loss.to(h_ND.dtype)[:, None]
+            grad_h = (grad_NV @ w_VD) * g_N1 if need_h else None
+            grad_w = grad_NV.t() @ (h_ND * g_N1) if need_w else None
+            return grad_h, grad_w, None, None, None
         g = grad_loss.to(h_ND.dtype)
-        grad_h = (grad_NV @ w_VD) * g if ctx.needs_input_grad[0] else None
-        grad_w = (grad_NV.t() @ h_ND) * g if ctx.needs_input_grad[1] else None
+        grad_h = (grad_NV @ w_VD) * g if need_h else None
+        grad_w = (grad_NV.t() @ h_ND) * g if need_w else None
         return grad_h, grad_w, None, None, None
 
 
 def linear_cross_entropy(h_ND: torch.Tensor, w_VD: torch.Tensor, targets_N: torch.Tensor,
                          ignore_index: int = -100, reduction: str = "mean") -> torch.Tensor:
-    """`F.cross_entropy(h_ND @ w_VD.T, targets_N)` (fp32 loss) with the fused head; `mean` or `sum`.
+    """`F.cross_entropy(h_ND @ w_VD.T, targets_N)` (fp32 loss) with the fused head; `mean`, `sum` or `none`
+    ((N,), 0 at ignored rows).
 
     Under autocast both operands are cast to the autocast dtype first, as `nn.Linear` would.
     """
-    if reduction not in ("mean", "sum"):
-        raise ValueError(f"reduction={reduction!r}: the fused head supports 'mean' and 'sum'")
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction={reduction!r}: use 'mean', 'sum' or 'none'")
     dt = h_ND.device.type
     if torch.is_autocast_enabled(dt):
         cast = torch.get_autocast_dtype(dt)
         h_ND, w_VD = h_ND.to(cast), w_VD.to(cast)
     with torch.autocast(dt, enabled=False):
-        return _LinearCrossEntropy.apply(h_ND, w_VD, targets_N, ignore_index, reduction == "mean")
+        return _LinearCrossEntropy.apply(h_ND, w_VD, targets_N, ignore_index, reduction)
 
 
 def fuse_for_run(model: nn.Module, mode: str, device: torch.device, parallel: str = "none",
@@ -197,15 +207,16 @@ def apply_fused_cross_entropy(model: nn.Module) -> None:
     """Route the training loss of a kiln Transformer through `linear_cross_entropy`.
 
     Replaces `loss` on the instance (names, checkpoints and exports unchanged); evaluation without
-    gradients and `reduction="none"` still take the model's own path.
+    gradients still takes the model's own path.
     """
     plain = model.loss
 
     def loss(self, h_BTD, targets_BT, reduction="mean"):
-        if not torch.is_grad_enabled() or reduction == "none":
+        if not torch.is_grad_enabled():
             return plain(h_BTD, targets_BT, reduction)
-        return linear_cross_entropy(h_BTD.flatten(0, 1), self.lm_head.weight, targets_BT.reshape(-1),
-                                    reduction=reduction)
+        out = linear_cross_entropy(h_BTD.flatten(0, 1), self.lm_head.weight, targets_BT.reshape(-1),
+                                   reduction=reduction)
+        return out.view(targets_BT.shape) if reduction == "none" else out
 
     model.loss = types.MethodType(loss, model)
 
