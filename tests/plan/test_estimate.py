@@ -136,3 +136,28 @@ def test_pretrain_start_warns_when_the_run_will_not_fit():
     assert len(fits) == 1 and "estimate: peak" in fits[0]
     lines = startup_estimate(cfg, 10 ** 6, "GPU X")
     assert lines[-1].startswith("warning:") and "GPU X" in lines[-1] and "micro-batch" in lines[-1]
+
+
+def test_sft_start_estimates_its_adapters_and_trained_share():
+    """`kiln sft` prints the plan for its own run: LoRA / QLoRA adapters on a frozen base, the head on the
+    assistant tokens' share, and a warning that names the stage's keys."""
+    import dataclasses
+    import re
+
+    from kiln.config import LoRAConfig, load_recipe
+    from kiln.plan.estimate import startup_estimate
+    cfg = load_recipe("tiny", {"model": {"vocab_size": 32768}})
+
+    def peak(**kw) -> float:
+        line = startup_estimate(cfg, 80 * 2 ** 30, "GPU X", **kw)[0]
+        return float(re.search(r"peak ([\d.,]+) GiB", line).group(1).replace(",", ""))
+
+    full, lora = peak(), peak(lora=LoRAConfig(enabled=True, rank=8, targets=["q_proj", "v_proj"]))
+    qlora = peak(lora=LoRAConfig(enabled=True, base_dtype="nf4"))
+    assert lora < full and qlora < full
+    assert peak(loss_share=0.3) < full
+    assert peak(lora=LoRAConfig(enabled=False)) == full
+    short = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seq_len=cfg.model.max_seq_len // 4))
+    assert float(re.search(r"peak ([\d.,]+) GiB", startup_estimate(short, 80 * 2 ** 30, "GPU X")[0]).group(1)) < full
+    warn = startup_estimate(cfg, 10 ** 6, "GPU X", keys="sft.train")[-1]
+    assert "--sft.train.activation_checkpointing" in warn

@@ -240,13 +240,19 @@ def run_estimate(cfg: Config) -> dict:
     return est
 
 
-def startup_estimate(cfg: Config, free_bytes: int, device_name: str, world_size: int = 1) -> list[str]:
-    """What `kiln pretrain` prints at start for its own (resolved) configuration: the predicted peak per GPU by
-    part, and a warning when it exceeds the free memory of this GPU."""
-    e = dataclasses.replace(cfg.estimate, model=None, gpus=world_size, seq_len=None, micro_batch=None,
+def startup_estimate(cfg: Config, free_bytes: int, device_name: str, world_size: int = 1, lora=None,
+                     loss_share: float = 1.0, keys: str = "train") -> list[str]:
+    """What a training stage prints at start for its own (resolved) configuration: the predicted peak per GPU by
+    part, and a warning when it exceeds the free memory of this GPU. `lora` (a LoRAConfig, enabled) estimates
+    adapters on a frozen base (NF4 for QLoRA), `loss_share` the head on that share of the positions (SFT: the
+    assistant tokens'), `keys` is where the stage's train settings sit on the command line (`sft.train`)."""
+    finetune = "full" if lora is None or not lora.enabled else "qlora" if lora.base_dtype == "nf4" else "lora"
+    e = dataclasses.replace(cfg.estimate, model=None, gpus=world_size, seq_len=cfg.train.seq_len, micro_batch=None,
                             precision="fp32" if cfg.train.precision == "fp32" else "bf16",
                             batch_tokens=None, optimizer="auto", parallel="auto", activation_checkpointing="auto",
-                            cpu_offload=None, finetune="full")
+                            cpu_offload=None, finetune=finetune, loss_share=loss_share)
+    if finetune != "full":
+        e = dataclasses.replace(e, lora_rank=lora.rank, lora_targets=[t.removesuffix("_proj") for t in lora.targets])
     run = dataclasses.replace(cfg, estimate=e)
     m = cfg.model.resolved()
     tm = train_memory(m, train_setup(run, m))
@@ -258,6 +264,6 @@ def startup_estimate(cfg: Config, free_bytes: int, device_name: str, world_size:
         best = largest_micro_batch(m, train_setup(run, m), free_bytes)
         lines.append(f"warning: this run is predicted to need {_gb(tm.total)} GiB per GPU but {device_name} has "
                      f"{_gb(free_bytes)} GiB free: it will probably run out of memory. Largest micro-batch predicted "
-                     f"to fit: {best}; or --train.activation_checkpointing block, or shard with --train.parallel "
+                     f"to fit: {best}; or --{keys}.activation_checkpointing block, or shard with --{keys}.parallel "
                      "fsdp (`kiln estimate` shows each option's figures)")
     return lines

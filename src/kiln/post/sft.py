@@ -237,6 +237,13 @@ def _sft(st: Stage) -> dict:
 
     fingerprint = {"data": fingerprint_of([x.tolist() for x, _ in train[:2000]], len(train), report["train_tokens"]),
                    "base": str(st.base), "packing": sec.packing}
+    if st.device.type == "cuda":   # the plan's figures for this run, and a warning before one that cannot fit
+        from kiln.plan.estimate import startup_estimate
+        share = report["train_assistant_tokens"] / max(report["train_tokens"], 1)
+        for line in startup_estimate(st.cfg, torch.cuda.mem_get_info(st.device)[0],
+                                     torch.cuda.get_device_name(st.device), st.d.world_size, sec.lora, share,
+                                     "sft.train"):
+            st.say(line)
     model = load_base(st)
     tr = trainer(st, model, fingerprint)
     d = st.d
