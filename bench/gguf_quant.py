@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 
-from kiln.formats.gguf import gguf_size, model_config, read_gguf, write_gguf
+from kiln.formats.gguf import model_config, read_gguf, write_gguf
+from kiln.formats.gguf_layout import gguf_size
 from kiln.model.llama import Transformer
 
 HELD_OUT = ["argparse.py", "inspect.py", "typing.py", "dataclasses.py", "pathlib.py"]

@@ -17,12 +17,12 @@ import torch
 from tokenizers import Tokenizer, pre_tokenizers
 
 from kiln.config import ModelConfig
-from kiln.config.patterns import PATTERNS
 from kiln.formats import gguf as kg
-from kiln.formats.gguf import gguf_size, model_config, read_gguf, write_gguf
+from kiln.formats.gguf import model_config, read_gguf, write_gguf
+from kiln.formats.gguf_layout import gguf_size
 from kiln.formats.gguf_vocab import PRE_TOKENIZERS, pre_name_for, splitter
 from kiln.model.llama import Transformer
-from kiln.tokenizer.special import CHAT_TEMPLATE, END
+from kiln.tokenizer.special import END
 from kiln.tokenizer.train import train_bpe, write_hf_configs
 
 # Text that splits differently under near-miss regexes: contractions (and the long s, which case-folds to

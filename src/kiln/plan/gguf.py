@@ -1,5 +1,5 @@
 """GGUF sizes by arithmetic: each tensor's type and bytes exactly as kiln's exporter writes them
-(`kiln.formats.gguf.tensor_plan`, the one place that decides them), plus an estimate of the header,
+(`kiln.formats.gguf_layout.tensor_plan`, the one place that decides them), plus an estimate of the header,
 metadata and tokenizer.
 
 Block sizes (ggml's type traits): Q8_0 stores 32 weights in 34 bytes (an fp16 scale + 32 int8),
@@ -22,9 +22,9 @@ from __future__ import annotations
 import gguf
 
 from kiln.config import ModelConfig
-from kiln.formats.gguf import ALIGN as ALIGNMENT
-from kiln.formats.gguf import QUANTS as _QUANT_TYPES
-from kiln.formats.gguf import tensor_bytes, tensor_plan, tensor_qtype
+from kiln.formats.gguf_layout import ALIGN as ALIGNMENT
+from kiln.formats.gguf_layout import QUANTS as _QUANT_TYPES
+from kiln.formats.gguf_layout import tensor_bytes, tensor_plan, tensor_qtype
 
 QUANTS = tuple(_QUANT_TYPES)
 
