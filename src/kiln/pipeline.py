@@ -26,12 +26,12 @@ def _data(cfg: Config):
 
 
 def _tokenizer(cfg: Config):
-    from kiln.tokenizer import run_tokenizer
+    from kiln.tokenizer.train import run_tokenizer
     return run_tokenizer(cfg)
 
 
 def _tokenize(cfg: Config):
-    from kiln.tokenizer import run_tokenize
+    from kiln.tokenizer.tokenize import run_tokenize
     return run_tokenize(cfg)
 
 

@@ -6,7 +6,7 @@ import pytest
 from tokdata import make_config, make_run
 
 from kiln.config import Config
-from kiln.tokenizer import run_tokenizer
+from kiln.tokenizer.train import run_tokenizer
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,9 @@ from tokdata import make_config, make_run
 
 from kiln.config import Config
 from kiln.config.rundir import RunDir
-from kiln.tokenizer import Tokenizer, run_tokenize, run_tokenizer
+from kiln.tokenizer import Tokenizer
+from kiln.tokenizer.tokenize import run_tokenize
+from kiln.tokenizer.train import run_tokenizer
 from kiln.tokenizer import tokenize as tokenize_mod
 
 

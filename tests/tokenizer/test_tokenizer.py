@@ -11,7 +11,8 @@ import tokenizers
 from tokdata import make_config, make_run
 
 from kiln.config.rundir import RunDir
-from kiln.tokenizer import Tokenizer, run_tokenizer
+from kiln.tokenizer import Tokenizer
+from kiln.tokenizer.train import run_tokenizer
 from kiln.tokenizer.special import CHAT_TEMPLATE, render_chat, special_tokens
 
 SAMPLES = [

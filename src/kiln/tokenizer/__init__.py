@@ -1,7 +1,7 @@
-"""Tokenizer stage (train a byte-level BPE) and tokenize stage (encode the splits into token shards)."""
+"""Tokenizer stage (train a byte-level BPE: kiln.tokenizer.train) and tokenize stage (encode the splits into token
+shards: kiln.tokenizer.tokenize). Only the Tokenizer is imported here: post-training, serving and evaluation use
+it without the stages' Parquet machinery."""
 
 from kiln.tokenizer.core import Tokenizer
-from kiln.tokenizer.tokenize import run_tokenize
-from kiln.tokenizer.train import run_tokenizer
 
-__all__ = ["Tokenizer", "run_tokenize", "run_tokenizer"]
+__all__ = ["Tokenizer"]

@@ -43,9 +43,6 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import torch
 
 from kiln.tokenizer.packing import bestfit_rows, split_pieces, document_mask
@@ -404,6 +401,8 @@ class PackedLoader:
 def _scan_shards(files: list[Path], need_lengths: bool) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
     """Documents and tokens per shard (footer / tokenize metadata when present), and document lengths
     when needed; reads one shard at a time."""
+    import pyarrow as pa   # here, not at the top: post-training, serving and eval import this module, not shards
+    import pyarrow.parquet as pq
     docs, tokens, lens = [], [], []
     for f in files:
         try:
@@ -426,6 +425,9 @@ def _scan_shards(files: list[Path], need_lengths: bool) -> tuple[np.ndarray, np.
 
 def _read_shard(f: Path, values: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """(tokens int32, document offsets int64 of length docs + 1) of one token shard."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
     try:
         col = pq.read_table(f, columns=["ids"]).column("ids")
     except (OSError, pa.ArrowException, KeyError) as e:
