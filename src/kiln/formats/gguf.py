@@ -43,9 +43,6 @@ QUANTIZE_TOOL = "llama-quantize"   # llama.cpp's quantiser: the only source of K
 QUANTIZE_TIMEOUT_S = 3600
 
 
-
-
-
 # ---------------------------------------------------------------- import
 
 def read_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> ImportedModel:
@@ -207,8 +204,6 @@ def _llama3_params(factors: torch.Tensor, head_dim: int, theta: float, path: Pat
             return {"rope_type": "llama3", **p}
     raise ValueError(f"{path}: {ROPE_FREQS} does not match llama3 rope scaling for any parameters tried; "
                      "this kind of rope scaling is not supported")
-
-
 
 
 # ---------------------------------------------------------------- export

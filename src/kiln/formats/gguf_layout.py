@@ -49,6 +49,7 @@ class TensorPlan:
     qtype: T
     wanted: T                  # the file type's choice before a row length forced a wider one
 
+
 # ---------------------------------------------------------------- names and shapes
 
 def hf_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -100,6 +101,7 @@ def permute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 def unpermute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     """The inverse of permute_qk."""
     return w.reshape(n_heads, w.shape[0] // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
 
 # ---------------------------------------------------------------- tensor types and sizes
 

@@ -97,7 +97,8 @@ class GRPOLoss:
         else:
             varying_length(rows)
             logp = -model(x, y, reduction="none", rows_N=rows).float()        # (N,)
-            mask, adv = None, batch["advantages"].float()[rows // y.shape[1]]
+            mask = torch.ones_like(logp, dtype=torch.bool)                     # every one of them is trained
+            adv = batch["advantages"].float()[rows // y.shape[1]]
         ratio = torch.exp(logp - batch["old_logp"])
         plain = ratio * adv
         clipped = ratio.clamp(1 - self.clip_eps, 1 + self.clip_eps) * adv
@@ -108,22 +109,15 @@ class GRPOLoss:
             kl = torch.exp(d) - d - 1
             per_token = per_token + self.kl_beta * kl
         # where(), not a product with the mask: an overflowing ratio (inf) times 0 would be NaN
-        loss = (per_token if mask is None else torch.where(mask, per_token, 0.0)).sum()
-        self._accumulate(logp, mask, clipped < plain, kl)
+        loss = torch.where(mask, per_token, 0.0).sum()
+        self._accumulate(mask, clipped < plain, kl)
         return loss
 
     @torch.no_grad()
-    def _accumulate(self, logp: torch.Tensor, mask: torch.Tensor | None, clip: torch.Tensor,
-                    kl: torch.Tensor | None) -> None:
+    def _accumulate(self, mask: torch.Tensor, clip: torch.Tensor, kl: torch.Tensor | None) -> None:
         if self._tokens is None:
-            self._kl, self._clipped, self._tokens = (torch.zeros((), dtype=torch.float64, device=logp.device)
+            self._kl, self._clipped, self._tokens = (torch.zeros((), dtype=torch.float64, device=mask.device)
                                                      for _ in range(3))
-        if mask is None:
-            self._tokens += logp.numel()
-            self._clipped += clip.sum()
-            if kl is not None:
-                self._kl += kl.detach().sum().double()
-            return
         self._tokens += mask.sum()
         self._clipped += (clip & mask).sum()
         if kl is not None:
