@@ -26,7 +26,7 @@ from serve_engine import build, kiln_engine, kiln_model  # noqa: E402
 
 
 def profile_step(engine, B: int, S: int, replays: int) -> list[dict]:
-    graph = engine._graphs[B, S][0]
+    graph = engine.decoder.graphs[B, S][0]
     for _ in range(5):
         graph.replay()
     torch.cuda.synchronize()
@@ -58,8 +58,8 @@ def main(argv=None) -> int:
         base = build(shape, max(512, a.length), "cuda")
         for peer in a.peers.split(","):
             engine, build_s = kiln_engine(kiln_model(base, peer), a.batch, base.cfg.max_seq_len, peer, "cuda")
-            S = engine._length(a.length)
-            rows = profile_step(engine, engine._bucket(a.batch), S, a.replays)
+            S = engine.decoder.length(a.length)
+            rows = profile_step(engine, engine.decoder.bucket(a.batch), S, a.replays)
             total = sum(r["us_per_step"] for r in rows)
             launches = sum(r["launches_per_step"] for r in rows)
             print(f"\n{shape} {peer} batch {a.batch} length bucket {S}: {launches:.0f} kernels, {total:.0f} us "

@@ -30,6 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from kiln.config import ModelConfig  # noqa: E402
+from kiln.infer.decode_step import DecodeStep  # noqa: E402
 from kiln.infer.engine import Engine  # noqa: E402
 from kiln.infer.sampling import SamplingParams  # noqa: E402
 from kiln.model.llama import Transformer  # noqa: E402
@@ -95,8 +96,12 @@ def kiln_engine(model, batch: int, max_len: int, peer: str, device: str) -> tupl
     from contextlib import nullcontext
 
     from torch.nn.attention import SDPBackend, sdpa_kernel
-    rows = Engine.fused_attention_rows
-    Engine.fused_attention_rows = batch if "triton" in peer else rows   # -triton: every bucket through the kernel
+    rows = DecodeStep.fused_attention_rows
+    DecodeStep.fused_attention_rows = batch if "triton" in peer else rows   # -triton: every bucket through the kernel
+    from kiln.infer import attention
+    merge = attention.MERGE_IN_KERNEL
+    if "-merge" in peer or "-combine" in peer:   # the attention's merge in its kernel, or as a launch of its own
+        attention.MERGE_IN_KERNEL = "-merge" in peer
     pdl = os.environ.get("KILN_PDL")
     if peer.endswith("-pdl") or "-pdl-" in peer:   # -pdl: kiln's Triton kernels with programmatic dependent launch
         os.environ["KILN_PDL"] = "1"
@@ -107,12 +112,13 @@ def kiln_engine(model, batch: int, max_len: int, peer: str, device: str) -> tupl
                             overlap="sync" not in peer, fused_attention=False if "sdpa" in peer else None,
                             fused_layers="layers" in peer)
     finally:
-        Engine.fused_attention_rows = rows
+        DecodeStep.fused_attention_rows = rows
+        attention.MERGE_IN_KERNEL = merge
         if pdl is None:
             os.environ.pop("KILN_PDL", None)
         else:
             os.environ["KILN_PDL"] = pdl
-    engine.fused_attention_rows = batch if "triton" in peer else rows   # for any step the graphs do not hold
+    engine.decoder.fused_attention_rows = batch if "triton" in peer else rows   # for any step the graphs do not hold
     return engine, time.perf_counter() - t0
 
 
@@ -133,9 +139,9 @@ def time_kiln(engine: Engine, prompts, new: int) -> tuple[float, float | None]:
     sync()
     tps = B * (engine.stats["decode_steps"] - steps0) / (time.perf_counter() - t0)
     replay_us = None
-    key = engine._bucket(B), engine._length(len(prompts[0]) + new // 2)   # the mean step's
-    if key in engine._graphs:
-        graph = engine._graphs[key][0]
+    key = engine.decoder.bucket(B), engine.decoder.length(len(prompts[0]) + new // 2)   # the mean step's
+    if key in engine.decoder.graphs:
+        graph = engine.decoder.graphs[key][0]
         sync()
         t0 = time.perf_counter()
         for _ in range(50):
@@ -186,8 +192,9 @@ def main(argv=None) -> int:
                          "kiln-int8-compile, kiln-compile-fused (q/k/v and gate/up stacked), kiln-sync (no overlap: "
                          "the host reads each step before the next), kiln-compile-math (SDPA's math backend), "
                          "-sdpa in a kiln peer's name: the model's RoPE + SDPA instead of the one-kernel attention, "
-                         "-triton: the kernel at every batch (by default only up to Engine.fused_attention_rows), "
+                         "-triton: the kernel at every batch (by default only up to DecodeStep.fused_attention_rows), "
                          "-layers (with -fused): whole layers through kiln/infer/fused_step.py's kernels, "
+                         "-merge / -combine: the decode attention's merge in its kernel / as a launch of its own, "
                          "-pdl: kiln's Triton kernels with programmatic dependent launch (KILN_PDL=1; Hopper), "
                          "hf (default cache), hf-static (static cache, compiled)")
     ap.add_argument("--prompt", type=int, default=128)

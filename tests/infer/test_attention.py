@@ -2,6 +2,7 @@
 (RoPE, cache write, SDPA over a mask), and the Triton kernel against the reference — in Triton's interpreter on
 the CPU, on the device with CUDA."""
 
+import itertools
 import math
 import os
 import subprocess
@@ -83,16 +84,19 @@ INTERPRETED_CASES = [  # H, K, E, M, dtype, splits
 def interpreted_cases() -> None:
     """Run in a process started with TRITON_INTERPRET=1 (Triton reads it when first imported)."""
     from kiln.infer.kernels import combine_kernel, decode_kernel
-    for H, K, E, M, dtype, splits in INTERPRETED_CASES:
+    from kiln.infer.attention import _counters
+    for (H, K, E, M, dtype, splits), merge in itertools.product(INTERPRETED_CASES, (True, False)):
         dtype = getattr(torch, dtype)
         args = case(H=H, K=K, E=E, M=M, dtype=dtype)
         ref_args = [a.clone() for a in args]
         want = decode_attention_reference(*ref_args)
-        got = decode_attention_triton(*args, M, kernels=(decode_kernel, combine_kernel), splits=splits)
+        got = decode_attention_triton(*args, M, kernels=(decode_kernel, combine_kernel), splits=splits, merge=merge)
         tol = dict(atol=2e-2, rtol=2e-2) if dtype == torch.bfloat16 else dict(atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(got, want, **tol)
         torch.testing.assert_close(args[5], ref_args[5], **tol)
         torch.testing.assert_close(args[6], ref_args[6])
+        assert all(int(c.abs().sum()) == 0 for c in _counters.values()), "a merge left its counter set"
+    assert merge is False and _counters, "the in-kernel merge ran"
     print("ok", len(INTERPRETED_CASES))
 
 
@@ -123,8 +127,15 @@ def test_triton_kernel_equals_reference_cuda(dtype, H, K, E, M):
     one = [a[:1].clone() if i < 5 or i == 7 else a.clone() for i, a in enumerate(case(B=1, H=H, K=K, E=E, M=M,
                                                                                      dtype=dtype, device="cuda"))]
     ref_one = [a.clone() for a in one]
-    torch.testing.assert_close(decode_attention(*one, M), decode_attention_reference(*ref_one), **tol)
+    want_one = decode_attention_reference(*ref_one)
+    torch.testing.assert_close(decode_attention(*one, M), want_one, **tol)
     assert math.isfinite(float(got.float().abs().max()))
+    # the merge as a launch of its own gives the same; the in-kernel merge, launched again and again, the same
+    # bits every time (a split read before its writer finished would show as a different result)
+    torch.testing.assert_close(decode_attention_triton(*one, M, merge=False), want_one, **tol)
+    first = decode_attention_triton(*one, M, merge=True)
+    for _ in range(200):
+        assert torch.equal(decode_attention_triton(*one, M, merge=True), first)
 
 
 if __name__ == "__main__":

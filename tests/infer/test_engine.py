@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from kiln.config import ModelConfig
+from kiln.infer.decode_step import DecodeStep
 from kiln.infer.engine import Engine, QueueFull
 from kiln.infer.generate import generate
 from kiln.infer.sampling import SamplingParams
@@ -42,15 +43,15 @@ def test_batched_greedy_equals_uncached_single_sequence(heads, min_length_bucket
     """Every batch size from 1 to all prompts at once (slots = batch), ragged prompts, joins and leaves; the
     decode attending over the whole slot, or over length buckets 8, 16, 32, 48 as the rows grow; through the
     model's RoPE + SDPA, or the one-kernel op (kiln/infer/attention.py; PyTorch arithmetic on the CPU)."""
-    monkeypatch.setattr(Engine, "min_length_bucket", min_length_bucket)
+    monkeypatch.setattr(DecodeStep, "min_length_bucket", min_length_bucket)
     model = make(**HEADS[heads])
     ref = [generate(model, p, 20, temperature=0, use_cache=False) for p in PROMPTS]
     assert len({tuple(r) for r in ref}) > 1   # not a constant output
     for slots in (1, 2, 3, len(PROMPTS)):
         engine = Engine(model, max_slots=slots, prefill_tokens=64, fused_attention=fused)
-        engine.fused_attention_rows = 2   # buckets of 1 and 2 rows fused, 4 and 8 not
-        assert engine.fused_attention == fused
-        assert engine.lengths == ([8, 16, 32, 48] if min_length_bucket == 8 else [48])
+        engine.decoder.fused_attention_rows = 2   # buckets of 1 and 2 rows fused, 4 and 8 not
+        assert engine.decoder.fused_attention == fused
+        assert engine.decoder.lengths == ([8, 16, 32, 48] if min_length_bucket == 8 else [48])
         out = engine.generate(PROMPTS, GREEDY)
         assert [o[0] for o in out] == ref, f"{slots} slots"
 

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from kiln.config import ModelConfig
+from kiln.infer.decode_step import DecodeStep
 from kiln.infer.engine import Engine
 from kiln.infer.generate import generate
 from kiln.infer.sampling import SamplingParams
@@ -26,7 +27,7 @@ def test_graphs_greedy_equals_reference_fp32(fused):
     ref = [generate(model, p, 24, temperature=0, use_cache=False) for p in PROMPTS]
     for slots in (1, 3, 8):
         engine = Engine(model, max_slots=slots, cuda_graphs=True, fused_attention=fused)
-        assert engine._graphs and engine.fused_attention == fused
+        assert engine.decoder.graphs and engine.decoder.fused_attention == fused
         assert [o[0] for o in engine.generate(PROMPTS, SamplingParams(max_tokens=24, temperature=0))] == ref
 
 
@@ -45,14 +46,14 @@ def test_graphs_equal_eager_bf16_with_sampling():
 def test_compiled_graphs_equal_reference_with_stops(overlap, fused, monkeypatch):
     """torch.compile'd step under the graphs, length buckets 16, 32, 64; stop ids end rows at different steps
     (the overlapped engine has a step in flight for each, whose token is dropped); no slot is left taken."""
-    monkeypatch.setattr(Engine, "min_length_bucket", 16)
+    monkeypatch.setattr(DecodeStep, "min_length_bucket", 16)
     model = make()
     ref = [generate(model, p, 24, temperature=0, use_cache=False) for p in PROMPTS]
     stop = ref[3][6]
     want = [r[:r.index(stop)] if stop in r else r for r in ref]
     torch._dynamo.reset()
     engine = Engine(model, max_slots=4, cuda_graphs=True, compile=True, overlap=overlap, fused_attention=fused)
-    assert sorted(engine._graphs) == [(B, S) for B in (1, 2, 4) for S in (16, 32, 64)]
+    assert sorted(engine.decoder.graphs) == [(B, S) for B in (1, 2, 4) for S in (16, 32, 64)]
     got = engine.generate(PROMPTS, SamplingParams(max_tokens=24, temperature=0, stop_ids=(stop,)))
     for i, (o, w) in enumerate(zip(got, want)):
         assert o[0] == w, f"prompt {i}: got {o[0]}, want {w}"

@@ -2,6 +2,7 @@
 SwiGLU, residual), the Triton kernel against the reference — in Triton's interpreter on the CPU (a process of
 its own) and on the device with CUDA — and the engine's fused layers against the model's path."""
 
+import itertools
 import os
 import subprocess
 import sys
@@ -39,15 +40,20 @@ CASES = [  # B, K, N, dtype, norm, glu, residual
 ]
 
 
+CONFIGS = [None,   # matvec_config's
+           dict(BLOCK_N=4, BLOCK_K=64, DOT=False, num_warps=4),    # products on the CUDA cores, several K steps
+           dict(BLOCK_N=32, BLOCK_K=32, DOT=True, num_warps=2)]
+
+
 def interpreted_cases() -> None:
     """Run in a process started with TRITON_INTERPRET=1 (Triton reads it when first imported)."""
     from kiln.infer.kernels import matvec_kernel
-    for B, K, N, dtype, norm, glu, residual in CASES:
+    for (B, K, N, dtype, norm, glu, residual), config in itertools.product(CASES, CONFIGS):
         dtype = getattr(torch, dtype)
         x, w, gain, res = tensors(B, K, 2 * N if glu else N, dtype)
         args = (x, w, gain if norm else None, 1e-5, res[:, :N] if residual else None, glu)
         want = matvec_reference(*args)
-        got = matvec_triton(*args, kernel=matvec_kernel)
+        got = matvec_triton(*args, kernel=matvec_kernel, config=config)
         tol = dict(atol=1e-2, rtol=1e-2) if dtype == torch.float16 else dict(atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(got, want, **tol)
     print("ok", len(CASES))
@@ -66,19 +72,22 @@ def test_triton_kernel_equals_reference_interpreted():
 @pytest.mark.parametrize("case", CASES + [(8, 576, 960, "bfloat16", True, False, False),
                                           (4, 1536, 576, "bfloat16", False, False, True),
                                           (1, 576, 1536, "bfloat16", True, True, False)])
-def test_triton_kernel_equals_reference_cuda(case):
+@pytest.mark.parametrize("config", range(len(CONFIGS)))
+def test_triton_kernel_equals_reference_cuda(case, config):
     pytest.importorskip("triton")
     B, K, N, dtype, norm, glu, residual = case
     dtype = getattr(torch, dtype)
     x, w, gain, res = tensors(B, K, 2 * N if glu else N, dtype, "cuda")
     args = (x, w, gain if norm else None, 1e-5, res[:, :N] if residual else None, glu)
     tol = dict(atol=3e-2, rtol=3e-2) if dtype != torch.float32 else dict(atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(matvec(*args), matvec_reference(*args), **tol)
+    got = matvec(*args) if config == 0 else matvec_triton(*args, config=CONFIGS[config])
+    torch.testing.assert_close(got, matvec_reference(*args), **tol)
 
 
 def test_engine_fused_layers_equal_the_models_path(monkeypatch):
     """Greedy tokens of the engine with every layer through the ops (their PyTorch arithmetic on the CPU) equal
     the uncached single-sequence reference; a model the path cannot take is refused with the reason."""
+    from kiln.infer.decode_step import DecodeStep
     from kiln.infer.engine import Engine
     from kiln.infer.fuse import fuse_projections
     from kiln.infer.generate import generate
@@ -91,13 +100,13 @@ def test_engine_fused_layers_equal_the_models_path(monkeypatch):
     ref = [generate(model, p, 12, temperature=0, use_cache=False) for p in prompts]
     with pytest.raises(ValueError, match="stacked q/k/v"):
         Engine(model, max_slots=2, fused_attention=True, fused_layers=True)
-    assert not Engine(model, max_slots=2, fused_attention=True).fused_layers    # by default: where it can
+    assert not Engine(model, max_slots=2, fused_attention=True).decoder.fused_layers    # by default: where it can
     fuse_projections(model)
-    assert Engine(model, max_slots=2, fused_attention=True).fused_layers
-    assert not Engine(model, max_slots=2, fused_attention=True, fused_layers=False).fused_layers
+    assert Engine(model, max_slots=2, fused_attention=True).decoder.fused_layers
+    assert not Engine(model, max_slots=2, fused_attention=True, fused_layers=False).decoder.fused_layers
     with pytest.raises(ValueError, match="needs fused_attention"):
         Engine(model, max_slots=2, fused_attention=False, fused_layers=True)
-    monkeypatch.setattr(Engine, "fused_attention_rows", 2)   # buckets of 1 and 2 rows fused, 4 not
+    monkeypatch.setattr(DecodeStep, "fused_attention_rows", 2)   # buckets of 1 and 2 rows fused, 4 not
     for slots in (1, 2, 4):
         engine = Engine(model, max_slots=slots, fused_attention=True, fused_layers=True)
         assert [o[0] for o in engine.generate(prompts, SamplingParams(max_tokens=12, temperature=0))] == ref
@@ -105,7 +114,7 @@ def test_engine_fused_layers_equal_the_models_path(monkeypatch):
     fuse_projections(qk)
     with pytest.raises(ValueError, match="QK-norm"):
         Engine(qk, max_slots=2, fused_attention=True, fused_layers=True)
-    assert not Engine(qk, max_slots=2, fused_attention=True).fused_layers
+    assert not Engine(qk, max_slots=2, fused_attention=True).decoder.fused_layers
 
 
 if __name__ == "__main__":

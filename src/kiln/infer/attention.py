@@ -16,11 +16,15 @@ all of it in one Triton program per (row, query head, split of the keys):
 - an online softmax over the row's cached keys 0 .. pos - 1, in blocks, plus the new key; no mask tensor.
 
 At few rows the keys are split over J programs per head (flash-decoding) so that each walks one or two blocks
-(a program's blocks are a chain of dependent loads), and a second kernel merges their partial (max, sum,
-weighted values); with one split the first kernel writes the output directly. Measured (H100, batch 1,
+(a program's blocks are a chain of dependent loads), and the last of a head's programs to finish merges their
+partial (max, sum, weighted values), found by an atomic counter per (row, head) (kiln/infer/kernels.py), when
+`MERGE_IN_KERNEL`; else, or while a CUDA graph is captured before the counters exist, a second kernel merges;
+with one split the first kernel writes the output directly. The counters are one buffer per device, zero
+between launches: two of these launches must not run at once on two streams of one device (the engine runs
+its steps on one stream). Measured (H100, batch 1,
 compiled step): a step 464 -> 410 us (gpt2-small shape), 980 -> 888 us (SmolLM2); at 32 and 128 rows SDPA
 is faster (the kernel reloads K/V once per query head of a group and walks more blocks per program), so the
-engine uses it for small decode buckets only (`Engine.fused_attention_rows`).
+engine uses it for small decode buckets only (`DecodeStep.fused_attention_rows`).
 
 It is a `torch.library` custom op (`kiln::decode_attention`): torch.compile treats it as one opaque call that
 mutates the two caches, the engine's CUDA graphs capture its launch, and off CUDA (or without Triton) the same
@@ -91,10 +95,28 @@ def splits_for(rows: int, heads: int, max_keys: int, block: int, programs: int =
     return max(1, min(-(-max_keys // block), programs // max(1, rows * heads)))
 
 
+# What the op does: False (a merge launch) until the in-kernel merge is measured on a GPU (bench/decode_kernels.py).
+MERGE_IN_KERNEL = False
+
+
+def counters(device: torch.device, n: int) -> torch.Tensor | None:
+    """The device's zeroed int32 counters for the in-kernel merge (at least n), or None while a CUDA graph is
+    being captured and the buffer is missing or too small (allocating would put a memset in the graph)."""
+    have = _counters.get(device)
+    if have is None or have.numel() < n:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        _counters[device] = have = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+    return have
+
+
+_counters: dict[torch.device, torch.Tensor] = {}
+
+
 def decode_attention_triton(q_BHE, k_BKE, v_BKE, cos_BE, sin_BE, k_NKME, v_NKME, pos_B, max_keys: int,
-                            kernels=None, splits: int | None = None) -> torch.Tensor:
+                            kernels=None, splits: int | None = None, merge: bool | None = None) -> torch.Tensor:
     """The Triton kernels' launch (`kernels`: another build of the two, e.g. in Triton's interpreter, for
-    tests; `splits`: instead of `splits_for`'s)."""
+    tests; `splits`: instead of `splits_for`'s; `merge`: in the kernel, instead of `MERGE_IN_KERNEL`)."""
     B, H, E = q_BHE.shape
     K = k_BKE.size(1)
     for name, t in (("q", q_BHE), ("k", k_BKE), ("v", v_BKE), ("k cache", k_NKME), ("v cache", v_NKME)):
@@ -105,22 +127,28 @@ def decode_attention_triton(q_BHE, k_BKE, v_BKE, cos_BE, sin_BE, k_NKME, v_NKME,
     J = splits or splits_for(B, H, max_keys, block)
     chunk = -(-max(1, max_keys) // J // block) * block      # keys per split, whole blocks
     out_BHE = q_BHE.new_empty(B, H, E)
+    count_R = None
     if J > 1:
         acc_RE = torch.empty(B * H * J, E, device=q_BHE.device, dtype=torch.float32)
         ml_R2 = torch.empty(B * H * J, 2, device=q_BHE.device, dtype=torch.float32)
+        if MERGE_IN_KERNEL if merge is None else merge:
+            count_R = counters(q_BHE.device, B * H)
     else:
         acc_RE, ml_R2 = out_BHE, out_BHE   # unused: the kernel writes the output itself
     if B:
         decode, combine = kernels or _kernels()
         pdl = pdl_args(q_BHE.device, kernels is None)
+        splits_pow2 = 1 << (J - 1).bit_length()
         decode[(B, H, J)](
             q_BHE, k_BKE, v_BKE, cos_BE, sin_BE, k_NKME, v_NKME, pos_B, out_BHE, acc_RE, ml_R2,
+            count_R if count_R is not None else pos_B,
             q_BHE.stride(0), q_BHE.stride(1), k_BKE.stride(0), k_BKE.stride(1), v_BKE.stride(0), v_BKE.stride(1),
             k_NKME.stride(0), k_NKME.stride(1), k_NKME.stride(2), chunk, 1.0 / math.sqrt(E),
-            G=H // K, E=E, E_POW2=E_pow2, BLOCK=block, SPLITS=J, num_warps=4, **pdl)
-        if J > 1:
-            combine[(B * H,)](acc_RE, ml_R2, out_BHE, E=E, E_POW2=E_pow2, SPLITS=J,
-                              SPLITS_POW2=1 << (J - 1).bit_length(), num_warps=4, **pdl)
+            G=H // K, E=E, E_POW2=E_pow2, BLOCK=block, SPLITS=J, SPLITS_POW2=splits_pow2,
+            MERGE=count_R is not None, num_warps=4, **pdl)
+        if J > 1 and count_R is None:
+            combine[(B * H,)](acc_RE, ml_R2, out_BHE, E=E, E_POW2=E_pow2, SPLITS=J, SPLITS_POW2=splits_pow2,
+                              num_warps=4, **pdl)
     return out_BHE
 
 

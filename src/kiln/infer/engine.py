@@ -6,13 +6,9 @@ One `step()` does, in order: drop cancelled requests (their slots are free at on
 batch of waiting prompts into free slots (ragged, right-padded; the head runs on each row's last
 position only, or on all of them for prompt log-probabilities), then one decode step for every
 running sequence. A request of `n` samples is prefilled once and its cache rows copied to n - 1
-more slots. Decode runs over slots 0 .. B-1 with B the smallest bucket (1, 2, 4, ... N) holding
-every busy slot; slots are handed out lowest first so B stays small. Free slots inside the bucket
-compute a throwaway row. Attention reads the first S positions of each slot, S the smallest length
-bucket (128, 256, ... the context) past every row's position. On CUDA each (batch, length) bucket's
-decode step is one captured CUDA graph (of the torch.compiled step with `compile=True`); at a few rows each
-layer's RoPE, cache write and attention are one Triton kernel (`fused_attention`, kiln/infer/attention.py),
-and where the model allows, the whole layer is five (`fused_layers`, kiln/infer/fused_step.py).
+more slots. Decode runs over slots 0 .. B-1 in batch and length buckets (kiln/infer/decode_step.py: on CUDA
+a captured graph per bucket, compiled with `compile=True`); slots are handed out lowest first so B stays
+small, and free slots inside the bucket compute a throwaway row.
 
 Prefix cache: a finished sequence's slot keeps its keys and values, and the engine remembers which tokens
 they are (prompt and output, as far as they were cached). A new prompt that starts with at least
@@ -34,7 +30,6 @@ own, after `start()`). Results go to each request's `on_output` callback, on the
 from __future__ import annotations
 
 import heapq
-import sys
 import threading
 import time
 from collections import deque
@@ -43,11 +38,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kiln.infer.fused_step import fused_hidden, use_fused_layers
+from kiln.infer.decode_step import DecodeStep
 from kiln.infer.sampling import SamplingParams, penalise, sample_rows, top_logprobs
 from kiln.infer.slots import SlotCache
 from kiln.infer.textstream import TextStream, first_stop, safe_end
-from kiln.runtime.device import triton_available
 
 
 class QueueFull(RuntimeError):
@@ -97,11 +91,7 @@ class _Sequence:
 
 
 class Engine:
-    min_length_bucket = 128   # the shortest span a decode step attends over (a power of two)
     min_prefix_tokens = 16    # the shortest cached prefix worth a prefill of its own
-    # Decode buckets of at most this many rows attend through kiln/infer/attention.py's kernel (when
-    # `fused_attention`); larger ones through SDPA, faster there (H100, SmolLM2 shape: -21% at 128 rows).
-    fused_attention_rows = 8
 
     def __init__(self, model, tokenizer=None, max_slots: int = 8, max_len: int | None = None,
                  max_queue: int = 64, prefill_tokens: int = 4096, cuda_graphs: bool | None = None, seed: int = 0,
@@ -113,19 +103,6 @@ class Engine:
         self.max_len = min(max_len or model.cfg.max_seq_len, model.cfg.max_seq_len)
         self.max_slots, self.max_queue, self.prefill_tokens = max_slots, max_queue, prefill_tokens
         self.cache = SlotCache.for_model(model, max_slots, self.max_len)
-        if cuda_graphs is None:
-            cuda_graphs = self.device.type == "cuda"
-        # Default: under CUDA graphs with Triton, where the kernels' launches are replayed. Launched eagerly, each
-        # adds a Python launch to a step that is host-bound already (GRPO's rollouts; not measured); off CUDA
-        # the op is PyTorch arithmetic.
-        self.fused_attention = (cuda_graphs and self.device.type == "cuda" and triton_available()) \
-            if fused_attention is None else fused_attention
-        # The whole layer through kiln/infer/fused_step.py in those buckets (H100, SmolLM2 shape, batch 1: 1,177
-        # against 1,077 tokens/s): wherever the model allows it (int8, LoRA, QK-norm, unstacked projections don't).
-        self.fused_layers = use_fused_layers(model, self.fused_attention, fused_layers)
-        self.buckets = sorted({min(2 ** i, max_slots) for i in range(max_slots.bit_length() + 1)})
-        low = self.min_length_bucket.bit_length() - 1
-        self.lengths = sorted({min(2 ** i, self.max_len) for i in range(low, max(low, self.max_len.bit_length()) + 1)})
         self._free = list(range(max_slots))          # a heap: lowest slot first
         self.prefix_cache = prefix_cache
         self._slot_tokens: list[list[int]] = [[] for _ in range(max_slots)]   # a free slot's cached tokens
@@ -133,44 +110,16 @@ class Engine:
         self._waiting: deque[Request] = deque()
         self._lock = threading.Condition()
         self._shared_gen = torch.Generator(device=self.device).manual_seed(seed)
-        self._tokens_N = torch.zeros(max_slots, dtype=torch.long, device=self.device)
-        self._pos_N = torch.zeros(max_slots, dtype=torch.long, device=self.device)
         self._counts_NV = self._seen_NV = None        # penalties' state, allocated on first use
         self._thread: threading.Thread | None = None
         self._stop = False
         self.stats = {"prompt_tokens": 0, "cached_prompt_tokens": 0, "generated_tokens": 0, "requests": 0,
                       "decode_steps": 0}
-        self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}   # (B, S) ->
-        # torch.compile fuses each layer's small kernels (norms, RoPE, SwiGLU, residual adds, the cache writes):
-        # at decode sizes the step is bound by kernel count, not bytes. The graphs then capture the compiled step.
-        # Dynamic shapes: the (batch, length) buckets share a few compiled graphs (a batch of 1, a whole-slots
-        # batch and a whole-slot length are specialised), whatever the number of buckets, under dynamo's limit.
-        self._step_logits = self._compiled_step() if compile else self._step
         self.overlap = self.device.type == "cuda" if overlap is None else overlap
         self._inflight: _Launched | None = None
-        if cuda_graphs:
-            self._capture()
-
-    def _decode_shapes(self) -> list[tuple[int, int]]:
-        """Every (batch, length) bucket of a decode step, largest first."""
-        return [(B, S) for B in reversed(self.buckets) for S in reversed(self.lengths)]
-
-    def _compiled_step(self) -> Callable:
-        """The step under torch.compile, compiled now on every bucket (throwaway keys at position 0 of free
-        slots); if compilation fails (a layer inductor cannot lower, say CPU int8; on CUDA in fp32, a compiled
-        SDPA step whose input strides inductor asserted wrongly at a smaller length bucket, torch 2.11), the
-        plain step, with a warning: slower, never wrong."""
-        self._step_logits = step = torch.compile(self._step, fullgraph=True, dynamic=True)
-        try:
-            with torch.inference_mode():
-                for B, S in self._decode_shapes():
-                    self._decode_logits(B, S)
-        except Exception as e:   # noqa: BLE001 -- any compiler failure: decode uncompiled, say so
-            first = (str(e).splitlines() or [""])[0][:200]
-            print(f"warning: torch.compile of the decode step failed ({type(e).__name__}: {first}); decoding "
-                  "uncompiled", file=sys.stderr, flush=True)
-            return self._step
-        return step
+        self.decoder = DecodeStep(model, self.cache, max_slots, self.max_len,
+                                  self.device.type == "cuda" if cuda_graphs is None else cuda_graphs, compile,
+                                  fused_attention, fused_layers)
 
     # ------------------------------------------------------------ requests (any thread)
 
@@ -396,8 +345,8 @@ class Engine:
         next_B, lp = self._sample(seqs, logits_BV, slots)
         # The first decode step's inputs, on the device: each sequence's first token, at its prompt's length.
         slots_B = torch.tensor(slots, device=dev)
-        self._tokens_N[slots_B] = next_B
-        self._pos_N[slots_B] = torch.tensor([s.length for s in seqs], device=dev)
+        self.decoder.tokens_N[slots_B] = next_B
+        self.decoder.pos_N[slots_B] = torch.tensor([s.length for s in seqs], device=dev)
         self._read(self._to_host(seqs, next_B, lp))
 
     def _prefill_cached(self, req: Request, slot: int, start: int) -> torch.Tensor:
@@ -415,47 +364,6 @@ class Engine:
 
     # ------------------------------------------------------------ decode
 
-    def _bucket(self, n: int) -> int:
-        return next(b for b in self.buckets if b >= n)
-
-    def _length(self, n: int) -> int:
-        return next(s for s in self.lengths if s >= n)
-
-    def _decode_logits(self, B: int, S: int) -> torch.Tensor:
-        """Logits (B, V) of the tokens in _tokens_N[:B] at positions _pos_N[:B], attending over S positions:
-        the step the graphs capture."""
-        fused = self.fused_attention and B <= self.fused_attention_rows
-        mask_B11S = None if fused else self.cache.keys_mask(self._pos_N[:B], S)
-        return self._step_logits(self._tokens_N[:B], self._pos_N[:B], self.cache.decode(self._pos_N[:B], S, fused),
-                                 mask_B11S)
-
-    def _step(self, tokens_B: torch.Tensor, pos_B: torch.Tensor, cache, mask_B11S: torch.Tensor | None
-              ) -> torch.Tensor:
-        if self.fused_layers and mask_B11S is None:   # a fused-attention bucket
-            return self.model.lm_head(fused_hidden(self.model, tokens_B, pos_B, cache)).float()
-        h_B1D = self.model.hidden(tokens_B[:, None], pos_B[:, None], cache, mask_B11S)
-        return self.model.lm_head(h_B1D[:, 0]).float()
-
-    def _capture(self) -> None:
-        """One CUDA graph per (batch, length) bucket, captured before any request: the warm-up writes
-        throwaway keys at position 0 of the bucket's slots."""
-        pool = torch.cuda.graph_pool_handle()
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        shapes = self._decode_shapes()   # largest first: the rest reuse its pool
-        with torch.inference_mode(), torch.cuda.stream(stream):
-            for B, S in shapes:
-                for _ in range(2):
-                    self._decode_logits(B, S)
-        torch.cuda.current_stream().wait_stream(stream)
-        with torch.inference_mode():
-            for B, S in shapes:
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
-                    out = self._decode_logits(B, S)
-                self._graphs[B, S] = (graph, out)
-        torch.cuda.synchronize()
-
     def _can_launch(self, seq: _Sequence) -> bool:
         """Whether another decode step may run for `seq`: the steps launched so far give it fewer than
         max_tokens tokens (its prefill's, then one per step), and the position it would write is in the context."""
@@ -468,23 +376,20 @@ class Engine:
         seqs = sorted((s for s in self._running.values() if self._can_launch(s)), key=lambda s: s.slot)
         if not seqs:
             return None
-        B = self._bucket(seqs[-1].slot + 1)
-        S = self._length(max(s.length for s in seqs) + 1)   # this step writes position `length`, reads 0 .. it
-        if (B, S) in self._graphs:
-            graph, logits_BV = self._graphs[B, S]
-            graph.replay()
-        else:
-            logits_BV = self._decode_logits(B, S)
+        dec = self.decoder
+        B = dec.bucket(seqs[-1].slot + 1)
+        S = dec.length(max(s.length for s in seqs) + 1)   # this step writes position `length`, reads 0 .. it
+        logits_BV = dec.logits(B, S)
         rows: list[_Sequence | None] = [None] * B      # free slots inside the bucket: throwaway greedy rows
         for s in seqs:
             rows[s.slot] = s
             s.length += 1
         self.stats["decode_steps"] += 1
         next_B, lp = self._sample(rows, logits_BV, range(B))
-        self._tokens_N[:B].copy_(next_B)
+        dec.tokens_N[:B].copy_(next_B)
         # Every row moves on one position; a free or finished row's is clamped so that its throwaway write
         # stays inside its slot (a running row never reaches the last position: `_can_launch`).
-        self._pos_N[:B].add_(1).clamp_(max=self.max_len - 1)
+        dec.pos_N[:B].add_(1).clamp_(max=self.max_len - 1)
         return self._to_host(rows, next_B, lp)
 
     # ------------------------------------------------------------ sampling and output

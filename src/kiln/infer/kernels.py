@@ -3,7 +3,11 @@ CUDA machines need (`attention.py` and `matvec.py` import it lazily). Triton's i
 when this module is loaded) runs them on a CPU for the tests.
 
 - `decode_kernel`, `combine_kernel`: `kiln.infer.attention.decode_attention`. Program (b, h, j): row b, query
-  head h (key/value head h // G), split j of the cached keys (`chunk` each).
+  head h (key/value head h // G), split j of the cached keys (`chunk` each). With MERGE, the head's splits
+  count themselves in on an int32 counter (`count_ptr[b * H + h]`, zero between launches) after writing their
+  partial results, and the one that arrives last merges them and sets the counter back to zero: the merge
+  costs no launch. The counter's add is acquire-release at GPU scope after a barrier of the program's
+  threads, so the last program sees every other split's partial results; without MERGE, `combine_kernel`.
 - `matvec_kernel`: `kiln.infer.matvec.matvec`. Program n: a block of BLOCK_N outputs for every row.
 
 With PDL (constexpr; launched with `launch_pdl=True`, kiln.runtime.device.programmatic_launch) a kernel may
@@ -24,9 +28,9 @@ except ImportError:
 
 @triton.jit
 def decode_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, pos_ptr, out_ptr, acc_ptr, ml_ptr,
-                  sq_b, sq_h, sk_b, sk_h, sv_b, sv_h, sc_n, sc_k, sc_m, chunk, scale,
+                  count_ptr, sq_b, sq_h, sk_b, sk_h, sv_b, sv_h, sc_n, sc_k, sc_m, chunk, scale,
                   G: tl.constexpr, E: tl.constexpr, E_POW2: tl.constexpr, BLOCK: tl.constexpr,
-                  SPLITS: tl.constexpr, PDL: tl.constexpr):
+                  SPLITS: tl.constexpr, SPLITS_POW2: tl.constexpr, MERGE: tl.constexpr, PDL: tl.constexpr):
     if PDL:   # q, k, v come from the kernel before
         gdc_wait()
         gdc_launch_dependents()
@@ -85,42 +89,71 @@ def decode_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, pos_ptr
     if SPLITS == 1:
         tl.store(out_ptr + (b * tl.num_programs(1) + h) * E + e, (acc / l_sum).to(dt), mask=in_e)
     else:
-        part = (b * tl.num_programs(1) + h) * SPLITS + j
+        r = b * tl.num_programs(1) + h
+        part = r * SPLITS + j
         tl.store(acc_ptr + part * E + e, acc, mask=in_e)
         tl.store(ml_ptr + part * 2, m)
         tl.store(ml_ptr + part * 2 + 1, l_sum)
+        if MERGE:   # the head's last split to finish merges, instead of a second launch (see the module docstring)
+            tl.debug_barrier()   # every thread's stores before the release below
+            arrived = tl.atomic_add(count_ptr + r, 1, sem="acq_rel", scope="gpu")
+            if arrived == SPLITS - 1:
+                _merge(acc_ptr, ml_ptr, out_ptr, r, E, E_POW2, SPLITS, SPLITS_POW2)
+                tl.store(count_ptr + r, 0)   # zero again for the next launch
 
+
+
+@triton.jit
+def _merge(acc_ptr, ml_ptr, out_ptr, r, E: tl.constexpr, E_POW2: tl.constexpr, SPLITS: tl.constexpr,
+           SPLITS_POW2: tl.constexpr):
+    """Merge row-head r's SPLITS partial (max, sum, weighted values) into its output row. The loads bypass L1
+    (.cg): in the in-kernel merge other programs wrote them during this kernel."""
+    jj = tl.arange(0, SPLITS_POW2)
+    e = tl.arange(0, E_POW2)
+    in_j = jj < SPLITS
+    part = r * SPLITS + jj
+    m = tl.load(ml_ptr + part * 2, mask=in_j, other=-1e30, cache_modifier=".cg")   # an empty split: weight 0
+    l_sum = tl.load(ml_ptr + part * 2 + 1, mask=in_j, other=0.0, cache_modifier=".cg")
+    w = tl.exp(m - tl.max(m, 0))
+    acc = tl.load(acc_ptr + part[:, None] * E + e[None, :], mask=in_j[:, None] & (e[None, :] < E), other=0.0,
+                  cache_modifier=".cg")
+    out = tl.sum(acc * w[:, None], 0) / tl.sum(l_sum * w, 0)
+    tl.store(out_ptr + r * E + e, out.to(out_ptr.dtype.element_ty), mask=e < E)
 
 
 @triton.jit
 def combine_kernel(acc_ptr, ml_ptr, out_ptr, E: tl.constexpr, E_POW2: tl.constexpr, SPLITS: tl.constexpr,
                    SPLITS_POW2: tl.constexpr, PDL: tl.constexpr):
-    """Program r = b * H + h: merge its SPLITS partial (max, sum, weighted values) into the output row."""
+    """Program r = b * H + h: the merge as a launch of its own (decode_kernel's MERGE=False)."""
     if PDL:
         gdc_wait()
         gdc_launch_dependents()
-    r = tl.program_id(0).to(tl.int64)
-    jj = tl.arange(0, SPLITS_POW2)
-    e = tl.arange(0, E_POW2)
-    in_j = jj < SPLITS
-    part = r * SPLITS + jj
-    m = tl.load(ml_ptr + part * 2, mask=in_j, other=-1e30)   # an empty split's max is -1e30: weight 0
-    l_sum = tl.load(ml_ptr + part * 2 + 1, mask=in_j, other=0.0)
-    w = tl.exp(m - tl.max(m, 0))
-    acc = tl.load(acc_ptr + part[:, None] * E + e[None, :], mask=in_j[:, None] & (e[None, :] < E), other=0.0)
-    out = tl.sum(acc * w[:, None], 0) / tl.sum(l_sum * w, 0)
-    tl.store(out_ptr + r * E + e, out.to(out_ptr.dtype.element_ty), mask=e < E)
+    _merge(acc_ptr, ml_ptr, out_ptr, tl.program_id(0).to(tl.int64), E, E_POW2, SPLITS, SPLITS_POW2)
+
+
+@triton.jit
+def _product(xb, wb, acc, IEEE: tl.constexpr, DOT: tl.constexpr):
+    """acc + xb (rows, BLOCK_K) @ wb (BLOCK_K, BLOCK_N) in fp32: tl.dot (rows padded to 16, BLOCK_N >= 16), or
+    products summed on the CUDA cores (any power-of-two sizes)."""
+    if DOT:
+        if IEEE:   # fp32 weights: exact fp32 products, not TF32
+            out = tl.dot(xb, wb, acc, input_precision="ieee")
+        else:
+            out = tl.dot(xb, wb, acc)
+    else:
+        out = acc + tl.sum(xb.to(tl.float32)[:, :, None] * wb.to(tl.float32)[None, :, :], 1)
+    return out
 
 
 @triton.jit
 def matvec_kernel(x_ptr, w_ptr, out_ptr, g_ptr, res_ptr, B, N, K, sx_b, eps,
                   B_POW2: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                   NORM: tl.constexpr, GLU: tl.constexpr, RESIDUAL: tl.constexpr, IEEE: tl.constexpr,
-                  PDL: tl.constexpr):
+                  DOT: tl.constexpr, PDL: tl.constexpr):
     """out (B, N) = [silu(.) * of the two halves] (rms_norm(x) * g if NORM else x) @ W^T [+ res].
 
     W is (N, K), or (2N, K) with GLU (gate rows, then up rows). Every program reads all B rows of x (a few KB,
-    from L2) and its BLOCK_N rows of W once; the rows are padded to 16 for tl.dot."""
+    from L2) and its BLOCK_N rows of W once; with DOT the rows are padded to 16 for tl.dot."""
     n0 = tl.program_id(0) * BLOCK_N
     rows = tl.arange(0, B_POW2)
     cols = n0 + tl.arange(0, BLOCK_N)
@@ -165,10 +198,7 @@ def matvec_kernel(x_ptr, w_ptr, out_ptr, g_ptr, res_ptr, B, N, K, sx_b, eps,
                 wb = tl.load(w_ptrs, mask=in_k[:, None] & in_n[None, :], other=0.0)
         else:
             wb = tl.load(w_ptrs, mask=in_k[:, None] & in_n[None, :], other=0.0)
-        if IEEE:   # fp32 weights: exact fp32 products, not TF32
-            acc = tl.dot(xb, wb, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(xb, wb, acc)
+        acc = _product(xb, wb, acc, IEEE, DOT)
         if GLU:
             if PDL:
                 if k0 == 0:
@@ -177,10 +207,7 @@ def matvec_kernel(x_ptr, w_ptr, out_ptr, g_ptr, res_ptr, B, N, K, sx_b, eps,
                     wu = tl.load(w_ptrs + N * K, mask=in_k[:, None] & in_n[None, :], other=0.0)
             else:
                 wu = tl.load(w_ptrs + N * K, mask=in_k[:, None] & in_n[None, :], other=0.0)
-            if IEEE:
-                acc_up = tl.dot(xb, wu, acc_up, input_precision="ieee")
-            else:
-                acc_up = tl.dot(xb, wu, acc_up)
+            acc_up = _product(xb, wu, acc_up, IEEE, DOT)
     y = acc.to(dt).to(tl.float32)      # each matmul's output rounded, as the model's are
     if GLU:
         up = acc_up.to(dt).to(tl.float32)

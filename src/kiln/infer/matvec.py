@@ -54,8 +54,15 @@ def _(x_BK, w_NK, gain_K, eps, residual_BN, glu):
     return x_BK.new_empty(x_BK.size(0), N, dtype=residual_BN.dtype if residual_BN is not None else w_NK.dtype)
 
 
-def matvec_triton(x_BK, w_NK, gain_K, eps, residual_BN, glu, kernel=None, block_n: int = 16) -> torch.Tensor:
-    """The launch (`kernel`: another build, e.g. in Triton's interpreter, for tests; it never gets PDL)."""
+def matvec_config(B: int, N: int, K: int) -> dict:
+    """The kernel's launch settings for B rows of width K into N outputs: BLOCK_N outputs a program, BLOCK_K
+    inputs a step, DOT (tl.dot on rows padded to 16, BLOCK_N >= 16; else products summed on the CUDA cores)."""
+    return dict(BLOCK_N=16, BLOCK_K=min(256, max(16, 1 << (K - 1).bit_length())), DOT=True, num_warps=4)
+
+
+def matvec_triton(x_BK, w_NK, gain_K, eps, residual_BN, glu, kernel=None, config: dict | None = None) -> torch.Tensor:
+    """The launch (`kernel`: another build, e.g. in Triton's interpreter, for tests; it never gets PDL;
+    `config`: instead of `matvec_config`'s)."""
     B, K = x_BK.shape
     N = w_NK.size(0) // 2 if glu else w_NK.size(0)
     assert x_BK.stride(1) == 1 and w_NK.is_contiguous(), "x contiguous along K, w contiguous"
@@ -63,12 +70,13 @@ def matvec_triton(x_BK, w_NK, gain_K, eps, residual_BN, glu, kernel=None, block_
         residual_BN = residual_BN.contiguous()
     out = torch.empty(B, N, device=x_BK.device, dtype=residual_BN.dtype if residual_BN is not None else w_NK.dtype)
     if B:
-        (kernel or _kernel())[(-(-N // block_n),)](
+        cfg = config or matvec_config(B, N, K)
+        rows = 1 << (B - 1).bit_length()
+        (kernel or _kernel())[(-(-N // cfg["BLOCK_N"]),)](
             x_BK, w_NK, out, gain_K if gain_K is not None else out, residual_BN if residual_BN is not None else out,
-            B, N, K, x_BK.stride(0), eps, B_POW2=max(16, 1 << (B - 1).bit_length()), BLOCK_N=block_n,
-            BLOCK_K=min(256, max(16, 1 << (K - 1).bit_length())), NORM=gain_K is not None, GLU=glu,
-            RESIDUAL=residual_BN is not None, IEEE=w_NK.dtype == torch.float32, num_warps=4,
-            **pdl_args(x_BK.device, kernel is None))
+            B, N, K, x_BK.stride(0), eps, B_POW2=max(16, rows) if cfg["DOT"] else rows,
+            NORM=gain_K is not None, GLU=glu, RESIDUAL=residual_BN is not None, IEEE=w_NK.dtype == torch.float32,
+            **cfg, **pdl_args(x_BK.device, kernel is None))
     return out
 
 
