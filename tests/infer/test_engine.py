@@ -303,3 +303,32 @@ def test_without_prefix_cache_a_changed_model_is_recomputed(monkeypatch):
     got = engine.generate([prompt], GREEDY)[0][0]
     assert engine.stats["cached_prompt_tokens"] == 0
     assert got == generate(model, prompt, 20, temperature=0, use_cache=False)
+
+
+def test_logit_bias_changes_the_choice_not_the_reported_logprobs():
+    """A -100 bias on greedy's choices keeps them out of the answer; the log-probabilities reported for each
+    chosen token are the model's own (no bias), so they equal an unbiased engine's for the same tokens."""
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(depth=2, d_model=32, head_dim=8, vocab_size=53, max_seq_len=64)).eval()
+    prompt = [3, 9, 4, 1]
+    plain = Engine(model, max_slots=2).generate([prompt], SamplingParams(max_tokens=10, temperature=0))[0][0]
+    ban = {t: -100.0 for t in set(plain)}
+    outs = []
+    engine = Engine(model, max_slots=2)
+    engine.submit(prompt, SamplingParams(max_tokens=10, temperature=0, logit_bias=ban, logprobs=2), outs.append)
+    while not any(o.finish_reason for o in outs):
+        engine.step()
+    got = [t for o in outs for t in o.token_ids]
+    assert len(got) == 10 and not set(got) & set(plain)
+    with torch.no_grad():   # the reported log-probability of each token: the unbiased model's
+        logp = model(torch.tensor([prompt + got]))[0].float().log_softmax(-1)
+    want = [float(logp[len(prompt) - 1 + i, t]) for i, t in enumerate(got)]
+    reported = [lp.logprob for o in outs for lp in o.logprobs]
+    assert reported == pytest.approx(want, abs=1e-4)
+    forced = Engine(model, max_slots=2).generate([prompt], SamplingParams(max_tokens=5, temperature=0.9, seed=3,
+                                                                          logit_bias={7: 100.0}))[0][0]
+    assert forced == [7] * 5
+    with pytest.raises(ValueError, match="logit_bias token ids"):
+        engine.submit(prompt, SamplingParams(logit_bias={53: 1.0}), outs.append)
+    with pytest.raises(ValueError, match="logit_bias values"):
+        engine.submit(prompt, SamplingParams(logit_bias={5: -101.0}), outs.append)

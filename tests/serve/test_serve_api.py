@@ -180,6 +180,29 @@ def assert_error(r, status, param=None, code=None, says=""):
     return err
 
 
+def test_logit_bias_forces_and_bans_tokens(srv, client):
+    """+100 on one token: greedy and sampled answers are that token only, in completions and chat; -100 on
+    greedy's first choice: the answer is the engine's own greedy answer under the same bias, without it."""
+    tok = srv.served.tokenizer
+    prompt = "The capital of France is"
+    ids = tok.encode(prompt, add_bos=tok.add_bos_token)
+    forced = tok.encode(" Paris")[0]
+    for temperature in (0, 1.0):
+        r = client.completions.create(model="run", prompt=prompt, max_tokens=6, temperature=temperature, seed=1,
+                                      logit_bias={str(forced): 100}, extra_body={"ignore_eos": True})
+        assert r.choices[0].text == tok.decode([forced] * 6)
+    chat = client.chat.completions.create(model="run", messages=CHAT, max_tokens=4, temperature=0,
+                                          logit_bias={str(forced): 100}, extra_body={"ignore_eos": True})
+    assert chat.choices[0].message.content == tok.decode([forced] * 4)
+    banned = engine_greedy(srv, ids, 1)[0]
+    engine = Engine(srv.engine.model, tok, max_slots=1, max_len=96)
+    want = engine.generate([ids], SamplingParams(max_tokens=8, temperature=0, logit_bias={banned: -100.0},
+                                                 stop_ids=tok.stop_ids))[0][0]
+    r = client.completions.create(model="run", prompt=[ids], max_tokens=8, temperature=0,
+                                  logit_bias={str(banned): -100})
+    assert banned not in want and r.choices[0].text == tok.decode(want, skip_special=True)
+
+
 def test_bad_requests_get_openai_errors_and_the_server_goes_on(srv, client):
     ok = {"model": "run", "prompt": "Hi", "max_tokens": 3}
     too_long = list(range(20, 120))                      # 100 tokens, context 96
@@ -193,7 +216,11 @@ def test_bad_requests_get_openai_errors_and_the_server_goes_on(srv, client):
         (dict(body={**ok, "frobnicate": 1}), 400, "frobnicate", None, "Unrecognized request argument"),
         (dict(body={**ok, "temperature": "hot"}), 400, "temperature", "invalid_type", "decimal"),
         (dict(body={**ok, "n": 99}), 400, "n", None, "<= 4"),
-        (dict(body={**ok, "logit_bias": {"5": 10}}), 400, "logit_bias", "unsupported_parameter", ""),
+        (dict(body={**ok, "logit_bias": {"five": 10}}), 400, "logit_bias", "invalid_value", "'five'"),
+        (dict(body={**ok, "logit_bias": {"5": 101}}), 400, "logit_bias", "invalid_value", "-100 to 100"),
+        (dict(body={**ok, "logit_bias": {"99999999": 1}}), 400, "logit_bias", "invalid_value", "not a token id"),
+        (dict(body={**ok, "logit_bias": [5]}), 400, "logit_bias", "invalid_type", "object"),
+        (dict(body={**ok, "suffix": "x"}), 400, "suffix", "unsupported_parameter", ""),
         (dict(body=[1, 2]), 400, None, None, "JSON object"),
         (dict(body={"model": "run"}), 400, "prompt", None, "prompt"),
     ]

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kiln.infer.decode_step import DecodeStep
-from kiln.infer.sampling import SamplingParams, penalise, sample_rows, top_logprobs
+from kiln.infer.sampling import SamplingParams, bias_logits, penalise, sample_rows, top_logprobs
 from kiln.infer.slots import SlotCache
 from kiln.infer.textstream import TextStream, first_stop, safe_end
 
@@ -404,7 +404,8 @@ class Engine:
 
     def _sample(self, seqs: list[_Sequence | None], logits_BV: torch.Tensor, slots
                 ) -> tuple[torch.Tensor, tuple | None]:
-        """Each row's next token (B,) on the device (a None row greedy), and the log-probabilities asked for.
+        """Each row's next token (B,) on the device (a None row greedy), and the log-probabilities asked for:
+        the model's own (penalties and logit_bias change the choice, not what is reported, as vLLM's default).
         Row b is slot slots[b]. A penalised row's token counts at once: the next step samples before the
         host reads this one."""
         params = [s.request.params if s is not None else _GREEDY for s in seqs]
@@ -419,6 +420,7 @@ class Engine:
             counts = torch.where(mask_B1, self._counts_NV[slots_B], 0.0)
             seen = self._seen_NV[slots_B] & mask_B1
             sample_logits = penalise(logits_BV.float(), counts, seen, rep, freq, pres)
+        sample_logits = bias_logits(sample_logits, [p.logit_bias for p in params])
         next_B = sample_rows(sample_logits, params, [s.generator if s is not None else None for s in seqs],
                              self._shared_gen)
         if penalised:

@@ -58,6 +58,7 @@ class SamplingParams:
     stop_ids: tuple[int, ...] = ()    # end generation, not part of the output
     ignore_stop_ids: bool = False     # benchmarks: always generate max_tokens
     n: int = 1                        # samples of one prompt, sharing its prefill
+    logit_bias: dict[int, float] | None = None   # OpenAI: added to these tokens' logits before sampling (greedy too)
     logprobs: int | None = None       # with each generated token: its log-probability and this many top ones
     prompt_logprobs: int | None = None   # the same for every prompt token after the first (echo)
 
@@ -73,7 +74,11 @@ class SamplingParams:
                   (self.n >= 1, "n must be >= 1"),
                   (self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs must be in [0, 20]"),
                   (self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20, "prompt logprobs must be in [0, 20]"),
-                  (all(0 <= i < vocab_size for i in self.stop_ids), f"stop token ids must be in [0, {vocab_size})")]
+                  (all(0 <= i < vocab_size for i in self.stop_ids), f"stop token ids must be in [0, {vocab_size})"),
+                  (all(0 <= i < vocab_size for i in self.logit_bias or ()),
+                   f"logit_bias token ids must be in [0, {vocab_size})"),
+                  (all(-100 <= v <= 100 for v in (self.logit_bias or {}).values()),
+                   "logit_bias values must be in [-100, 100]")]
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
@@ -91,6 +96,17 @@ def penalise(logits_BV: torch.Tensor, counts_BV: torch.Tensor, seen_BV: torch.Te
     rep = torch.where(logits_BV > 0, logits_BV / rep_B1, logits_BV * rep_B1)
     logits_BV = torch.where(seen_BV, rep, logits_BV)
     return logits_BV - freq_B1 * counts_BV - pres_B1 * (counts_BV > 0)
+
+
+def bias_logits(logits_BV: torch.Tensor, biases: list[dict[int, float] | None]) -> torch.Tensor:
+    """Logits plus each row's logit_bias (a new tensor where any row has one; the input is left as it was)."""
+    at = [(b, i, v) for b, bias in enumerate(biases) for i, v in (bias or {}).items()]
+    if not at:
+        return logits_BV
+    rows, ids, vals = zip(*at)
+    dev = logits_BV.device
+    return logits_BV.float().index_put((torch.tensor(rows, device=dev), torch.tensor(ids, device=dev)),
+                                       torch.tensor(vals, device=dev), accumulate=True)
 
 
 def sample_rows(logits_BV: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],

@@ -149,8 +149,31 @@ def check_model(body: dict, name: str) -> None:
                        f"serves `{name}` (GET /v1/models).", param="model", code="model_not_found")
 
 
+def _logit_bias(body: dict, vocab_size: int) -> dict[int, float] | None:
+    """OpenAI's logit_bias: an object from token ids (as strings) to a bias in [-100, 100]."""
+    raw = body.get("logit_bias")
+    if raw is None or raw == {}:
+        return None
+    if not isinstance(raw, dict):
+        raise bad(f"Invalid type for 'logit_bias': expected an object, but got {_type_name(raw)} instead.",
+                  "logit_bias", "invalid_type")
+    bias = {}
+    for key, value in raw.items():
+        try:
+            i = int(key)
+        except ValueError:
+            i = -1
+        if not 0 <= i < vocab_size:
+            raise bad(f"Invalid key in 'logit_bias': {key!r} is not a token id of this model (0 to "
+                      f"{vocab_size - 1}).", "logit_bias", "invalid_value")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not -100 <= value <= 100:
+            raise bad(f"Invalid value in 'logit_bias' for token {key}: {value!r}; expected a number from -100 to "
+                      "100.", "logit_bias", "invalid_value")
+        bias[i] = float(value)
+    return bias
+
+
 def _sampling(body: dict, limits: Limits, tok: Tokenizer) -> SamplingParams:
-    _refuse(body, "logit_bias")
     temperature = _number(body, "temperature", 1.0, 0, 2)
     top_p = _number(body, "top_p", 1.0, 0, 1)
     if top_p == 0:          # OpenAI accepts 0: only the most likely token
@@ -167,7 +190,8 @@ def _sampling(body: dict, limits: Limits, tok: Tokenizer) -> SamplingParams:
         frequency_penalty=_number(body, "frequency_penalty", 0.0, -2, 2),
         presence_penalty=_number(body, "presence_penalty", 0.0, -2, 2),
         seed=seed, n=_int(body, "n", 1, 1, limits.max_n), stop=_stops(body),
-        stop_ids=() if ignore_eos else tok.stop_ids, ignore_stop_ids=ignore_eos)
+        stop_ids=() if ignore_eos else tok.stop_ids, ignore_stop_ids=ignore_eos,
+        logit_bias=_logit_bias(body, tok.vocab_size))
 
 
 def _max_tokens(body: dict, key: str, prompt_len: int, default: int | None, limits: Limits, lo: int = 1,
