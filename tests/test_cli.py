@@ -2,7 +2,7 @@ import sys
 
 import pytest
 
-from kiln.cli import COMMANDS, main, parse
+from kiln.cli import COMMANDS, _expand, main, parse
 from subprocess_util import run_child
 
 
@@ -27,6 +27,17 @@ def test_overrides_apply_over_recipe():
 
 def test_resume_flag():
     assert parse("pretrain", ["--resume"]).train.resume is True
+
+
+@pytest.mark.parametrize("command,section", [("sft", "sft"), ("dpo", "dpo"), ("grpo", "grpo")])
+def test_post_stages_resume_and_train_keys_go_to_their_section(command, section, capsys):
+    """`kiln sft --resume` resumes the stage (its own train section), and `--train.X`, pretraining's and read by
+    no post-training stage, is refused with the key that would have worked."""
+    cfg = parse(command, _expand(command, ["--resume"]))
+    assert getattr(cfg, section).train.resume is True and cfg.train.resume is False
+    assert main([command, "--train.max_steps", "2"]) == 2
+    assert f"--{section}.train.max_steps" in capsys.readouterr().err
+    assert getattr(parse(command, [f"--{section}.train.max_steps", "2"]), section).train.max_steps == 2
 
 
 def test_bad_override_names_the_key(capsys):

@@ -152,6 +152,7 @@ ALIASES = {"export": {"--format": "--export.format", "--quant": "--export.quant"
 for _stage in ("sft", "dpo", "grpo", "dpo-build-pairs"):
     _key = _stage.split("-")[0]
     ALIASES[_stage] = {"--base": f"--{_key}.base", "--out": f"--{_key}.out",
+                       "--resume": f"--{_key}.train.resume=true",     # the stage trains with its own section
                        "--lora": f"--{_key}.lora.enabled=true",
                        "--qlora": (f"--{_key}.lora.enabled=true", f"--{_key}.lora.base_dtype=nf4")}
 """Short options of a command, spelled out as their config keys (a flag may stand for several)."""
@@ -236,6 +237,20 @@ def _check_keys(args: list[str]) -> None:
             cls, prefix = hint, f"{prefix}{part}."
 
 
+POST_STAGES = {"sft": "sft", "dpo": "dpo", "grpo": "grpo", "dpo-build-pairs": "dpo"}   # command -> config section
+
+
+def _check_post_keys(command: str, args: list[str]) -> None:
+    """A post-training stage trains with its own section's `train`: `--train.X` (pretraining's) would change
+    nothing, so it is refused with the key that would."""
+    section = POST_STAGES[command]
+    for arg in args:
+        key = arg[2:].split("=", 1)[0] if arg.startswith("--") else ""
+        if key.startswith("train."):
+            raise ConfigError(f"--{key} sets pretraining's training options, which `kiln {command}` does not read; "
+                              f"use --{section}.{key}")
+
+
 def parse(command: str, argv: list[str]) -> Config:
     """Turn `[RECIPE] [--key value ...]` into a validated Config."""
     argv = list(argv)
@@ -243,6 +258,8 @@ def parse(command: str, argv: list[str]) -> Config:
     if any(a in ("-h", "--help") for a in argv):
         _build_parser(command).parse_args(["--help"])
     _check_keys(argv)
+    if command in POST_STAGES:
+        _check_post_keys(command, argv)
     base = _base_config(recipe, argv)
     parser = _build_parser(command)
     ns = parser.parse_args(["--config", str(base), *argv])

@@ -275,6 +275,20 @@ def test_sft_rejects_and_counts_conversations_without_assistant_turns(base_run, 
     assert "chats.jsonl" in text and report["train_conversations"] + report["val_conversations"] == 12
 
 
+def test_nothing_to_train_on_says_where_every_record_went(base_run, tmp_path):
+    """A file with no usable conversation stops the stage with the accounting in the message, and the report it
+    points to is written."""
+    from kiln.post.sft import run_sft
+    chats = tmp_path / "bad.jsonl"
+    chats.write_bytes(b'{"messages": [{"role": "user", "content": "only a question"}]}\n\xff\xfe\n{"trunc')
+    with pytest.raises(ValueError) as e:
+        run_sft(_sft_cfg(base_run, chats, max_steps=1, out=str(tmp_path / "out")))
+    message = str(e.value)
+    assert "3 records read, 0 kept" in message and "no_assistant_turn" in message and "invalid_utf8" in message
+    report = json.loads((tmp_path / "out" / "data_report.json").read_text())
+    assert report["data"]["records_in"] == 3 and report["train_conversations"] == 0
+
+
 def test_a_tiny_model_learns_to_answer_in_the_chat_format_and_stop(base_run):
     """SFT on built-in conversations (chatterbot): greedy replies to their questions end with the end-of-turn
     token; the base model, never shown the chat format, does not stop."""

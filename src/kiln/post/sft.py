@@ -210,6 +210,23 @@ def encode_all(tok, conversations, seq_len: int, val_fraction: float) -> tuple[l
     return train, val, report
 
 
+def data_summary(data: dict, encoding: dict) -> str:
+    """One line of where the records went: read, kept, dropped and quarantined by reason, rejected at encoding."""
+    quarantined = {r: q["count"] for r, q in data["quarantine"].items()}
+    parts = [f"{data['records_in']} records read, {data['kept']} kept"]
+    if data["dropped"]:
+        parts.append(f"dropped {data['dropped']}")
+        if any(r.startswith("language_") or r == "low_score" for r in data["dropped"]):
+            parts.append("language ID is unsure of short exchanges: --sft.data.languages '[]' keeps every language")
+    if quarantined:
+        parts.append(f"quarantined {quarantined}")
+    if encoding["rejected"]:
+        parts.append(f"rejected at encoding {encoding['rejected']}")
+    if data["skipped_files"]:
+        parts.append(f"{len(data['skipped_files'])} files skipped")
+    return "; ".join(parts)
+
+
 def run_sft(cfg) -> dict:
     return run_stage(cfg, "sft", _sft)
 
@@ -222,15 +239,15 @@ def _sft(st: Stage) -> dict:
     seq_len = t.seq_len   # sft.max_seq_len within the model's context (stage_config)
     convs, data_report = load_conversations(sec.data)
     train, val, enc_report = encode_all(st.tok, convs, seq_len, sec.data.val_fraction)
-    if not train:
-        raise ValueError(f"sft: none of the {len(convs)} conversations has assistant tokens to train on "
-                         f"(see {st.rd.root / 'data_report.json'})")
     report = {"data": data_report, "encoding": enc_report, "train_conversations": len(train),
               "val_conversations": len(val),
               "train_assistant_tokens": int(sum((y != IGNORE).sum() for _, y in train)),
               "train_tokens": int(sum(len(x) for x, _ in train))}
-    if st.d.is_main:
+    if st.d.is_main:   # written before any check below, so that a run that stops here can be read
         (st.rd.root / "data_report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    if not train:
+        raise ValueError(f"sft: none of the {len(convs)} conversations has assistant tokens to train on: "
+                         f"{data_summary(data_report, enc_report)} (details: {st.rd.root / 'data_report.json'})")
     st.say(f"sft data: {len(train)} train / {len(val)} val conversations, {report['train_tokens']} tokens of which "
            f"{report['train_assistant_tokens']} assistant targets; {enc_report['truncated']} truncated to {seq_len}; "
            f"rejected {enc_report['rejected'] or 'none'} (data_report.json)")
