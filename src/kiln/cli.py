@@ -197,7 +197,8 @@ def _build_parser(command: str):
         exit_on_error=True, default_meta=False, epilog=_epilog(command),
         formatter_class=_formatter(DefaultHelpFormatter) if command == "estimate" else DefaultHelpFormatter)
     parser.add_argument("--config", action=ActionConfigFile, help="Read options from a YAML file (like RECIPE).")
-    parser.add_argument("--resume", action="store_true", help="Same as --train.resume true.")
+    train = f"{POST_STAGES[command]}.train" if command in POST_STAGES else "train"
+    parser.add_argument("--resume", action="store_true", help=f"Same as --{train}.resume true.")
     parser.add_class_arguments(Config, nested_key=None, fail_untyped=True, sub_configs=True)
     return parser
 
