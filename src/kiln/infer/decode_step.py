@@ -5,7 +5,9 @@ Shape legend: N slots, B rows of a step, S positions a step attends over, V voca
 A step runs over slots 0 .. B-1 with B the smallest batch bucket (1, 2, 4, ... N) holding every busy slot, and
 reads the first S positions of each slot, S the smallest length bucket (128, 256, ... the context) past every
 row's position. Its inputs stay on the device (`tokens_N`, `pos_N`: what the last step sampled, where it goes),
-so a step can be launched before the host has read the one before (kiln/infer/engine.py's overlap).
+so a step can be launched before the host has read the one before (kiln/infer/engine.py's overlap). The step
+itself writes greedy's choice into `tokens_N` and moves every row on one position, so that a step whose rows
+are all greedy launches nothing besides its graph (a sampled row's token then overwrites greedy's).
 
 On CUDA each (batch, length) bucket's step is one CUDA graph captured at construction (of the torch.compiled
 step with `compile=True`: at decode sizes the step is bound by kernel count, not bytes, and compilation fuses
@@ -35,7 +37,7 @@ class DecodeStep:
 
     def __init__(self, model, cache: SlotCache, max_slots: int, max_len: int, cuda_graphs: bool,
                  compile: bool = False, fused_attention: bool | None = None, fused_layers: bool | None = None):
-        self.model, self.cache = model, cache
+        self.model, self.cache, self.max_len = model, cache, max_len
         device = next(model.parameters()).device
         # Default: under CUDA graphs with Triton, where the kernels' launches are replayed. Launched eagerly, each
         # adds a Python launch to a step that is host-bound already (GRPO's rollouts; not measured); off CUDA
@@ -71,8 +73,8 @@ class DecodeStep:
 
     def logits(self, B: int, S: int) -> torch.Tensor:
         """Logits (B, V) of the tokens in tokens_N[:B] at positions pos_N[:B], attending over S positions: the
-        bucket's graph replayed where there is one. Returns the graph's own output tensor: read it before the
-        next replay of the same bucket."""
+        bucket's graph replayed where there is one. Then tokens_N[:B] holds each row's argmax and pos_N[:B] is
+        one further on. Returns the graph's own output tensor: read it before the next replay of the bucket."""
         if (B, S) in self.graphs:
             graph, logits_BV = self.graphs[B, S]
             graph.replay()
@@ -82,8 +84,13 @@ class DecodeStep:
     def _run(self, B: int, S: int) -> torch.Tensor:
         fused = self.fused_attention and B <= self.fused_attention_rows
         mask_B11S = None if fused else self.cache.keys_mask(self.pos_N[:B], S)
-        return self._step_logits(self.tokens_N[:B], self.pos_N[:B], self.cache.decode(self.pos_N[:B], S, fused),
-                                 mask_B11S)
+        logits_BV = self._step_logits(self.tokens_N[:B], self.pos_N[:B],
+                                      self.cache.decode(self.pos_N[:B], S, fused), mask_B11S)
+        self.tokens_N[:B].copy_(logits_BV.argmax(dim=-1))
+        # Every row moves on one position; a free or finished row's is clamped so that its throwaway write
+        # stays inside its slot (a running row never reaches the last position: the engine's `_can_launch`).
+        self.pos_N[:B].add_(1).clamp_(max=self.max_len - 1)
+        return logits_BV
 
     def _step(self, tokens_B: torch.Tensor, pos_B: torch.Tensor, cache, mask_B11S: torch.Tensor | None
               ) -> torch.Tensor:
@@ -93,8 +100,8 @@ class DecodeStep:
         return self.model.lm_head(h_B1D[:, 0]).float()
 
     def _compiled_step(self) -> Callable:
-        """The step under torch.compile, compiled now on every bucket (throwaway keys at position 0 of free
-        slots); if compilation fails (a layer inductor cannot lower, say CPU int8; on CUDA in fp32, a compiled
+        """The step under torch.compile, compiled now on every bucket (throwaway keys at the first positions of
+        free slots); if compilation fails (a layer inductor cannot lower, say CPU int8; on CUDA in fp32, a compiled
         SDPA step whose input strides inductor asserted wrongly at a smaller length bucket, torch 2.11), the
         plain step, with a warning: slower, never wrong."""
         self._step_logits = step = torch.compile(self._step, fullgraph=True, dynamic=True)
@@ -111,7 +118,7 @@ class DecodeStep:
 
     def _capture(self) -> None:
         """One CUDA graph per (batch, length) bucket, captured before any request: the warm-up writes
-        throwaway keys at position 0 of the bucket's slots."""
+        throwaway keys at the first positions of the bucket's slots."""
         pool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())

@@ -379,17 +379,17 @@ class Engine:
         dec = self.decoder
         B = dec.bucket(seqs[-1].slot + 1)
         S = dec.length(max(s.length for s in seqs) + 1)   # this step writes position `length`, reads 0 .. it
-        logits_BV = dec.logits(B, S)
+        logits_BV = dec.logits(B, S)   # the step also wrote greedy's tokens and moved every row on one position
         rows: list[_Sequence | None] = [None] * B      # free slots inside the bucket: throwaway greedy rows
         for s in seqs:
             rows[s.slot] = s
             s.length += 1
         self.stats["decode_steps"] += 1
-        next_B, lp = self._sample(rows, logits_BV, range(B))
-        dec.tokens_N[:B].copy_(next_B)
-        # Every row moves on one position; a free or finished row's is clamped so that its throwaway write
-        # stays inside its slot (a running row never reaches the last position: `_can_launch`).
-        dec.pos_N[:B].add_(1).clamp_(max=self.max_len - 1)
+        if all(s.request.params.plain_greedy for s in seqs):
+            next_B, lp = dec.tokens_N[:B], None      # nothing to launch before the next step
+        else:
+            next_B, lp = self._sample(rows, logits_BV, range(B))
+            dec.tokens_N[:B].copy_(next_B)
         return self._to_host(rows, next_B, lp)
 
     # ------------------------------------------------------------ sampling and output
@@ -433,7 +433,8 @@ class Engine:
 
     def _to_host(self, seqs: list[_Sequence | None], next_B: torch.Tensor, lp: tuple | None) -> _Launched:
         """Start copying a step's tokens (and log-probabilities) to the host without waiting for them."""
-        host = [t.to("cpu", non_blocking=True) for t in (next_B, *(lp or ()))]
+        # copy=True: on the CPU too, so that the next step's writes to the decode inputs cannot change these
+        host = [t.to("cpu", non_blocking=True, copy=True) for t in (next_B, *(lp or ()))]
         event = None
         if self.device.type == "cuda":
             event = torch.cuda.Event()

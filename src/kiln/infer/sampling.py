@@ -85,6 +85,11 @@ class SamplingParams:
         return self
 
     @property
+    def plain_greedy(self) -> bool:
+        """Greedy with nothing to add to the model's argmax: no penalties, bias or log-probabilities."""
+        return self.temperature == 0 and not self.penalised and not self.logit_bias and self.logprobs is None
+
+    @property
     def penalised(self) -> bool:
         return self.repetition_penalty != 1 or self.frequency_penalty != 0 or self.presence_penalty != 0
 
