@@ -307,7 +307,7 @@ def pair_files(cfg, say=print) -> list[str]:
         say(f"dpo: dpo.pairs not set; using {built} (written by `kiln dpo build-pairs`)")
         return [str(built)]
     raise ValueError(f"dpo.pairs is empty and {built} does not exist: give JSONL files of {{\"prompt\", "
-                     "\"chosen\", \"rejected\"}} (--dpo.pairs '[pairs.jsonl]'), or build them from the model's own "
+                     "\"chosen\", \"rejected\"} (--dpo.pairs '[pairs.jsonl]'), or build them from the model's own "
                      "samples first: `kiln dpo build-pairs --dpo.prompts '[reasoning-gym:basic_arithmetic]'`")
 
 
@@ -322,8 +322,9 @@ def load_split(st: Stage, files: list[str], seq_len: int) -> tuple[list[EncodedP
     st.say(f"dpo data: {tally.records} records -> {len(train)} train / {len(val)} held-out pairs; {tally.truncated} cut "
            f"to {seq_len} tokens; quarantined {dict(tally.quarantined) or 'none'} (pairs_report.json)")
     if not train:
-        raise ValueError(f"dpo: none of the {tally.records} records of {', '.join(files)} is a usable training pair "
-                         f"(see {st.rd.root / 'pairs_report.json'})")
+        raise ValueError(f"dpo: none of the {tally.records} records of {', '.join(files)} is a usable training "
+                         f"pair: quarantined {dict(tally.quarantined) or 'none'} (details, with files and lines: "
+                         f"{st.rd.root / 'pairs_report.json'})")
     if not val:
         st.say(f"dpo: no held-out pairs (dpo.val_fraction={st.section.val_fraction}): no before/after evaluation")
     return train, val
