@@ -148,7 +148,8 @@ def resolve_checkpoint(run_checkpoints: Path, spec: str) -> Path:
     if spec == "latest":
         ckpt = latest_checkpoint(run_checkpoints)
         if ckpt is None:
-            raise FileNotFoundError(f"no complete checkpoint in {run_checkpoints}; run `kiln pretrain` first")
+            raise FileNotFoundError(f"no complete checkpoint in {run_checkpoints}: train one (`kiln pretrain`, "
+                                    "`kiln sft`) or bring one in (`kiln import SRC --run_dir DIR`) first")
         return ckpt
     if spec == BEST:
         ckpt = latest_checkpoint(run_checkpoints / BEST)
