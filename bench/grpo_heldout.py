@@ -4,7 +4,7 @@
 
 The problems: the run's own held-out ones (grpo.eval_items) plus --extra training problems the run never drew
 (its problem stream is a seeded permutation: the first max_steps x prompts_per_step were drawn; questions equal
-to a drawn one are skipped). Both models decode greedily with kiln's engine (CPU, fp32, batches of 50) with
+to a drawn one are skipped). Both models decode greedily with kiln's engine (fp32, batches of 50, on --device) with
 the run's prompts and max_new_tokens, scored by the task's verifier. Prints accuracies and the paired counts
 (right only after / only before: McNemar's test), writes bench/results/grpo_heldout.json.
 """
@@ -31,9 +31,11 @@ ap.add_argument("--run", required=True, help="the GRPO run directory")
 ap.add_argument("--base", default=None, help="the start's checkpoint (default: the run's grpo.base)")
 ap.add_argument("--extra", type=int, default=300)
 ap.add_argument("--threads", type=int, default=2)
+ap.add_argument("--device", default="auto", help="auto: CUDA where there is one, else the CPU (fp32 on both)")
 ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "grpo_heldout.json"))
 a = ap.parse_args()
 torch.set_num_threads(a.threads)
+device = ("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device
 run = Path(a.run)
 end = latest_checkpoint(run / "checkpoints")
 cfg = checkpoint_config(end)
@@ -51,7 +53,7 @@ print(f"{len(held)} held-out + {len(unseen)} never drawn ({drawn_n} drawn in tra
 stop = set(tok.stop_ids)
 res = {}
 for name, ckpt in (("start", base), ("end", end)):
-    model, _ = load_model(ckpt, "cpu", torch.float32)
+    model, _ = load_model(ckpt, device, torch.float32)
     eng = Engine(model, None, max_slots=50, max_len=max(len(p.prompt_ids) for p in problems) + sec.max_new_tokens,
                  max_queue=len(problems) + 1, cuda_graphs=False, prefix_cache=False)
     ok = []
