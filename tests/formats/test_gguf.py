@@ -292,6 +292,10 @@ def test_bad_files_get_clear_errors(tmp_path, tok_dir, monkeypatch):
     (tmp_path / "junk.gguf").write_bytes(b"GGUF" + b"\x00" * 40)
     with pytest.raises(ValueError, match="not a readable GGUF file"):
         read_gguf(tmp_path / "junk.gguf")
+    data = good.read_bytes()   # cut in its tensor data, as an interrupted download leaves it
+    (tmp_path / "cut.gguf").write_bytes(data[:len(data) * 2 // 3])
+    with pytest.raises(ValueError, match="not a readable GGUF file.*ends before the data its header describes"):
+        read_gguf(tmp_path / "cut.gguf")
     rewrite(good, tmp_path / "falcon.gguf", arch="falcon")
     with pytest.raises(ValueError, match=r"architecture 'falcon' is not supported; kiln imports llama, qwen3"):
         read_gguf(tmp_path / "falcon.gguf")

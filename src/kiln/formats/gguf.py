@@ -57,7 +57,11 @@ def read_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> ImportedM
     try:
         reader = gguf.GGUFReader(path)
     except Exception as e:   # the reader raises ValueError, struct.error, ... on a damaged file
-        raise ValueError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
+        # numpy's reshape or view failing on the memory map: a tensor's bytes run past the end of the file
+        short = isinstance(e, ValueError) and ("cannot reshape" in str(e) or "must be a divisor" in str(e))
+        hint = (f"; the file ({path.stat().st_size:,} bytes) ends before the data its header describes: truncated, "
+                "as by an interrupted download or copy?") if short else ""
+        raise ValueError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e}){hint}") from None
     fields = {k: f.contents() for k, f in reader.fields.items()}
     arch = fields.get("general.architecture")
     if arch not in ARCHITECTURES:
