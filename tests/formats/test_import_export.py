@@ -159,6 +159,14 @@ def test_bad_sources_fail_clearly_and_write_nothing(tmp_path, capsys):
 
     shutil.rmtree(tmp_path / "hf")
     hf_folder(tmp_path / "hf", "llama-tied-gqa")
+    weights = tmp_path / "hf" / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[:len(data) // 2])       # an interrupted download
+    assert main(["import", str(tmp_path / "hf"), "--run_dir", str(run)]) == 1
+    err = capsys.readouterr().err
+    assert "model.safetensors: not a readable safetensors file" in err and "truncated" in err
+    assert not (run / "checkpoints").exists()
+    weights.write_bytes(data)
     assert main(["import", str(tmp_path / "hf"), "--run_dir", str(run)]) == 0
     assert main(["import", str(tmp_path / "hf"), "--run_dir", str(run)]) == 2   # refuses to replace it
     assert "--overwrite true" in capsys.readouterr().err

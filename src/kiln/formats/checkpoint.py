@@ -22,10 +22,9 @@ from typing import Any
 
 import torch
 import yaml
-from safetensors import safe_open
 
 from kiln.config import Config, ModelConfig, from_dict
-from kiln.formats.hf import iter_weights, load_state, model_from_state, weight_files
+from kiln.formats.hf import iter_weights, load_state, model_from_state, open_safetensors, weight_files
 from kiln.formats.peft import is_adapter_key, iter_merged, merge_state, split_adapter
 
 COMPLETE = "COMPLETE"     # written last: a directory without it is never loaded
@@ -108,7 +107,7 @@ def adapter_tensors(ckpt: Path, device: str = "cpu") -> dict[str, torch.Tensor]:
     """The LoRA adapter tensors of a checkpoint (kiln names), without reading the base weights."""
     out = {}
     for path in weight_files(ckpt):
-        with safe_open(str(path), framework="pt", device=device) as f:
+        with open_safetensors(path, device) as f:
             out.update({k: f.get_tensor(k) for k in f.keys() if is_adapter_key(k)})
     return out
 
@@ -138,7 +137,7 @@ def iter_merged_weights(ckpt: Path, dtype: torch.dtype | None = None) -> Iterato
 def _weight_names(ckpt: Path) -> list[str]:
     names = []
     for path in weight_files(ckpt):
-        with safe_open(str(path), framework="pt") as f:
+        with open_safetensors(path) as f:
             names.extend(f.keys())
     return names
 

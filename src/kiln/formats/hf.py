@@ -11,11 +11,12 @@ from __future__ import annotations
 import importlib.util
 import json
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from kiln.config import ModelConfig
 
@@ -95,6 +96,18 @@ def save_state_dict(state_dict: dict[str, torch.Tensor], cfg: ModelConfig, path:
     save_file(storable(state_dict, cfg), str(path), metadata=metadata)
 
 
+@contextmanager
+def open_safetensors(path: str | Path, device: str = "cpu"):
+    """safetensors' `safe_open`, with a file it cannot read (cut short, damaged) named in a ValueError."""
+    try:
+        f = safe_open(str(path), framework="pt", device=device)
+    except Exception as e:   # safetensors raises its own SafetensorError, OSError, ...
+        raise ValueError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e}); truncated or damaged, "
+                         "as by an interrupted download or copy?") from None
+    with f:
+        yield f
+
+
 def save_weights(model: torch.nn.Module, path: str | Path, metadata: dict[str, str] | None = None) -> None:
     """Write `model.safetensors` in HF layout (loads in transformers as is)."""
     save_state_dict(model.state_dict(), model.cfg, path, metadata)
@@ -106,7 +119,8 @@ def load_weights(model: torch.nn.Module, path: str | Path) -> None:
     Missing keys other than the tied head, and any unexpected key, raise ValueError naming them.
     """
     device = next(model.parameters()).device
-    sd = load_file(str(path), device=str(device))
+    with open_safetensors(path, str(device)) as f:
+        sd = {k: f.get_tensor(k) for k in f.keys()}
     if model.cfg.tie_embeddings:
         sd.pop(TIED_KEY, None)  # some exporters write the tied copy anyway; the embedding is the source
     missing, unexpected = model.load_state_dict(sd, strict=False)
@@ -180,7 +194,7 @@ def weight_files(folder: Path) -> list[Path]:
 def iter_weights(folder: Path, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) of every weight in a folder, one tensor in memory at a time, cast to `dtype`."""
     for path in weight_files(folder):
-        with safe_open(str(path), framework="pt") as f:
+        with open_safetensors(path) as f:
             for name in f.keys():
                 if name.endswith(IGNORED_SUFFIXES):
                     continue
@@ -246,7 +260,7 @@ def save_sharded(tensors: Iterable[tuple[str, torch.Tensor]], folder: Path, max_
     weight_map = {}
     for tmp, path in zip(written, final):
         tmp.replace(path)
-        with safe_open(str(path), framework="pt") as f:
+        with open_safetensors(path) as f:
             weight_map.update({k: path.name for k in f.keys()})
     if len(final) > 1:
         (folder / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},

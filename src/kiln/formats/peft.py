@@ -24,11 +24,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from kiln.config import LORA_TARGETS, LoRAConfig
 from kiln.config.rundir import write_json_atomic
+from kiln.formats.hf import open_safetensors
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -143,7 +143,7 @@ def read_adapter(adapter_dir: str | Path) -> tuple[dict[str, torch.Tensor], dict
     config = json.loads(cfg_path.read_text(encoding="utf-8"))
     config = check_config(config, cfg_path)
     tensors: dict[str, torch.Tensor] = {}
-    with safe_open(str(w_path), framework="pt") as f:
+    with open_safetensors(w_path) as f:
         for key in f.keys():
             tensors[kiln_name(key, w_path)] = f.get_tensor(key)
     if not tensors:
