@@ -58,6 +58,24 @@ def test_kiln_serve_command(run, spawn):
     assert "model `tiny-chat`" in child.stdout
 
 
+def test_kiln_serve_on_a_taken_port_says_so_before_loading(run, capsys):
+    import socket
+
+    from kiln.cli import main
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    try:
+        port = holder.getsockname()[1]
+        assert main(["serve", "--run_dir", str(run), "--port", str(port), "--serve.device", "cpu"]) == 2
+    finally:
+        holder.close()
+    out = capsys.readouterr()
+    assert f"cannot listen on 127.0.0.1:{port}" in out.err and "--port" in out.err and "serving" not in out.out
+    assert main(["serve", "--run_dir", str(run), "--port", "70000"]) == 2
+    assert "serve.port=70000" in capsys.readouterr().err
+
+
 def test_kiln_serve_and_chat_help():
     for command in ("serve", "chat"):
         out = run_child([sys.executable, "-m", "kiln", command, "--help"], timeout=60)

@@ -382,6 +382,8 @@ class ServeConfig:
         for key in ("max_len", "max_tokens_limit"):
             if getattr(self, key) is not None:
                 _positive(f"serve.{key}", getattr(self, key))
+        if self.port > 65535:
+            raise ConfigError(f"serve.port={self.port} must be at most 65535 (a TCP port)")
         if not 0 <= self.temperature <= 2:
             raise ConfigError(f"serve.temperature={self.temperature} must be in [0, 2]")
 
