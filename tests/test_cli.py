@@ -46,6 +46,19 @@ def test_bad_override_names_the_key(capsys):
     assert "train.lrr" in err and "train.lr" in err
 
 
+def test_bad_recipe_file_names_the_file_and_the_fix(tmp_path, capsys):
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("name: x\ntrain:\n  max_stepz: 3\n")
+    assert main(["run", str(typo)]) == 2
+    err = capsys.readouterr().err
+    assert "typo.yaml: unknown config key `train.max_stepz`" in err and "Did you mean `train.max_steps`" in err
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("name: x\ntrain:\n  max_steps: [3\n")
+    assert main(["run", str(broken)]) == 2
+    err = capsys.readouterr().err
+    assert "broken.yaml: not valid YAML" in err and "line 3" in err
+
+
 def test_bad_value_names_the_key(capsys):
     assert main(["run", "--model.depth", "0"]) == 2
     assert "model.depth" in capsys.readouterr().err

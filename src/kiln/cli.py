@@ -17,7 +17,7 @@ import typing
 from collections.abc import Callable
 from pathlib import Path
 
-from kiln.config import Config, ConfigError, from_dict, recipe_names, recipe_path, unknown_key_message
+from kiln.config import Config, ConfigError, from_dict, load_yaml, recipe_names, recipe_path, unknown_key_message
 
 
 def _cmd_run(cfg: Config) -> None:
@@ -262,6 +262,7 @@ def parse(command: str, argv: list[str]) -> Config:
     if command in POST_STAGES:
         _check_post_keys(command, argv)
     base = _base_config(recipe, argv)
+    _check_recipe(base)
     parser = _build_parser(command)
     ns = parser.parse_args(["--config", str(base), *argv])
     values = ns.as_dict()
@@ -272,6 +273,15 @@ def parse(command: str, argv: list[str]) -> Config:
     if resume:
         cfg.train.resume = True
     return cfg.validate()
+
+
+def _check_recipe(path: Path) -> None:
+    """The recipe file read with kiln's own checks first: YAML errors and unknown keys named with the file, line
+    or key and the nearest valid key (jsonargparse's own messages name neither the file nor a fix)."""
+    try:
+        from_dict(Config, load_yaml(path))
+    except ConfigError as e:
+        raise ConfigError(str(e) if str(path) in str(e) else f"{path}: {e}") from None
 
 
 def _base_config(recipe: str | None, argv: list[str]) -> Path:
