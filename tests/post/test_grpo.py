@@ -187,6 +187,48 @@ def test_default_reward_is_the_verifier_plus_the_format_bonus():
     assert (wrong.reward, wrong.correct) == (pytest.approx(0.1), False)
 
 
+def test_a_reward_function_that_hangs_is_stopped_and_counted():
+    """A user's reward that never returns fails its call after grpo.reward_timeout, counted with the reason,
+    and the next call works (the alarm is cleared)."""
+    import time
+
+    task = make_task("chain_sum", {}, seed=0, size=2)
+    item = task.items[0]
+
+    def reward(prompt, completion, it):
+        if "loop" in completion:
+            while True:
+                pass
+        return 0.5
+
+    rw = Rewarder(task, 0.1, reward, "fns.py:reward", timeout=0.3)
+    t0 = time.monotonic()
+    stuck = rw("loop forever", item)
+    assert stuck.reward is None and "TimeoutError" in stuck.error and "0.3 s" in stuck.error
+    assert time.monotonic() - t0 < 5
+    assert rw("fine", item).reward == pytest.approx(0.5)
+    time.sleep(0.5)   # no stray alarm left behind to interrupt later code
+
+
+def test_the_time_limit_puts_an_outer_alarm_back():
+    import signal
+    import time
+
+    from kiln.runtime.limits import time_limit
+    fired = []
+    previous = signal.signal(signal.SIGALRM, lambda *a: fired.append(1))
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.6)
+        with time_limit(5, "the call"):
+            time.sleep(0.1)
+        assert 0 < signal.getitimer(signal.ITIMER_REAL)[0] <= 0.5
+        time.sleep(0.8)
+        assert fired == [1]
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 def _rollouts(base, fns, reward, tmp_path=None, **over):
     model, _ = load_model(latest_checkpoint(base / "checkpoints"), "cpu", torch.float32)
     from kiln.tokenizer import Tokenizer

@@ -168,6 +168,20 @@ def test_rank_samples_best_against_worst_and_a_failing_scorer_is_counted():
     assert dict(report["skipped"]) == {"all_tied": 1, "fewer_than_two_scored": 1}
 
 
+def test_a_scorer_that_hangs_is_stopped_and_counted(tmp_path):
+    from kiln.post.pairs import scorer_of
+    path = tmp_path / "score.py"
+    path.write_text("def score(prompt, answer, item):\n"
+                    "    while answer == 'loop':\n"
+                    "        pass\n"
+                    "    return float(len(answer))\n")
+    score, _ = scorer_of(f"{path}:score", None, timeout=0.3)
+    report = _report()
+    rec = rank_samples(_item(), [("loop", True), ("ab", True), ("abc", True)], score, report)
+    assert (rec["chosen"], rec["rejected"]) == ("abc", "ab")
+    assert report["scorer_errors"] == 1 and "TimeoutError" in report["scorer_error_examples"][0]["error"]
+
+
 def test_rank_samples_by_reference_answer():
     report = _report()
     rec = rank_samples(_item("42"), [(" 42 ", True), ("41", True)], None, report)

@@ -160,6 +160,9 @@ class DPOConfig:
     scorer: str | None = None
     """build-pairs: `module:function` or `path.py:function` taking (prompt, answer, item) and returning a
     float; default: the reasoning-gym verifier, or the reference answer as chosen when prompts carry one."""
+    scorer_timeout: float = 10.0
+    """build-pairs: seconds one call of dpo.scorer may take; a longer one is counted as a scorer error, like one
+    that raises (0 = no limit)."""
     temperature: float = 1.0
     """build-pairs: sampling temperature."""
     max_new_tokens: int = 128
@@ -176,6 +179,7 @@ class DPOConfig:
             _positive(f"dpo.{key}", getattr(self, key))
         if self.max_seq_len is not None:
             _positive("dpo.max_seq_len", self.max_seq_len)
+        _non_negative("dpo.scorer_timeout", self.scorer_timeout)
         self.lora.validate("dpo")
         self.train.validate()
 
@@ -196,6 +200,9 @@ class GRPOConfig:
     reward: str | None = None
     """`module:function` or `path.py:function` (prompt, completion, item) -> float; default: the task's verifier
     on the extracted answer, plus format_reward for the think-then-answer format."""
+    reward_timeout: float = 10.0
+    """Seconds one call of grpo.reward may take; a longer one is counted and not trained on, like one that
+    raises (0 = no limit)."""
     format_reward: float = 0.1
     """Reward added when the completion follows the <think>...</think><answer>...</answer> format."""
     group_size: int = 8
@@ -229,5 +236,6 @@ class GRPOConfig:
             raise ConfigError(f"grpo.temperature={self.temperature} must be > 0 (sampling, not greedy)")
         _non_negative("grpo.kl_beta", self.kl_beta)
         _non_negative("grpo.clip_eps", self.clip_eps)
+        _non_negative("grpo.reward_timeout", self.reward_timeout)
         self.lora.validate("grpo")
         self.train.validate()

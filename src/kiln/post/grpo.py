@@ -228,7 +228,7 @@ def _grpo(st: Stage) -> dict:
                           "sampling needs every weight on each rank; use ddp, or deepspeed with zero_stage <= 2")
     task, train, held, report = load_problems(sec, st.tok, t.seed, st.cfg.model.max_seq_len, st.say)
     fn = load_function(sec.reward, what="grpo.reward") if sec.reward else None
-    rewarder = Rewarder(task, sec.format_reward, fn, sec.reward)
+    rewarder = Rewarder(task, sec.format_reward, fn, sec.reward, sec.reward_timeout)
     st.say(f"grpo: task {sec.task}: {report['train']} training / {report['eval']} held-out problems; "
            f"{sec.prompts_per_step} prompts x {sec.group_size} completions per micro-batch, reward "
            f"{sec.reward or f'verifier + {sec.format_reward:g} for the format'}, kl_beta {sec.kl_beta:g}")

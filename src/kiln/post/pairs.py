@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from kiln.post.sft import Example, example_of
+from kiln.runtime.limits import time_limit
 from kiln.tokenizer.loader import IGNORE
 
 Messages = list[dict[str, str]]
@@ -340,14 +341,19 @@ def read_prompts(specs: Sequence[str], count: int, seed: int, tally: Tally,
     return items, task
 
 
-def scorer_of(spec: str | None, task) -> tuple[Callable[[PromptItem, str], float] | None, str]:
+def scorer_of(spec: str | None, task, timeout: float = 0.0) -> tuple[Callable[[PromptItem, str], float] | None, str]:
     """(score(item, answer) or None, a description): the user's function `dpo.scorer`, called as
-    (prompt, answer, item); else the reasoning-gym verifier; None = rank by reference answers."""
+    (prompt, answer, item) under a time limit of `timeout` seconds (kiln.runtime.limits); else the reasoning-gym
+    verifier; None = rank by reference answers."""
     if spec:
         from kiln.post.reasoning import load_function
         fn = load_function(spec, what="dpo.scorer")
         raw = lambda it: it.item.raw if hasattr(it.item, "raw") else it.item   # noqa: E731
-        return (lambda it, answer: fn(it.prompt, answer, raw(it))), f"dpo.scorer {spec}"
+
+        def score(it, answer):
+            with time_limit(timeout, "the call"):
+                return fn(it.prompt, answer, raw(it))
+        return score, f"dpo.scorer {spec}"
     if task is not None:
         return (lambda it, answer: task.score(answer, it.item)), f"the reasoning-gym verifier of {task.name}"
     return None, "reference answers (chosen) against a model sample (rejected)"
@@ -438,7 +444,7 @@ def run_build_pairs(cfg) -> dict:
                          "reasoning-gym:TASK (e.g. --dpo.prompts '[reasoning-gym:basic_arithmetic]')")
     prompt_tally = Tally()
     items, task = read_prompts(sec.prompts, sec.count, sec.train.seed, prompt_tally, sec.task_config)
-    score, scored_by = scorer_of(sec.scorer, task)
+    score, scored_by = scorer_of(sec.scorer, task, sec.scorer_timeout)
     if score is None and not any(it.reference for it in items):   # (a reasoning-gym task always gives a score)
         raise ValueError(f"dpo.prompts {sec.prompts}: nothing can rank the samples: the prompts carry no "
                          "\"answer\" and no dpo.scorer is set; give `--dpo.scorer path.py:function` (called as "

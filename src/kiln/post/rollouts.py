@@ -26,6 +26,7 @@ from kiln.config import GRPOConfig
 from kiln.infer.engine import Engine, Output
 from kiln.infer.sampling import SamplingParams
 from kiln.post.common import trained_positions, varying_length
+from kiln.runtime.limits import time_limit
 from kiln.tokenizer.loader import IGNORE
 from kiln.train import loop
 from kiln.train.distributed import sum_over_ranks
@@ -72,8 +73,8 @@ class Rewarder:
     the reasoning.TaskItem (question, answer, raw). The verifier's verdict is kept either way (accuracy)."""
 
     def __init__(self, task, format_reward: float, fn: Callable[[str, str, Any], float] | None = None,
-                 spec: str | None = None):
-        self.task, self.format_reward, self.fn, self.spec = task, format_reward, fn, spec
+                 spec: str | None = None, timeout: float = 0.0):
+        self.task, self.format_reward, self.fn, self.spec, self.timeout = task, format_reward, fn, spec, timeout
 
     def __call__(self, completion: str, item) -> Score:
         from kiln.post.reasoning import format_ok
@@ -85,7 +86,8 @@ class Rewarder:
         if self.fn is None:
             return Score(verdict + (self.format_reward if formatted else 0.0), verdict >= 1.0, formatted)
         try:
-            value = self.fn(item.question, completion, item)
+            with time_limit(self.timeout, "the call"):   # one that hangs is counted, not a stalled run
+                value = self.fn(item.question, completion, item)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise TypeError(f"returned {value!r}, not a finite number")
         except Exception as e:   # noqa: BLE001 - the user's code may raise anything; counted, never trained on
