@@ -146,9 +146,10 @@ ALIASES = {"export": {"--format": "--export.format", "--quant": "--export.quant"
                       "--checkpoint": "--export.checkpoint"},
            "import": {"--dtype": "--importing.dtype"},
            "serve": {"--host": "--serve.host", "--port": "--serve.port", "--api_key": "--serve.api_key",
-                     "--checkpoint": "--serve.checkpoint", "--model_name": "--serve.model_name"},
+                     "--checkpoint": "--serve.checkpoint", "--model_name": "--serve.model_name",
+                     "--adapter": "--serve.adapter"},
            "chat": {"--checkpoint": "--serve.checkpoint", "--system": "--serve.system",
-                    "--temperature": "--serve.temperature"}}
+                    "--temperature": "--serve.temperature", "--adapter": "--serve.adapter"}}
 for _stage in ("sft", "dpo", "grpo", "dpo-build-pairs"):
     _key = _stage.split("-")[0]
     ALIASES[_stage] = {"--base": f"--{_key}.base", "--out": f"--{_key}.out",

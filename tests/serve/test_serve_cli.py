@@ -6,6 +6,7 @@ import time
 
 import httpx
 import pytest
+import torch
 
 from kiln.infer.engine import Engine
 from kiln.infer.sampling import SamplingParams
@@ -74,6 +75,50 @@ def test_kiln_serve_on_a_taken_port_says_so_before_loading(run, capsys):
     assert f"cannot listen on 127.0.0.1:{port}" in out.err and "--port" in out.err and "serving" not in out.out
     assert main(["serve", "--run_dir", str(run), "--port", "70000"]) == 2
     assert "serve.port=70000" in capsys.readouterr().err
+
+
+def test_served_model_with_a_peft_adapter_is_the_merged_model(run, tmp_path, capsys):
+    """--adapter DIR (a PEFT LoRA adapter, as PEFT or `kiln export --format peft` writes it) is merged into the
+    run's weights: the served model's greedy tokens are those of base + (alpha / r) B A computed here; an
+    adapter of another shape is refused naming the tensor."""
+    from kiln.cli import _expand, parse
+    from kiln.config import LoRAConfig
+    from kiln.formats.checkpoint import latest_checkpoint, load_model
+    from kiln.formats.peft import merge_state, write_adapter
+    from kiln.infer.generate import generate
+
+    base, _ = load_model(latest_checkpoint(run / "checkpoints"), "cpu", torch.float32)
+    g = torch.Generator().manual_seed(1)
+    tensors = {}
+    for i in range(base.cfg.depth):
+        for group, name in (("self_attn", "q_proj"), ("mlp", "down_proj")):
+            w = base.state_dict()[f"model.layers.{i}.{group}.{name}.weight"]
+            tensors[f"model.layers.{i}.{group}.{name}.lora_A.weight"] = torch.randn(4, w.shape[1], generator=g)
+            tensors[f"model.layers.{i}.{group}.{name}.lora_B.weight"] = torch.randn(w.shape[0], 4, generator=g)
+    lora = LoRAConfig(enabled=True, rank=4, alpha=8, targets=["q_proj", "down_proj"])
+    adapter = write_adapter(tmp_path / "adapter", tensors, lora, str(run))
+    cfg = parse("serve", _expand("serve", ["--run_dir", str(run), "--adapter", str(adapter), "--serve.device",
+                                           "cpu"]))
+    served = load_served(cfg, start=False)
+    assert f"LoRA adapter {adapter} (rank 4, alpha 8" in capsys.readouterr().out
+    want = _with_state(base, merge_state(base.state_dict(), tensors, 8, 4))
+    prompt = [5, 6, 7, 8]
+    got = Engine(served.engine.model, max_slots=1).generate([prompt], SamplingParams(max_tokens=8, temperature=0))
+    assert got[0][0] == generate(want, prompt, 8, temperature=0, use_cache=False)
+    assert got[0][0] != generate(base, prompt, 8, temperature=0, use_cache=False)
+    bad = dict(tensors)
+    bad["model.layers.0.mlp.down_proj.lora_B.weight"] = torch.randn(3, 4)
+    write_adapter(tmp_path / "bad", bad, lora, str(run))
+    cfg.serve.adapter = str(tmp_path / "bad")
+    with pytest.raises(ValueError, match="down_proj.weight .* does not fit its adapter"):
+        load_served(cfg, start=False)
+
+
+def _with_state(model, state):
+    import copy
+    out = copy.deepcopy(model)
+    out.load_state_dict(state)
+    return out
 
 
 def test_kiln_serve_and_chat_help():

@@ -334,6 +334,10 @@ class ServeConfig:
 
     checkpoint: str = "latest"
     """`latest`, `best` or a checkpoint directory of the run (an imported run has one: step 0)."""
+    adapter: str | None = None
+    """A PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors, as PEFT's save_pretrained
+    or `kiln export --format peft` writes it), merged into the run's model at load: a base model plus an
+    adapter trained elsewhere."""
     host: str = "127.0.0.1"
     """Address to bind; 127.0.0.1 keeps the server on this machine (`0.0.0.0` opens it to the network: set
     api_key then)."""

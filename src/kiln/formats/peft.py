@@ -221,7 +221,21 @@ def iter_merged(weights: Iterable[tuple[str, torch.Tensor]], adapters: dict[str,
 
 
 def merge_state(state_dict: dict[str, torch.Tensor], adapter_tensors: dict[str, torch.Tensor], alpha: float,
-                rank: int) -> dict[str, torch.Tensor]:
+                rank: int, where: str | Path = "weights") -> dict[str, torch.Tensor]:
     """A new state dict: the base weights of `state_dict` with the adapters merged (see iter_merged) and no
     adapter keys left. Unadapted tensors are the same objects (not copied)."""
-    return dict(iter_merged(state_dict.items(), adapter_tensors, alpha, rank))
+    return dict(iter_merged(state_dict.items(), adapter_tensors, alpha, rank, where))
+
+
+def apply_adapter(model: torch.nn.Module, adapter_dir: str | Path) -> LoRAConfig:
+    """Merge a PEFT LoRA adapter directory (read_adapter) into `model`'s weights in place, and return its
+    LoRAConfig. An adapter of another model (a weight it has no base for, or a shape that does not fit) is a
+    ValueError naming the tensor; the model is then unchanged."""
+    tensors, config = read_adapter(adapter_dir)
+    state = model.state_dict()
+    merged = merge_state(state, tensors, config["lora_alpha"], config["r"], where=adapter_dir)
+    with torch.no_grad():
+        for name, t in merged.items():
+            if t is not state[name]:
+                state[name].copy_(t)
+    return lora_config_from(config, tensors)

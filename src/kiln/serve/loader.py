@@ -11,6 +11,7 @@ import torch
 from kiln.config import Config
 from kiln.config.rundir import RunDir
 from kiln.formats.checkpoint import load_model, resolve_checkpoint
+from kiln.formats.peft import apply_adapter
 from kiln.infer.engine import Engine
 from kiln.infer.fuse import fuse_projections
 from kiln.infer.quant import describe, quantize_int8, weight_bytes
@@ -35,8 +36,8 @@ class Served:
 
 
 def load_served(cfg: Config, start: bool = True) -> Served:
-    """The run's checkpoint in the engine (on `serve.device`, in `serve.dtype`, int8 weight-only with
-    `serve.quantize=int8`), with its tokenizer."""
+    """The run's checkpoint (with `serve.adapter` merged in) in the engine (on `serve.device`, in `serve.dtype`,
+    int8 weight-only with `serve.quantize=int8`), with its tokenizer."""
     s = cfg.serve
     rd = RunDir(cfg.run_path)
     ckpt = resolve_checkpoint(rd.checkpoints, s.checkpoint)
@@ -44,6 +45,10 @@ def load_served(cfg: Config, start: bool = True) -> Served:
     device = pick_device(s.device)
     dtype = DTYPES.get(s.dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     model, _ = load_model(ckpt, device, dtype)
+    adapter = ""
+    if s.adapter:   # merged before int8 and the stacked projections, which take the weights as they then are
+        lora = apply_adapter(model, s.adapter)
+        adapter = f" + LoRA adapter {s.adapter} (rank {lora.rank}, alpha {lora.alpha:g}, {', '.join(lora.targets)})"
     if tok.vocab_size > model.cfg.vocab_size:
         raise ValueError(f"{rd.tokenizer_file()} has {tok.vocab_size} tokens but the model at {ckpt} embeds "
                          f"{model.cfg.vocab_size}: they are not from the same run")
@@ -59,7 +64,7 @@ def load_served(cfg: Config, start: bool = True) -> Served:
                     cuda_graphs=s.cuda_graphs and device.type == "cuda", compile=s.compile)
     if start:
         engine.start()
-    print(f"serving {ckpt} ({n_params / 1e6:.1f}M parameters, {dtype}, {device}): {s.max_batch} slots of "
+    print(f"serving {ckpt}{adapter} ({n_params / 1e6:.1f}M parameters, {dtype}, {device}): {s.max_batch} slots of "
           f"{engine.max_len} positions", flush=True)
     if s.quantize != "none":
         print(f"{describe(model, device, dtype)}; weights {before / 2**20:.1f} MiB -> "
