@@ -114,6 +114,14 @@ def test_served_model_with_a_peft_adapter_is_the_merged_model(run, tmp_path, cap
         load_served(cfg, start=False)
 
 
+def test_a_context_beyond_the_models_is_cut_with_a_warning(run, capsys):
+    cfg = Config(run_dir=str(run))
+    cfg.serve.device, cfg.serve.max_len = "cpu", 100_000
+    served = load_served(cfg, start=False)
+    assert served.max_len == served.engine.model.cfg.max_seq_len == 128
+    assert "serve.max_len=100000 is beyond the model's context of 128 positions" in capsys.readouterr().out
+
+
 def _with_state(model, state):
     import copy
     out = copy.deepcopy(model)

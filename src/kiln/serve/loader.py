@@ -62,6 +62,9 @@ def load_served(cfg: Config, start: bool = True) -> Served:
               flush=True)
     engine = Engine(model, tok, max_slots=s.max_batch, max_len=s.max_len, max_queue=s.max_queue,
                     cuda_graphs=s.cuda_graphs and device.type == "cuda", compile=s.compile)
+    if s.max_len and s.max_len > engine.max_len:
+        print(f"warning: serve.max_len={s.max_len} is beyond the model's context of {model.cfg.max_seq_len} "
+              f"positions: sequences get {engine.max_len}", flush=True)
     if start:
         engine.start()
     print(f"serving {ckpt}{adapter} ({n_params / 1e6:.1f}M parameters, {dtype}, {device}): {s.max_batch} slots of "
