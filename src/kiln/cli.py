@@ -150,8 +150,8 @@ ALIASES = {"export": {"--format": "--export.format", "--quant": "--export.quant"
                      "--adapter": "--serve.adapter"},
            "chat": {"--checkpoint": "--serve.checkpoint", "--system": "--serve.system",
                     "--temperature": "--serve.temperature", "--adapter": "--serve.adapter"}}
-for _stage in ("sft", "dpo", "grpo", "dpo-build-pairs"):
-    _key = _stage.split("-")[0]
+POST_STAGES = {"sft": "sft", "dpo": "dpo", "grpo": "grpo", "dpo-build-pairs": "dpo"}   # command -> config section
+for _stage, _key in POST_STAGES.items():
     ALIASES[_stage] = {"--base": f"--{_key}.base", "--out": f"--{_key}.out",
                        "--resume": f"--{_key}.train.resume=true",     # the stage trains with its own section
                        "--lora": f"--{_key}.lora.enabled=true",
@@ -239,9 +239,6 @@ def _check_keys(args: list[str]) -> None:
             cls, prefix = hint, f"{prefix}{part}."
 
 
-POST_STAGES = {"sft": "sft", "dpo": "dpo", "grpo": "grpo", "dpo-build-pairs": "dpo"}   # command -> config section
-
-
 def _check_post_keys(command: str, args: list[str]) -> None:
     """A post-training stage trains with its own section's `train`: `--train.X` (pretraining's) would change
     nothing, so it is refused with the key that would."""
@@ -279,10 +276,11 @@ def parse(command: str, argv: list[str]) -> Config:
 def _check_recipe(path: Path) -> None:
     """The recipe file read with kiln's own checks first: YAML errors and unknown keys named with the file, line
     or key and the nearest valid key (jsonargparse's own messages name neither the file nor a fix)."""
+    data = load_yaml(path)   # its errors name the file and line
     try:
-        from_dict(Config, load_yaml(path))
+        from_dict(Config, data)
     except ConfigError as e:
-        raise ConfigError(str(e) if str(path) in str(e) else f"{path}: {e}") from None
+        raise ConfigError(f"{path}: {e}") from None
 
 
 def _base_config(recipe: str | None, argv: list[str]) -> Path:

@@ -219,7 +219,7 @@ def test_the_time_limit_puts_an_outer_alarm_back():
     previous = signal.signal(signal.SIGALRM, lambda *a: fired.append(1))
     try:
         signal.setitimer(signal.ITIMER_REAL, 0.6)
-        with time_limit(5, "the call"):
+        with time_limit(5):
             time.sleep(0.1)
         assert 0 < signal.getitimer(signal.ITIMER_REAL)[0] <= 0.5
         time.sleep(0.8)

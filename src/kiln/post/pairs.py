@@ -351,7 +351,7 @@ def scorer_of(spec: str | None, task, timeout: float = 0.0) -> tuple[Callable[[P
         raw = lambda it: it.item.raw if hasattr(it.item, "raw") else it.item   # noqa: E731
 
         def score(it, answer):
-            with time_limit(timeout, "the call"):
+            with time_limit(timeout):
                 return fn(it.prompt, answer, raw(it))
         return score, f"dpo.scorer {spec}"
     if task is not None:

@@ -86,7 +86,7 @@ class Rewarder:
         if self.fn is None:
             return Score(verdict + (self.format_reward if formatted else 0.0), verdict >= 1.0, formatted)
         try:
-            with time_limit(self.timeout, "the call"):   # one that hangs is counted, not a stalled run
+            with time_limit(self.timeout):   # one that hangs is counted, not a stalled run
                 value = self.fn(item.question, completion, item)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise TypeError(f"returned {value!r}, not a finite number")

@@ -10,7 +10,7 @@ from contextlib import contextmanager
 
 
 @contextmanager
-def time_limit(seconds: float, what: str):
+def time_limit(seconds: float):
     """Raise TimeoutError in the block after `seconds` (0: no limit). It uses SIGALRM, so it holds in the main
     thread of a Unix process (where training runs, one per rank) and nowhere else: elsewhere, no limit.
     Python code is interrupted between bytecodes; a call stuck inside C code is interrupted when it returns."""
@@ -20,7 +20,7 @@ def time_limit(seconds: float, what: str):
         return
 
     def on_alarm(signum, frame):
-        raise TimeoutError(f"{what} took longer than {seconds:g} s")
+        raise TimeoutError(f"the call took longer than {seconds:g} s")
 
     previous = signal.signal(signal.SIGALRM, on_alarm)
     start = time.monotonic()
