@@ -60,6 +60,16 @@ def test_every_record_is_kept_or_quarantined_with_file_and_line(tmp_path):
     assert "'rejected'" in next(e["detail"] for e in report["quarantine"] if e["reason"] == "missing_key")
 
 
+def test_a_byte_order_mark_opening_the_file_is_not_a_bad_record(tmp_path):
+    """Editors on Windows save UTF-8 with a BOM; it opens line 1 only, and a BOM anywhere else stays an error."""
+    path = tmp_path / "bom.jsonl"
+    line = _line(prompt="hi", chosen="hello", rejected="go away")
+    path.write_bytes(b"\xef\xbb\xbf" + (line + "\n").encode() + b"\xef\xbb\xbf" + (line + "\n").encode())
+    pairs, tally = read_pairs([str(path)])
+    assert [p.where for p in pairs] == [f"{path}:1"]
+    assert tally.as_dict()["quarantined"] == {"bad_json": 1}
+
+
 def test_a_missing_file_is_a_configuration_error(tmp_path):
     with pytest.raises(ValueError, match="dpo.pairs.*nope.jsonl"):
         read_pairs([str(tmp_path / "nope.jsonl")])

@@ -96,7 +96,7 @@ def jsonl_records(paths: Sequence[Path], tally: Tally) -> Iterator[tuple[str, An
                 tally.records += 1
                 where = f"{path}:{lineno}"
                 try:
-                    text = raw.decode("utf-8")
+                    text = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")   # a BOM (Windows editors) opens line 1
                 except UnicodeDecodeError as e:
                     tally.quarantine(where, "invalid_utf8", f"byte {e.start}: {raw[max(0, e.start - 8):e.start + 8]!r}")
                     continue
