@@ -93,13 +93,13 @@ def export(tmp: Path, model: Transformer, tok: Path, quant: str, name: str = "m"
 # ---------------------------------------------------------------- round trips
 
 @pytest.mark.parametrize("cfg_kw", [dict(), dict(tie_embeddings=False, n_kv_heads=1),
-                                    dict(qk_norm=True, n_heads=2, head_dim=48)],
-                         ids=["llama-tied-gqa", "llama-untied-mqa", "qwen3-wide-heads"])
+                                    dict(qk_norm=True, n_heads=2, head_dim=48), dict(qkv_bias=True, n_kv_heads=2)],
+                         ids=["llama-tied-gqa", "llama-untied-mqa", "qwen3-wide-heads", "qwen2-biases"])
 def test_f32_round_trip(tmp_path, tok_dir, cfg_kw):
     model = random_model(tiny_cfg(448, **cfg_kw))
     path, summary = export(tmp_path, model, tok_dir, "f32")
     imported = read_gguf(path)
-    assert imported.architecture == ("qwen3" if model.cfg.qk_norm else "llama")
+    assert imported.architecture == ("qwen3" if model.cfg.qk_norm else "qwen2" if model.cfg.qkv_bias else "llama")
     back = load(imported)
     assert model_config(imported.model) == model.cfg
     assert (logits(back) - logits(model)).abs().max().item() <= 1e-5
@@ -297,7 +297,7 @@ def test_bad_files_get_clear_errors(tmp_path, tok_dir, monkeypatch):
     with pytest.raises(ValueError, match="not a readable GGUF file.*ends before the data its header describes"):
         read_gguf(tmp_path / "cut.gguf")
     rewrite(good, tmp_path / "falcon.gguf", arch="falcon")
-    with pytest.raises(ValueError, match=r"architecture 'falcon' is not supported; kiln imports llama, qwen3"):
+    with pytest.raises(ValueError, match=r"architecture 'falcon' is not supported; kiln imports llama, qwen2, qwen3"):
         read_gguf(tmp_path / "falcon.gguf")
     rewrite(good, tmp_path / "ffn.gguf", ffn_hidden=model.cfg.ffn_hidden + 32)
     with pytest.raises(ValueError, match=r"tensor blk\.0\.ffn_gate\.weight has shape \[192, 64\].*implies \[224, 64\]"):

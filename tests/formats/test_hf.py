@@ -1,4 +1,5 @@
-"""Our Transformer against transformers' LlamaForCausalLM / Qwen3ForCausalLM on the same weights."""
+"""Our Transformer against transformers' LlamaForCausalLM / Qwen2ForCausalLM / Qwen3ForCausalLM on the same
+weights."""
 
 import json
 
@@ -39,6 +40,8 @@ def hf_model(cfg: ModelConfig):
     hf_cfg = to_hf_config(cfg)
     if cfg.qk_norm:
         conf, cls = transformers.Qwen3Config, transformers.Qwen3ForCausalLM
+    elif cfg.qkv_bias:
+        conf, cls = transformers.Qwen2Config, transformers.Qwen2ForCausalLM
     else:
         conf, cls = transformers.LlamaConfig, transformers.LlamaForCausalLM
     return cls(conf(**hf_cfg, attn_implementation="eager")).eval()
@@ -73,27 +76,41 @@ def test_logits_match_qwen3_with_qk_norm(tie):
     assert_same_logits(model, hf)
 
 
-@pytest.mark.parametrize("qk_norm", [False, True], ids=["llama", "qwen3"])
 @pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
-def test_state_dict_keys_are_hf(tie, qk_norm):
-    if qk_norm and not HAS_QWEN3:
+def test_logits_match_qwen2_with_qkv_biases(tie):
+    """The biases are random too (ours() draws every tensor), so a dropped or misplaced one changes the logits."""
+    cfg = tiny_cfg(tie, qkv_bias=True, n_kv_heads=2)
+    model, hf = ours(cfg), hf_model(cfg)
+    assert model.model.layers[0].self_attn.q_proj.bias.abs().sum() > 0
+    hf.load_state_dict(model.state_dict(), strict=True)
+    assert_same_logits(model, hf)
+
+
+FAMILY = {"llama": {}, "qwen3": dict(qk_norm=True), "qwen2": dict(qkv_bias=True)}
+ARCH = {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+
+
+@pytest.mark.parametrize("family", list(FAMILY))
+@pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
+def test_state_dict_keys_are_hf(tie, family):
+    if family == "qwen3" and not HAS_QWEN3:
         pytest.skip("transformers has no Qwen3ForCausalLM")
-    cfg = tiny_cfg(tie, qk_norm=qk_norm, n_kv_heads=2)
+    cfg = tiny_cfg(tie, n_kv_heads=2, **FAMILY[family])
     ours_sd, hf_sd = ours(cfg).state_dict(), hf_model(cfg).state_dict()
     assert list(ours_sd) == list(hf_sd)
     assert {k: v.shape for k, v in ours_sd.items()} == {k: v.shape for k, v in hf_sd.items()}
 
 
-@pytest.mark.parametrize("qk_norm", [False, True], ids=["llama", "qwen3"])
+@pytest.mark.parametrize("family", list(FAMILY))
 @pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
-def test_exported_folder_loads_in_transformers(tmp_path, tie, qk_norm):
+def test_exported_folder_loads_in_transformers(tmp_path, tie, family):
     """The export path itself: config.json + model.safetensors, read by from_pretrained."""
-    if qk_norm and not HAS_QWEN3:
+    if family == "qwen3" and not HAS_QWEN3:
         pytest.skip("transformers has no Qwen3ForCausalLM")
-    cfg = tiny_cfg(tie, qk_norm=qk_norm, n_kv_heads=2)
+    cfg = tiny_cfg(tie, n_kv_heads=2, **FAMILY[family])
     model = ours(cfg)
     (tmp_path / "config.json").write_text(json.dumps(to_hf_config(cfg)))
     save_weights(model, tmp_path / "model.safetensors")
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
-    assert type(hf).__name__ == ("Qwen3ForCausalLM" if qk_norm else "LlamaForCausalLM")
+    assert type(hf).__name__ == ARCH[family]
     assert_same_logits(model, hf)

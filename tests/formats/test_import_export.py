@@ -7,12 +7,13 @@ import shutil
 import pytest
 import tokenizers
 import torch
-from tokenizers import decoders, models, pre_tokenizers, trainers
+from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
 
 from kiln.cli import main
 from kiln.config.rundir import RunDir
 from kiln.formats.checkpoint import latest_checkpoint, load_model
 from kiln.formats.export import export_hf
+from kiln.formats.gguf_vocab import QWEN2_SPLIT
 from kiln.infer.generate import generate
 from kiln.tokenizer import Tokenizer
 
@@ -32,13 +33,21 @@ FAMILIES = {
                                         "high_freq_factor": 4.0, "original_max_position_embeddings": 16}),
     "qwen3-wide-heads": dict(model_type="qwen3", architectures=["Qwen3ForCausalLM"], num_key_value_heads=2,
                              head_dim=24, tie_word_embeddings=True, use_sliding_window=False),
+    "qwen2-biases": dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"], num_key_value_heads=2,
+                         tie_word_embeddings=True, use_sliding_window=False, sliding_window=32, max_window_layers=2),
 }
 
 
-def chatml_tokenizer(folder):
-    """A small byte-level BPE with ChatML specials, saved as transformers saves one."""
+def chatml_tokenizer(folder, qwen: bool = False):
+    """A small byte-level BPE with ChatML specials, saved as transformers saves one. `qwen`: split and normalised
+    as Qwen2's tokenizer is (transformers' Qwen2Tokenizer imposes that on whatever tokenizer.json says)."""
     tok = tokenizers.Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if qwen:
+        tok.normalizer = normalizers.NFC()
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(tokenizers.Regex(QWEN2_SPLIT), "isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
@@ -52,7 +61,7 @@ def chatml_tokenizer(folder):
 
 def hf_folder(folder, family):
     folder.mkdir()
-    vocab = chatml_tokenizer(folder)
+    vocab = chatml_tokenizer(folder, qwen=family.startswith("qwen2"))
     cfg = {**dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                   vocab_size=vocab, max_position_embeddings=32, rms_norm_eps=1e-6, rope_theta=5000.0,
                   eos_token_id=2), **FAMILIES[family]}
@@ -91,7 +100,7 @@ def test_import_then_export_matches_transformers(tmp_path, family):
     assert main(["import", str(tmp_path / "hf"), "--run_dir", str(run)]) == 0
     ckpt = latest_checkpoint(RunDir(run).checkpoints)
     model, cfg = load_model(ckpt, "cpu")
-    assert cfg.model.qk_norm == (family.startswith("qwen3"))
+    assert cfg.model.qk_norm == family.startswith("qwen3") and cfg.model.qkv_bias == family.startswith("qwen2")
     logits_equal(model, hf)
     tok = Tokenizer.from_file(RunDir(run).tokenizer_file())
     assert tok.bos_id is None and tok.eos_id == tok.token_to_id("<|im_end|>")

@@ -18,8 +18,11 @@ def make(**kw) -> Transformer:
 
 
 def test_fused_model_equals_unfused_and_keeps_its_state_dict():
-    for kw in ({}, {"qk_norm": True}):
+    for kw in ({}, {"qk_norm": True}, {"qkv_bias": True}):
         model = make(**kw)
+        with torch.no_grad():   # random biases (they start at 0), so a misplaced one shows
+            for p in (p for name, p in model.named_parameters() if name.endswith(".bias")):
+                p.normal_(0.0, 0.5)
         x = torch.randint(0, 89, (3, 17), generator=torch.Generator().manual_seed(1))
         before = {k: v.clone() for k, v in model.state_dict().items()}
         n_params = sum(p.numel() for p in model.parameters())
@@ -34,6 +37,7 @@ def test_fused_model_equals_unfused_and_keeps_its_state_dict():
         attn = model.model.layers[0].self_attn
         base = attn.qkv_weight.untyped_storage().data_ptr()
         assert all(m.weight.untyped_storage().data_ptr() == base for m in (attn.q_proj, attn.k_proj, attn.v_proj))
+        assert (attn.qkv_bias is not None) == bool(kw.get("qkv_bias"))
 
 
 def test_engine_on_fused_model_gives_the_same_tokens():

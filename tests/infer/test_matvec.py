@@ -84,9 +84,11 @@ def test_triton_kernel_equals_reference_cuda(case, config):
     torch.testing.assert_close(got, matvec_reference(*args), **tol)
 
 
-def test_engine_fused_layers_equal_the_models_path(monkeypatch):
+@pytest.mark.parametrize("qkv_bias", [False, True], ids=["llama", "qwen2"])
+def test_engine_fused_layers_equal_the_models_path(monkeypatch, qkv_bias):
     """Greedy tokens of the engine with every layer through the ops (their PyTorch arithmetic on the CPU) equal
-    the uncached single-sequence reference; a model the path cannot take is refused with the reason."""
+    the uncached single-sequence reference (Qwen2's q/k/v biases, random, included); a model the path cannot take
+    is refused with the reason."""
     from kiln.infer.decode_step import DecodeStep
     from kiln.infer.engine import Engine
     from kiln.infer.fuse import fuse_projections
@@ -95,7 +97,11 @@ def test_engine_fused_layers_equal_the_models_path(monkeypatch):
     from kiln.model.llama import Transformer
     torch.manual_seed(0)
     model = Transformer(ModelConfig(depth=2, d_model=64, head_dim=16, n_kv_heads=2, vocab_size=89, max_seq_len=48,
-                                    init_std=0.3)).eval()
+                                    init_std=0.3, qkv_bias=qkv_bias)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.normal_(0.0, 0.5)
     prompts = [[5], [1, 2, 3], list(range(20, 40))]
     ref = [generate(model, p, 12, temperature=0, use_cache=False) for p in prompts]
     with pytest.raises(ValueError, match="stacked q/k/v"):

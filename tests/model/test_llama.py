@@ -52,11 +52,11 @@ def test_reduction_none_shape_and_ignore_index():
 
 
 @pytest.mark.parametrize("tie", [True, False])
-@pytest.mark.parametrize("qk_norm", [True, False])
-def test_num_params_matches_manual_count(tie, qk_norm):
-    model = build(tie_embeddings=tie, qk_norm=qk_norm, ffn_hidden=96)
+@pytest.mark.parametrize("qk_norm,qkv_bias", [(True, False), (False, False), (False, True)])
+def test_num_params_matches_manual_count(tie, qk_norm, qkv_bias):
+    model = build(tie_embeddings=tie, qk_norm=qk_norm, qkv_bias=qkv_bias, ffn_hidden=96)
     L, D, H, K, E, F_, V = 2, 64, 4, 2, 16, 96, 101
-    attn = D * H * E + 2 * D * K * E + H * E * D + (2 * E if qk_norm else 0)
+    attn = D * H * E + 2 * D * K * E + H * E * D + (2 * E if qk_norm else 0) + ((H + 2 * K) * E if qkv_bias else 0)
     block = attn + 3 * D * F_ + 2 * D
     embed = V * D
     expected = embed + L * block + D + (0 if tie else V * D)

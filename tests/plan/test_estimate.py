@@ -21,6 +21,17 @@ def test_presets_have_their_published_sizes():
         assert param_counts(PRESETS[name][0]).total == pytest.approx(n, rel=0.005), name
 
 
+def test_a_qwen2_config_counts_its_biases(tmp_path):
+    """Qwen2.5-0.5B's config.json: 494,032,768 parameters, as its model card and safetensors index give."""
+    hf = {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "hidden_size": 896,
+          "intermediate_size": 4864, "num_hidden_layers": 24, "num_attention_heads": 14, "num_key_value_heads": 2,
+          "vocab_size": 151936, "tie_word_embeddings": True, "rope_theta": 1000000.0,
+          "max_position_embeddings": 32768, "use_sliding_window": False, "sliding_window": 32768}
+    (tmp_path / "config.json").write_text(json.dumps(hf))
+    m = from_hf_config(tmp_path)
+    assert m.qkv_bias and param_counts(m).total == 494_032_768 == m.num_params()
+
+
 def test_hf_config_maps_to_the_same_model(tmp_path):
     hf = {"model_type": "llama", "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
           "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 64, "vocab_size": 128256,

@@ -21,6 +21,7 @@ CONFIGS = {
     "untied": dict(depth=3, d_model=64, head_dim=16, vocab_size=320, max_seq_len=32, tie_embeddings=False),
     "gqa": dict(depth=2, d_model=96, head_dim=16, n_kv_heads=2, vocab_size=256, max_seq_len=32),
     "qk_norm": dict(depth=2, d_model=64, head_dim=32, n_kv_heads=1, qk_norm=True, vocab_size=256, max_seq_len=32),
+    "qkv_bias": dict(depth=2, d_model=64, head_dim=16, n_kv_heads=2, qkv_bias=True, vocab_size=256, max_seq_len=32),
     "ffn": dict(depth=1, d_model=48, head_dim=8, ffn_hidden=100, vocab_size=200, max_seq_len=16),
 }
 

@@ -102,6 +102,8 @@ class ModelConfig:
     """Share the token embedding matrix with the output head."""
     qk_norm: bool = False
     """RMSNorm on queries and keys per head before RoPE (stabilises training at scale)."""
+    qkv_bias: bool = False
+    """A bias on the query, key and value projections (Qwen2 / Qwen2.5 have one; the output projection none)."""
     init_std: float = 0.02
     """Standard deviation of the normal init of weight matrices (see Transformer.init_weights)."""
     rope_scaling: dict | None = None
@@ -123,7 +125,8 @@ class ModelConfig:
         c = self.resolved()
         if c.vocab_size is None:
             raise ValueError("model.vocab_size is not set: the parameter count needs the vocabulary")
-        attn = c.d_model * c.head_dim * (2 * c.n_heads + 2 * c.n_kv_heads) + (2 * c.head_dim if c.qk_norm else 0)
+        attn = c.d_model * c.head_dim * (2 * c.n_heads + 2 * c.n_kv_heads) + (2 * c.head_dim if c.qk_norm else 0) \
+            + (c.head_dim * (c.n_heads + 2 * c.n_kv_heads) if c.qkv_bias else 0)
         block = attn + 3 * c.d_model * c.ffn_hidden + 2 * c.d_model
         embed = c.vocab_size * c.d_model * (1 if c.tie_embeddings else 2)
         return embed + c.depth * block + c.d_model
@@ -139,6 +142,9 @@ class ModelConfig:
             raise ConfigError(f"model.head_dim={r.head_dim} must be even for RoPE")
         if self.rope_scaling is not None:
             check_rope_scaling(self.rope_scaling)
+        if self.qk_norm and self.qkv_bias:
+            raise ConfigError("model.qk_norm and model.qkv_bias together match no published architecture (Qwen3 "
+                              "has the norms, Qwen2 the biases), so the model could not be exported; choose one")
 
 
 ROPE_SCALING_KEYS = {"linear": ("factor",),

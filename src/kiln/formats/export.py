@@ -26,7 +26,7 @@ from kiln.config import Config, ModelConfig
 from kiln.config.rundir import RunDir, read_json, write_json_atomic, write_text_atomic
 from kiln.formats.checkpoint import (adapter_tensors, checkpoint_config, iter_merged_weights, load_merged_state,
                                     lora_of, read_state, resolve_checkpoint, step_of)
-from kiln.formats.hf import iter_weights, save_sharded, to_hf_config, weight_files
+from kiln.formats.hf import hf_architecture, iter_weights, save_sharded, to_hf_config, weight_files
 from kiln.formats.peft import is_adapter_key
 from kiln.tokenizer import Tokenizer
 
@@ -144,7 +144,7 @@ def model_card(ckpt: Path, rd: RunDir, c: ModelConfig, dtype: torch.dtype) -> st
     """README.md with the Hugging Face card header: what the model is, how it was made, how it scored."""
     state = read_state(ckpt) if (ckpt / "state.json").is_file() else {}
     metrics = read_json(rd.eval / "metrics.json") or {}
-    arch = "Qwen3ForCausalLM" if c.qk_norm else "LlamaForCausalLM"
+    arch = hf_architecture(c)
     lines = ["---", "library_name: transformers", "pipeline_tag: text-generation", "tags: [kiln]", "---", "",
              f"# {rd.root.name}", "",
              f"A {arch} model exported by kiln from `{ckpt.name}` of run `{rd.root.name}`"

@@ -5,7 +5,8 @@ Format facts this module depends on (llama.cpp's convert_hf_to_gguf.py and src/l
 - Tensor names: `token_embd`, `blk.N.attn_q` ... `output_norm`, `output` (absent when the head is tied).
   GGUF lists dimensions fastest-first (ggml's `ne`): a (out, in) matrix is stored with shape [in, out].
 - Llama's q/k rows are permuted from HF's rotate-half RoPE pairs (i, i + E/2) to GGML's interleaved
-  pairs (2i, 2i + 1); Qwen3 uses GGML's "neox" RoPE, which is rotate-half, so its q/k are stored as is.
+  pairs (2i, 2i + 1); Qwen2 and Qwen3 use GGML's "neox" RoPE, which is rotate-half, so their q/k (and Qwen2's
+  q/k biases) are stored as is.
 - Llama 3.1's rope scaling is stored as a `rope_freqs.weight` tensor (one divisor per frequency).
 - Norm gains and other 1-D tensors are F32 in every file type; quantised types work on blocks of 32
   (Q8_0, Q4_0, Q4_1) or 256 (K-quants) along a row, so a row of another length takes a wider type.
@@ -34,7 +35,7 @@ from kiln.formats.gguf_layout import (QUANTS, ROPE_FREQS, TensorPlan, gguf_name,
 from kiln.formats.gguf_vocab import GGUFVocab, tokenizer_from_gguf, vocab_for_gguf
 from kiln.formats.imported import ImportedModel
 
-ARCHITECTURES = ("llama", "qwen3")
+ARCHITECTURES = ("llama", "qwen2", "qwen3")
 FILE_TYPES = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
               "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
               "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0, "q4_1": gguf.LlamaFileType.MOSTLY_Q4_1,
@@ -46,7 +47,7 @@ QUANTIZE_TIMEOUT_S = 3600
 # ---------------------------------------------------------------- import
 
 def read_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> ImportedModel:
-    """A Llama or Qwen3 GGUF file as config values, HF-named weights in `dtype`, and a rebuilt tokenizer.
+    """A Llama, Qwen2 or Qwen3 GGUF file as config values, HF-named weights in `dtype`, and a rebuilt tokenizer.
 
     Tensors are dequantised one at a time from the memory-mapped file (any type `gguf` can dequantise), so
     the peak is about the model in `dtype` plus its largest tensor in fp32.
@@ -66,7 +67,7 @@ def read_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> ImportedM
     arch = fields.get("general.architecture")
     if arch not in ARCHITECTURES:
         raise ValueError(f"{path}: architecture {arch!r} is not supported; kiln imports "
-                         f"{', '.join(ARCHITECTURES)} GGUF files (Llama 2/3, Mistral layout, SmolLM2, Qwen3)")
+                         f"{', '.join(ARCHITECTURES)} GGUF files (Llama 2/3, Mistral layout, SmolLM2, Qwen2.5, Qwen3)")
     tensors = {t.name: t for t in reader.tensors}
     model = _config_of(fields, arch, tensors, path)
     c = model_config(model)
@@ -122,7 +123,7 @@ def _config_of(fields: dict, arch: str, tensors: dict, path: Path) -> dict:
         "n_kv_heads": int(key("attention.head_count_kv", n_heads)), "ffn_hidden": int(key("feed_forward_length")),
         "vocab_size": int(vocab), "max_seq_len": int(key("context_length")), "rope_theta": rope_theta,
         "norm_eps": _f32(key("attention.layer_norm_rms_epsilon")),
-        "tie_embeddings": "output.weight" not in tensors, "qk_norm": arch == "qwen3",
+        "tie_embeddings": "output.weight" not in tensors, "qk_norm": arch == "qwen3", "qkv_bias": arch == "qwen2",
         "rope_scaling": _rope_scaling(fields, arch, tensors, head_dim, rope_theta, path),
     }
 
@@ -256,7 +257,7 @@ def _write(path: Path, c: ModelConfig, state_dict: dict[str, torch.Tensor], voca
            metadata: dict | None) -> None:
     plan = tensor_plan(c, quant)
     _check_state_dict(state_dict, c)
-    arch = "qwen3" if c.qk_norm else "llama"
+    arch = "qwen3" if c.qk_norm else "qwen2" if c.qkv_bias else "llama"
     w = gguf.GGUFWriter(path, arch)
     _add_metadata(w, c, quant, vocab, metadata)
     for p in plan:

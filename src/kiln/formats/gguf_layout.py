@@ -28,6 +28,9 @@ _BLOCK = {
     "self_attn.q_proj.weight": "attn_q.weight",
     "self_attn.k_proj.weight": "attn_k.weight",
     "self_attn.v_proj.weight": "attn_v.weight",
+    "self_attn.q_proj.bias": "attn_q.bias",
+    "self_attn.k_proj.bias": "attn_k.bias",
+    "self_attn.v_proj.bias": "attn_v.bias",
     "self_attn.o_proj.weight": "attn_output.weight",
     "self_attn.q_norm.weight": "attn_q_norm.weight",
     "self_attn.k_norm.weight": "attn_k_norm.weight",
@@ -62,6 +65,8 @@ def hf_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
              "mlp.down_proj.weight": (c.d_model, c.ffn_hidden)}
     if c.qk_norm:
         block |= {"self_attn.q_norm.weight": (c.head_dim,), "self_attn.k_norm.weight": (c.head_dim,)}
+    if c.qkv_bias:
+        block |= {"self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,), "self_attn.v_proj.bias": (kv,)}
     out = {"model.embed_tokens.weight": (c.vocab_size, c.d_model)}
     for i in range(c.depth):
         out |= {f"model.layers.{i}.{k}": v for k, v in block.items()}
@@ -77,7 +82,7 @@ def gguf_name(hf_name: str) -> str:
     parts = hf_name.split(".", 3)   # model, layers, N, rest
     if len(parts) == 4 and parts[:2] == ["model", "layers"] and parts[3] in _BLOCK:
         return f"blk.{parts[2]}.{_BLOCK[parts[3]]}"
-    raise ValueError(f"weight {hf_name!r} has no GGUF name (not a Llama/Qwen3 weight)")
+    raise ValueError(f"weight {hf_name!r} has no GGUF name (not a Llama/Qwen2/Qwen3 weight)")
 
 
 _HF_OF = {v: k for k, v in _TOP.items()}
@@ -90,7 +95,7 @@ def hf_name(name: str, source: str) -> str:
     parts = name.split(".", 2)   # blk, N, rest
     if len(parts) == 3 and parts[0] == "blk" and parts[2] in _HF_OF_BLOCK:
         return f"model.layers.{parts[1]}.{_HF_OF_BLOCK[parts[2]]}"
-    raise ValueError(f"{source}: tensor {name!r} is not part of a Llama/Qwen3 model kiln can build")
+    raise ValueError(f"{source}: tensor {name!r} is not part of a Llama/Qwen2/Qwen3 model kiln can build")
 
 
 def permute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:

@@ -24,9 +24,15 @@ TIED_KEY = "lm_head.weight"
 """Dropped from the saved weights when embeddings are tied (HF does the same)."""
 
 
+def hf_architecture(cfg: ModelConfig) -> str:
+    """The transformers class a model of this config exports as: Qwen3 (QK-norm), Qwen2 (q/k/v biases) or Llama."""
+    return "Qwen3ForCausalLM" if cfg.qk_norm else "Qwen2ForCausalLM" if cfg.qkv_bias else "LlamaForCausalLM"
+
+
 def to_hf_config(cfg: ModelConfig, dtype: str = "float32", bos_token_id: int | None = None,
                  eos_token_id: int | None = None) -> dict:
-    """A `config.json` dict that `transformers` loads as LlamaConfig (or Qwen3Config with qk_norm).
+    """A `config.json` dict that `transformers` loads as LlamaConfig (Qwen3Config with qk_norm, Qwen2Config with
+    qkv_bias).
 
     `dtype` is the dtype the weights are stored in ("float32", "bfloat16", ...).
     """
@@ -72,6 +78,11 @@ def to_hf_config(cfg: ModelConfig, dtype: str = "float32", bos_token_id: int | N
                              "lacks; upgrade transformers (>= 4.51) or train with qk_norm=false")
         del hf["mlp_bias"]  # not a Qwen3 field
         hf.update(architectures=["Qwen3ForCausalLM"], model_type="qwen3", use_sliding_window=False,
+                  sliding_window=None, max_window_layers=c.depth)
+    elif c.qkv_bias:
+        # Qwen2 is Llama plus biases on q/k/v (fixed in its code, not a config field), same parameter names.
+        del hf["attention_bias"], hf["mlp_bias"]   # not Qwen2 fields (attention_bias would add one to o_proj)
+        hf.update(architectures=["Qwen2ForCausalLM"], model_type="qwen2", use_sliding_window=False,
                   sliding_window=None, max_window_layers=c.depth)
     return hf
 
@@ -132,16 +143,17 @@ def load_weights(model: torch.nn.Module, path: str | Path) -> None:
 
 # ---------------------------------------------------------------- reading Hugging Face folders
 
-HF_FAMILIES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen3": "Qwen3ForCausalLM"}
-"""model_type -> architecture of the configs kiln imports (SmolLM2 and Llama 3 are `llama`)."""
+HF_FAMILIES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+               "qwen3": "Qwen3ForCausalLM"}
+"""model_type -> architecture of the configs kiln imports (SmolLM2 and Llama 3 are `llama`, Qwen2.5 `qwen2`)."""
 INDEX = "model.safetensors.index.json"
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)   # buffers some old exports saved; kiln recomputes them
 
 
 def from_hf_config(hf: dict, where: str | Path = "config.json") -> dict:
-    """ModelConfig field values from a Hugging Face `config.json` of a Llama, Mistral-layout or Qwen3 model.
-    A feature kiln's model lacks (biases, sliding-window attention, another activation) is an error, never a
-    silently different model."""
+    """ModelConfig field values from a Hugging Face `config.json` of a Llama, Mistral-layout, Qwen2 or Qwen3 model.
+    A feature kiln's model lacks (biases other than Qwen2's on q/k/v, sliding-window attention, another
+    activation) is an error, never a silently different model."""
     model_type = hf.get("model_type")
     arch = (hf.get("architectures") or [None])[0]
     if model_type not in HF_FAMILIES:
@@ -169,6 +181,7 @@ def from_hf_config(hf: dict, where: str | Path = "config.json") -> dict:
                     rope_theta=float(hf.get("rope_theta", params.get("rope_theta", 10000.0))),
                     norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
                     tie_embeddings=bool(hf.get("tie_word_embeddings", False)), qk_norm=model_type == "qwen3",
+                    qkv_bias=model_type == "qwen2",
                     init_std=float(hf.get("initializer_range", 0.02)), rope_scaling=scaling)
     except KeyError as e:
         raise ValueError(f"{where}: no {e.args[0]!r}; not a complete {model_type} config") from e

@@ -17,7 +17,7 @@ import torch
 class ImportedModel:
     model: dict
     """ModelConfig field values: depth, d_model, head_dim, n_heads, n_kv_heads, ffn_hidden, vocab_size,
-    max_seq_len, rope_theta, norm_eps, tie_embeddings, qk_norm, rope_scaling (None or an HF-style dict such as
+    max_seq_len, rope_theta, norm_eps, tie_embeddings, qk_norm, qkv_bias, rope_scaling (None or an HF-style dict such as
     {"rope_type": "llama3", "factor": 8.0, ...})."""
     state_dict: dict[str, torch.Tensor]
     """Weights under HF Llama names (model.embed_tokens.weight, model.layers.N.self_attn.q_proj.weight, ...,

@@ -49,6 +49,8 @@ def fused_hidden(model, tokens_B: torch.Tensor, pos_B: torch.Tensor, view) -> to
     for i, layer in enumerate(model.model.layers):
         a, m = layer.self_attn, layer.mlp
         qkv = matvec(x_BD, a.qkv_weight, layer.input_layernorm.weight, layer.input_layernorm.eps, None, False)
+        if a.qkv_bias is not None:   # Qwen2
+            qkv = qkv + a.qkv_bias
         q, k, v = qkv.split([a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim, a.n_kv_heads * a.head_dim], -1)
         y_BHE = decode_attention(q.view(B, a.n_heads, a.head_dim), k.view(B, a.n_kv_heads, a.head_dim),
                                  v.view(B, a.n_kv_heads, a.head_dim), cos_BE, sin_BE, cache.k_NKME[i],

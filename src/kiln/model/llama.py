@@ -3,7 +3,8 @@
 Architecture only: parallelism, compile and mixed precision are applied
 from outside. Parameter names match `transformers`' LlamaForCausalLM exactly
 (`model.layers.N.self_attn.q_proj.weight`, ...) so export is a copy; with
-`qk_norm` the extra `self_attn.{q,k}_norm.weight` match Qwen3ForCausalLM.
+`qk_norm` the extra `self_attn.{q,k}_norm.weight` match Qwen3ForCausalLM, with `qkv_bias` the
+`self_attn.{q,k,v}_proj.bias` match Qwen2ForCausalLM.
 
 Shape legend (suffixes such as `x_BTD`):
     B  batch                      D  d_model (residual width)
@@ -150,20 +151,22 @@ class Attention(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx  # which slot of a KVCache this layer writes
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=False)
-        self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
-        self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.q_proj = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
         self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         # Inference only (kiln/infer/fuse.py): q/k/v weights stacked in one matrix, the three projections' weights
-        # being views of it, so one matmul replaces three. Not saved; None while training.
+        # being views of it, so one matmul replaces three (`qkv_bias` likewise, with qkv_bias). Not saved; None while
+        # training.
         self.register_buffer("qkv_weight", None, persistent=False)
+        self.register_buffer("qkv_bias", None, persistent=False)
 
     def forward(self, x_BTD, cos_TE, sin_TE, cache: KVCache | None, mask_TS: torch.Tensor | Documents | None):
         B, T, _ = x_BTD.shape
         if self.qkv_weight is not None:
-            q, k, v = F.linear(x_BTD, self.qkv_weight).split(
+            q, k, v = F.linear(x_BTD, self.qkv_weight, self.qkv_bias).split(
                 [self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.head_dim], -1)
         else:
             q, k, v = self.q_proj(x_BTD), self.k_proj(x_BTD), self.v_proj(x_BTD)
@@ -296,7 +299,7 @@ class Transformer(nn.Module):
         """(Re)initialise every parameter and buffer; the only place init happens.
 
         - model.embed_tokens.weight: N(0, init_std) (this is also lm_head.weight when tied)
-        - self_attn.{q,k,v}_proj.weight, mlp.{gate,up}_proj.weight: N(0, init_std)
+        - self_attn.{q,k,v}_proj.weight, mlp.{gate,up}_proj.weight: N(0, init_std); their biases (qkv_bias): 0
         - self_attn.o_proj.weight, mlp.down_proj.weight: N(0, init_std / sqrt(2 * n_layers)):
           these write into the residual stream, 2 per layer; scaling keeps its variance at init
           independent of depth (GPT-2)
@@ -313,6 +316,8 @@ class Transformer(nn.Module):
             if isinstance(module, nn.Linear) and module.weight is not self.model.embed_tokens.weight:
                 is_out = name.endswith(("o_proj", "down_proj"))
                 nn.init.normal_(module.weight, 0.0, out_std if is_out else std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
             elif isinstance(module, RMSNorm):
                 nn.init.ones_(module.weight)
         self.init_rope()

@@ -47,7 +47,7 @@ class ParamCounts:
     matmul: int             # every nn.Linear weight, the head included even when tied
     hidden_matrices: int    # 2-D weights inside the blocks (Muon's share)
     per_layer: int
-    norms: int
+    vectors: int            # 1-D weights: norm gains (the final norm too) and biases
 
     @property
     def non_embedding(self) -> int:
@@ -61,14 +61,14 @@ def param_counts(cfg: ModelConfig) -> ParamCounts:
     D, E, H, K, F, V, L = c.d_model, c.head_dim, c.n_heads, c.n_kv_heads, c.ffn_hidden, c.vocab_size, c.depth
     attn = D * E * (2 * H + 2 * K)
     mlp = 3 * D * F
-    layer_norms = 2 * D + (2 * E if c.qk_norm else 0)
-    per_layer = attn + mlp + layer_norms
+    vectors = 2 * D + (2 * E if c.qk_norm else 0) + (E * (H + 2 * K) if c.qkv_bias else 0)   # norm gains, biases
+    per_layer = attn + mlp + vectors
     embedding = V * D
     head = 0 if c.tie_embeddings else V * D
     total = embedding + head + L * per_layer + D
     return ParamCounts(total=total, embedding=embedding, head=head, blocks=L * per_layer,
                        matmul=L * (attn + mlp) + V * D, hidden_matrices=L * (attn + mlp), per_layer=per_layer,
-                       norms=L * layer_norms + D)
+                       vectors=L * vectors + D)
 
 
 def lora_params(cfg: ModelConfig, rank: int, targets: tuple[str, ...] | list[str] = LORA_TARGETS) -> int:

@@ -76,6 +76,7 @@ def from_hf_config(path: str | Path) -> ModelConfig:
     fields = {field: hf[key] for key, field in HF_KEYS.items() if hf.get(key) is not None}
     fields.setdefault("head_dim", hf["hidden_size"] // hf["num_attention_heads"])
     fields["qk_norm"] = "qwen3" in str(hf.get("model_type", "")).lower()
+    fields["qkv_bias"] = str(hf.get("model_type", "")).lower() == "qwen2"
     fields.setdefault("tie_embeddings", False)   # transformers' default for Llama-family configs
     return ModelConfig(**fields)
 

@@ -146,7 +146,8 @@ def _model_section(cfg: Config, metrics: list[dict]) -> list[str]:
     return ["## Model", "",
             f"Llama-style decoder: {m.depth} layers, d_model {m.d_model}, {m.n_heads} heads of {m.head_dim} "
             f"({m.n_kv_heads} key/value heads), SwiGLU {m.ffn_hidden}, context {m.max_seq_len}, "
-            f"RoPE theta {m.rope_theta:g}, tied embeddings {m.tie_embeddings}, QK-norm {m.qk_norm}.", ""]
+            f"RoPE theta {m.rope_theta:g}, tied embeddings {m.tie_embeddings}, QK-norm {m.qk_norm}"
+            + (", q/k/v biases" if m.qkv_bias else "") + ".", ""]
 
 
 def _training_table(metrics: list[dict], keep_best: bool = True) -> list[str]:
