@@ -56,7 +56,12 @@ def _(x_BK, w_NK, gain_K, eps, residual_BN, glu):
 
 def matvec_config(B: int, N: int, K: int) -> dict:
     """The kernel's launch settings for B rows of width K into N outputs: BLOCK_N outputs a program, BLOCK_K
-    inputs a step, DOT (tl.dot on rows padded to 16, BLOCK_N >= 16; else products summed on the CUDA cores)."""
+    inputs a step, DOT (tl.dot on rows padded to 16, BLOCK_N >= 16; else products summed on the CUDA cores).
+    One row: 4 outputs a program summed on the CUDA cores, up to 512 inputs a step, the best of the sweep at
+    every SmolLM2 matmul on the H100 (bench/decode_kernels.py: 12.7 us a layer against 17.0 with tl.dot; docs/
+    decisions.md); more rows keep tl.dot (not yet swept)."""
+    if B == 1:
+        return dict(BLOCK_N=4, BLOCK_K=min(512, max(16, 1 << (K - 1).bit_length())), DOT=False, num_warps=4)
     return dict(BLOCK_N=16, BLOCK_K=min(256, max(16, 1 << (K - 1).bit_length())), DOT=True, num_warps=4)
 
 
