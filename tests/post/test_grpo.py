@@ -187,6 +187,21 @@ def test_default_reward_is_the_verifier_plus_the_format_bonus():
     assert (wrong.reward, wrong.correct) == (pytest.approx(0.1), False)
 
 
+def test_a_start_that_cannot_show_the_reward_is_warned_about():
+    """The evaluation before training says when samples will never show what the reward pays for."""
+    from kiln.config.post import GRPOConfig
+    from kiln.post.grpo import start_warnings
+    sec = GRPOConfig()
+    fine = {"items": 200, "accuracy": 0.2, "format_rate": 0.5}
+    assert start_warnings(fine, sec) == []
+    no_format = start_warnings({**fine, "format_rate": 0.0}, sec)
+    assert len(no_format) == 1 and "none of 200" in no_format[0] and "reasoning-gym:basic_arithmetic" in no_format[0]
+    assert start_warnings({**fine, "format_rate": 0.0}, GRPOConfig(format_reward=0.0)) == []   # nothing paid for it
+    assert start_warnings({**fine, "format_rate": 0.0}, GRPOConfig(reward="my.py:score")) == []   # the user's reward
+    nothing_right = start_warnings({**fine, "accuracy": 0.0}, sec)
+    assert len(nothing_right) == 1 and "task_config" in nothing_right[0]
+
+
 def test_a_reward_function_that_hangs_is_stopped_and_counted():
     """A user's reward that never returns fails its call after grpo.reward_timeout, counted with the reason,
     and the next call works (the alarm is cleared)."""
