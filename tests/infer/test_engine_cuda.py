@@ -15,10 +15,26 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 PROMPTS = [[5], [1, 2, 3], [7, 7, 7, 7, 7, 9, 11], list(range(20, 40)), [3, 1, 4, 1, 5], [60] * 12]
 
 
-def make(dtype=torch.float32) -> Transformer:
+def make(dtype=torch.float32, **kw) -> Transformer:
     torch.manual_seed(0)
-    cfg = ModelConfig(depth=2, d_model=128, head_dim=32, n_kv_heads=2, vocab_size=211, max_seq_len=64, init_std=0.3)
-    return Transformer.from_config(cfg, device="cuda").to(dtype).eval()
+    cfg = ModelConfig(depth=2, d_model=128, head_dim=32, n_kv_heads=2, vocab_size=211, max_seq_len=64, init_std=0.3,
+                      **kw)
+    model = Transformer.from_config(cfg, device="cuda").to(dtype).eval()
+    with torch.no_grad():   # random biases (Qwen2's q/k/v; they start at 0), so a misplaced one shows
+        for p in (p for name, p in model.named_parameters() if name.endswith(".bias")):
+            p.normal_(0.0, 0.5)
+    return model
+
+
+def test_qwen2_biases_through_the_triton_layers_equal_reference():
+    from kiln.infer.fuse import fuse_projections
+    model = make(qkv_bias=True)
+    ref = [generate(model, p, 24, temperature=0, use_cache=False) for p in PROMPTS]
+    fuse_projections(model)
+    for slots in (1, 4):
+        engine = Engine(model, max_slots=slots, cuda_graphs=True, fused_attention=True)
+        assert engine.decoder.fused_layers
+        assert [o[0] for o in engine.generate(PROMPTS, SamplingParams(max_tokens=24, temperature=0))] == ref
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["sdpa", "triton"])
