@@ -43,9 +43,11 @@ def fuse_projections(model: nn.Module) -> int:
         attn, mlp = layer.self_attn, layer.mlp
         qkv = [attn.q_proj, attn.k_proj, attn.v_proj]
         biased = [m.bias is not None for m in qkv]
-        if attn.qkv_weight is None and len(set(biased)) == 1 and (w := _stack(qkv)) is not None:
-            attn.qkv_weight, attn.qkv_bias = w, _stack(qkv, "bias") if biased[0] else None
-            done += 1
+        if attn.qkv_weight is None and len(set(biased)) == 1:
+            b = _stack(qkv, "bias") if biased[0] else None   # first: stacked weights without their biases would be wrong
+            if (b is not None or not biased[0]) and (w := _stack(qkv)) is not None:
+                attn.qkv_weight, attn.qkv_bias = w, b
+                done += 1
         if mlp.gate_up_weight is None and not any(m.bias is not None for m in (mlp.gate_proj, mlp.up_proj)) \
                 and (w := _stack([mlp.gate_proj, mlp.up_proj])) is not None:
             mlp.gate_up_weight = w
