@@ -147,7 +147,7 @@ ALIASES = {"export": {"--format": "--export.format", "--quant": "--export.quant"
            "import": {"--dtype": "--importing.dtype"},
            "serve": {"--host": "--serve.host", "--port": "--serve.port", "--api_key": "--serve.api_key",
                      "--checkpoint": "--serve.checkpoint", "--model_name": "--serve.model_name",
-                     "--adapter": "--serve.adapter"},
+                     "--adapter": "--serve.adapter", "--lora": "--serve.lora_modules+"},
            "chat": {"--checkpoint": "--serve.checkpoint", "--system": "--serve.system",
                     "--temperature": "--serve.temperature", "--adapter": "--serve.adapter"}}
 POST_STAGES = {"sft": "sft", "dpo": "dpo", "grpo": "grpo", "dpo-build-pairs": "dpo"}   # command -> config section
@@ -224,7 +224,7 @@ def _check_keys(args: list[str]) -> None:
     for arg in args:
         if not arg.startswith("--") or arg in ("--help", "--config", "--resume", "--print_config"):
             continue
-        key = arg[2:].split("=", 1)[0]
+        key = arg[2:].split("=", 1)[0].removesuffix("+")   # `--key+ VALUE` appends to a list
         if key.startswith("print_config"):
             continue
         cls: typing.Any = Config

@@ -296,3 +296,52 @@ def test_full_queue_gets_503_and_a_disconnect_frees_the_slot(run):
             time.sleep(0.05)
         for status in ("200", "499", "503"):   # answered, disconnected, refused
             assert srv.metric("kiln_requests_total", endpoint="/v1/completions", status=status) == 1
+
+
+def test_lora_adapters_by_model_name(run, tmp_path):
+    """serve.lora_modules: each adapter is a model of /v1/models (its base as parent); a request naming one gets
+    that adapter's tokens (those of the adapter merged into the base alone), one naming the base the base's,
+    concurrent streams of both included; an unknown name is a 404 listing every name."""
+    import concurrent.futures
+    import copy
+    from kiln.config import LoRAConfig
+    from kiln.formats.peft import apply_adapter, write_adapter
+    from kiln.infer.generate import generate
+    from kiln.formats.checkpoint import latest_checkpoint, load_model
+    base, _ = load_model(latest_checkpoint(run / "checkpoints"), "cpu", torch.float32)
+    g = torch.Generator().manual_seed(5)
+    dirs = {}
+    for name, targets in (("terse", ("q_proj", "down_proj")), ("wordy", ("v_proj", "up_proj"))):
+        tensors = {}
+        for mod_name, mod in base.named_modules():
+            if mod_name.rsplit(".", 1)[-1] in targets:
+                tensors[f"{mod_name}.lora_A.weight"] = torch.randn(4, mod.in_features, generator=g) * 0.5
+                tensors[f"{mod_name}.lora_B.weight"] = torch.randn(mod.out_features, 4, generator=g) * 0.5
+        dirs[name] = write_adapter(tmp_path / name, tensors, LoRAConfig(enabled=True, rank=4, alpha=8,
+                                                                       targets=list(targets)), str(run))
+    with Server(run, max_batch=4, max_len=96, lora_modules=[f"{n}={d}" for n, d in dirs.items()]) as srv:
+        client = openai.OpenAI(base_url=srv.url, api_key="unused", max_retries=0, timeout=30)
+        cards = {m.id: m for m in client.models.list().data}
+        assert list(cards) == ["run", "terse", "wordy"] and cards["terse"].model_extra["parent"] == "run"
+        assert client.models.retrieve("wordy").id == "wordy"
+        tok = srv.served.tokenizer
+        prompt = "The capital of France is"
+        ids = tok.encode(prompt, add_bos=tok.add_bos_token)
+        want = {"run": generate(base, ids, 10, temperature=0, use_cache=False)}
+        for name, d in dirs.items():
+            merged = copy.deepcopy(base)
+            apply_adapter(merged, d)
+            want[name] = generate(merged, ids, 10, temperature=0, use_cache=False)
+        assert len({tuple(w) for w in want.values()}) == 3, want
+
+        def ask(name):
+            chunks = client.completions.create(model=name, prompt=prompt, max_tokens=10, temperature=0, stream=True)
+            return name, "".join(c.choices[0].text for c in chunks if c.choices)
+        with concurrent.futures.ThreadPoolExecutor(6) as pool:
+            for name, text in pool.map(ask, ["run", "terse", "wordy"] * 2):
+                assert text == tok.decode(want[name], skip_special=True), name
+        r = client.completions.create(model="terse", prompt=prompt, max_tokens=10, temperature=0)
+        assert r.model == "terse"
+        with pytest.raises(openai.NotFoundError) as e:
+            client.completions.create(model="nope", prompt=prompt, max_tokens=2)
+        assert "`run`, `terse`, `wordy`" in str(e.value)

@@ -165,3 +165,15 @@ def test_kiln_chat_keeps_history_and_resets(run, tmp_path):
     assert first and replies[:2] == [first, second]
     assert "(conversation cleared)" in out.stdout
     assert out.stdout.count(first) >= 2            # the same first turn again after /reset
+
+
+def test_lora_flags_name_each_adapter(run):
+    """`kiln serve --lora NAME=DIR` (repeatable) fills serve.lora_modules; an entry without a name, or a name used
+    twice, is refused saying what is expected."""
+    from kiln.cli import _expand, parse
+    from kiln.config import ConfigError
+    cfg = parse("serve", _expand("serve", ["--run_dir", str(run), "--lora", "math=/a", "--lora=chat=/b"]))
+    assert cfg.serve.lora_dirs() == {"math": "/a", "chat": "/b"}
+    for bad, says in ((["--lora", "/a"], "is not NAME=DIR"), (["--lora", "x=/a", "--lora", "x=/b"], "used twice")):
+        with pytest.raises(ConfigError, match=says):
+            parse("serve", _expand("serve", ["--run_dir", str(run), *bad]))

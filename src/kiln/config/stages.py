@@ -344,6 +344,10 @@ class ServeConfig:
     """A PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors, as PEFT's save_pretrained
     or `kiln export --format peft` writes it), merged into the run's model at load: a base model plus an
     adapter trained elsewhere."""
+    lora_modules: list[str] = field(default_factory=list)
+    """Several PEFT LoRA adapters served beside the base, each under its own model name, as `NAME=DIR`: a request
+    whose `model` is NAME gets that adapter, one naming the base gets none, all in one batch (unmerged: two thin
+    matmuls per adapted layer, no compiled step; kiln/infer/adapters.py)."""
     host: str = "127.0.0.1"
     """Address to bind; 127.0.0.1 keeps the server on this machine (`0.0.0.0` opens it to the network: set
     api_key then)."""
@@ -396,6 +400,22 @@ class ServeConfig:
             raise ConfigError(f"serve.port={self.port} must be at most 65535 (a TCP port)")
         if not 0 <= self.temperature <= 2:
             raise ConfigError(f"serve.temperature={self.temperature} must be in [0, 2]")
+        self.lora_dirs()
+
+    def lora_dirs(self) -> dict[str, str]:
+        """`lora_modules` as {name: directory}, each entry checked."""
+        out: dict[str, str] = {}
+        for entry in self.lora_modules:
+            name, sep, folder = str(entry).partition("=")
+            name, folder = name.strip(), folder.strip()
+            if not sep or not name or not folder:
+                raise ConfigError(f"serve.lora_modules: {entry!r} is not NAME=DIR (a model name for the API, then "
+                                  "the PEFT adapter's directory)")
+            if name in out or name == self.model_name:
+                raise ConfigError(f"serve.lora_modules: the name {name!r} is used twice; each model name must be "
+                                  "unique")
+            out[name] = folder
+        return out
 
 
 @dataclass

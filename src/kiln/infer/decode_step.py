@@ -36,8 +36,9 @@ class DecodeStep:
     fused_attention_rows = 8
 
     def __init__(self, model, cache: SlotCache, max_slots: int, max_len: int, cuda_graphs: bool,
-                 compile: bool = False, fused_attention: bool | None = None, fused_layers: bool | None = None):
-        self.model, self.cache, self.max_len = model, cache, max_len
+                 compile: bool = False, fused_attention: bool | None = None, fused_layers: bool | None = None,
+                 adapters=None):
+        self.model, self.cache, self.max_len, self.adapters = model, cache, max_len, adapters
         device = next(model.parameters()).device
         # Default: under CUDA graphs with Triton, where the kernels' launches are replayed. Launched eagerly, each
         # adds a Python launch to a step that is host-bound already (GRPO's rollouts; not measured); off CUDA
@@ -52,6 +53,7 @@ class DecodeStep:
         self.lengths = sorted({min(2 ** i, max_len) for i in range(low, max(low, max_len.bit_length()) + 1)})
         self.tokens_N = torch.zeros(max_slots, dtype=torch.long, device=device)
         self.pos_N = torch.zeros(max_slots, dtype=torch.long, device=device)
+        self.adapter_N = torch.zeros(max_slots, dtype=torch.long, device=device)   # each slot's LoRA adapter
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}   # (B, S) -> graph, out
         # Dynamic shapes: the (batch, length) buckets share a few compiled graphs (a batch of 1, a whole-slots
         # batch and a whole-slot length are specialised), whatever the number of buckets, under dynamo's limit.
@@ -84,6 +86,8 @@ class DecodeStep:
     def _run(self, B: int, S: int) -> torch.Tensor:
         fused = self.fused_attention and B <= self.fused_attention_rows
         mask_B11S = None if fused else self.cache.keys_mask(self.pos_N[:B], S)
+        if self.adapters is not None:   # a view of the slots' buffer: a captured graph reads each step's choice
+            self.adapters.select(self.adapter_N[:B])
         logits_BV = self._step_logits(self.tokens_N[:B], self.pos_N[:B],
                                       self.cache.decode(self.pos_N[:B], S, fused), mask_B11S)
         self.tokens_N[:B].copy_(logits_BV.argmax(dim=-1))

@@ -72,6 +72,7 @@ class Request:
     params: SamplingParams
     on_output: Callable[[Output], None]
     prompt_logprobs: list[TokenLogprob | None] | None = None   # filled at prefill when asked for
+    adapter: int = 0                # the LoRA adapter of its rows (the engine's AdapterBank; 0: none)
     cancelled: bool = False
     arrival: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
@@ -96,8 +97,14 @@ class Engine:
     def __init__(self, model, tokenizer=None, max_slots: int = 8, max_len: int | None = None,
                  max_queue: int = 64, prefill_tokens: int = 4096, cuda_graphs: bool | None = None, seed: int = 0,
                  compile: bool = False, overlap: bool | None = None, prefix_cache: bool = True,
-                 fused_attention: bool | None = None, fused_layers: bool | None = None):
+                 fused_attention: bool | None = None, fused_layers: bool | None = None, adapters=None):
+        """`adapters`: an AdapterBank (kiln/infer/adapters.py) already applied to `model`, whose adapters requests
+        then choose (`submit`'s `adapter`)."""
         self.model, self.tok = model.eval(), tokenizer
+        self.adapters = adapters
+        if adapters is not None and compile:
+            raise ValueError("compiling the decode step of a model with several LoRA adapters is not supported: "
+                             "serve them without compile (or merge one adapter into the model)")
         self.device = next(model.parameters()).device
         self.vocab_size = model.cfg.vocab_size
         self.max_len = min(max_len or model.cfg.max_seq_len, model.cfg.max_seq_len)
@@ -106,6 +113,7 @@ class Engine:
         self._free = list(range(max_slots))          # a heap: lowest slot first
         self.prefix_cache = prefix_cache
         self._slot_tokens: list[list[int]] = [[] for _ in range(max_slots)]   # a free slot's cached tokens
+        self._slot_adapter = [0] * max_slots                                    # and the adapter they were made with
         self._running: dict[int, _Sequence] = {}      # slot -> sequence
         self._waiting: deque[Request] = deque()
         self._lock = threading.Condition()
@@ -119,13 +127,17 @@ class Engine:
         self._inflight: _Launched | None = None
         self.decoder = DecodeStep(model, self.cache, max_slots, self.max_len,
                                   self.device.type == "cuda" if cuda_graphs is None else cuda_graphs, compile,
-                                  fused_attention, fused_layers)
+                                  fused_attention, fused_layers, adapters)
 
     # ------------------------------------------------------------ requests (any thread)
 
-    def submit(self, prompt_ids: list[int], params: SamplingParams, on_output: Callable[[Output], None]) -> Request:
-        """Queue a request; raises ValueError for a request that can never run, QueueFull when full."""
+    def submit(self, prompt_ids: list[int], params: SamplingParams, on_output: Callable[[Output], None],
+               adapter: int = 0) -> Request:
+        """Queue a request (`adapter`: the index of its LoRA adapter in the engine's AdapterBank, 0 for none);
+        raises ValueError for a request that can never run, QueueFull when full."""
         params.validate(self.vocab_size)
+        if adapter and (self.adapters is None or not 0 < adapter <= len(self.adapters.names)):
+            raise ValueError(f"adapter {adapter}: the engine has {len(self.adapters.names) if self.adapters else 0}")
         if not prompt_ids:
             raise ValueError("empty prompt: give at least one token")
         if len(prompt_ids) > self.max_len:
@@ -134,7 +146,7 @@ class Engine:
             raise ValueError(f"n={params.n} exceeds the engine's {self.max_slots} slots")
         if any(not 0 <= i < self.vocab_size for i in prompt_ids):
             raise ValueError(f"prompt token ids must be in [0, {self.vocab_size})")
-        req = Request(list(prompt_ids), params, on_output, unfinished=params.n)
+        req = Request(list(prompt_ids), params, on_output, unfinished=params.n, adapter=adapter)
         with self._lock:
             if len(self._waiting) >= self.max_queue:
                 raise QueueFull(f"{len(self._waiting)} requests already wait (queue limit {self.max_queue})")
@@ -252,6 +264,7 @@ class Engine:
         # clamped to the last one: so the last position is never claimed.
         cached = min(seq.length, self.max_len - 1)
         self._slot_tokens[seq.slot] = [] if reason == "error" else (seq.request.prompt_ids + seq.out_ids)[:cached]
+        self._slot_adapter[seq.slot] = seq.request.adapter
         del self._running[seq.slot]
         heapq.heappush(self._free, seq.slot)
         seq.request.unfinished -= 1
@@ -278,6 +291,8 @@ class Engine:
         ids, best, where = req.prompt_ids, 0, None
         for slot in self._free:
             toks = self._slot_tokens[slot]
+            if self._slot_adapter[slot] != req.adapter:   # another adapter's keys and values
+                continue
             need = max(best + 1, self.min_prefix_tokens)   # a slot that cannot beat the best so far costs one compare
             if len(toks) < need or toks[:need] != ids[:need]:
                 continue
@@ -310,6 +325,8 @@ class Engine:
                 ids_BT[j, :lens[b]] = torch.tensor(batch[b].prompt_ids)
             pos_BT = torch.arange(T, device=dev).expand(len(plain), T)
             slots_B = torch.tensor([first_slots[b] for b in plain], device=dev)
+            if self.adapters is not None:
+                self.adapters.select(torch.tensor([batch[b].adapter for b in plain], device=dev))
             h_BTD = self.model.hidden(ids_BT.to(dev), pos_BT, self.cache.prefill(slots_B))
             last_B = torch.tensor([lens[b] for b in plain], device=dev) - 1
             logits_BV = self.model.lm_head(h_BTD[torch.arange(len(plain), device=dev), last_B]).float()
@@ -347,12 +364,16 @@ class Engine:
         slots_B = torch.tensor(slots, device=dev)
         self.decoder.tokens_N[slots_B] = next_B
         self.decoder.pos_N[slots_B] = torch.tensor([s.length for s in seqs], device=dev)
+        if self.adapters is not None:
+            self.decoder.adapter_N[slots_B] = torch.tensor([s.request.adapter for s in seqs], device=dev)
         self._read(self._to_host(seqs, next_B, lp))
 
     def _prefill_cached(self, req: Request, slot: int, start: int) -> torch.Tensor:
         """Logits (V,) after `req`'s prompt, computing only its tokens past the `start` cached in `slot`."""
         P, dev = len(req.prompt_ids), self.device
         ids_1T = torch.tensor([req.prompt_ids[start:]], device=dev)
+        if self.adapters is not None:
+            self.adapters.select(torch.tensor([req.adapter], device=dev))
         pos_1T = torch.arange(start, P, device=dev)[None]
         h_1TD = self.model.hidden(ids_1T, pos_1T, self.cache.extend(slot, start, P), self.cache.extend_mask(start, P))
         return self.model.lm_head(h_1TD[0, -1]).float()

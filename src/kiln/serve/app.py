@@ -80,9 +80,11 @@ class Job:
 
     def submit(self) -> None:
         engine = self.state.served.engine
+        adapter = self.state.served.adapter_of(self.gen.model) or 0
         try:
             for i, ids in enumerate(self.gen.prompts):
-                self.handles.append(engine.submit(ids, self.gen.params, self.state.bridge.sink(self.queue, i)))
+                self.handles.append(engine.submit(ids, self.gen.params, self.state.bridge.sink(self.queue, i),
+                                                  adapter=adapter))
         except QueueFull as e:
             self.cancel()
             raise ApiError(503, f"The server is overloaded: {e}. Retry shortly.", "server_error",
@@ -212,15 +214,15 @@ def build_app(served: Served, cfg: ServeConfig) -> FastAPI:
     @app.get("/v1/models")
     async def models(request: Request):
         _auth(request, served)
-        return {"object": "list", "data": [_model_card(served)]}
+        return {"object": "list", "data": [_model_card(served, name) for name in served.names]}
 
     @app.get("/v1/models/{model_id:path}")
     async def model(model_id: str, request: Request):
         _auth(request, served)
-        if model_id != served.name:
+        if model_id not in served.names:
             raise ApiError(404, f"The model `{model_id}` does not exist or you do not have access to it.",
                            param="model", code="model_not_found")
-        return _model_card(served)
+        return _model_card(served, model_id)
 
     for path, parse in (("/v1/completions", completion_request), ("/v1/chat/completions", chat_request)):
         app.add_api_route(path, _endpoint(state, path, parse), methods=["POST"])
@@ -232,13 +234,17 @@ def _endpoint(state: _State, path: str, parse):
     async def generate(request: Request):
         _auth(request, state.served)
         body = await _read_json(request, state.cfg.max_request_bytes)
-        gen = parse(body, state.served.tokenizer, state.limits, state.served.name)
+        gen = parse(body, state.served.tokenizer, state.limits, state.served.names)
         return await _answer(state, request, gen, path)
     return generate
 
 
-def _model_card(served: Served) -> dict:
-    return {"id": served.name, "object": "model", "created": 0, "owned_by": "kiln", "max_model_len": served.max_len}
+def _model_card(served: Served, name: str) -> dict:
+    """A model of /v1/models; a LoRA adapter's names its base as `parent` (and `root`), as vLLM's do."""
+    card = {"id": name, "object": "model", "created": 0, "owned_by": "kiln", "max_model_len": served.max_len}
+    if name != served.name:
+        card.update(root=served.name, parent=served.name)
+    return card
 
 
 def _auth(request: Request, served: Served) -> None:
@@ -291,7 +297,7 @@ async def _answer(state: _State, request: Request, gen: GenRequest, endpoint: st
         if any(c.finish_reason == "abort" for c in choices):   # the client is gone: nobody reads this
             return Response(status_code=499)
         rid = new_id("chatcmpl" if gen.chat else "cmpl")
-        name, tt = state.served.name, state.tt
+        name, tt = gen.model or state.served.name, state.tt
         body = chat_body(gen, rid, name, tt, choices) if gen.chat else \
             completion_body(gen, rid, name, tt, choices, job.prompt_logprobs())
         return JSONResponse(body)
@@ -311,7 +317,8 @@ async def _cancel_on_disconnect(request: Request, job: Job) -> None:
 
 
 async def _stream(state: _State, job: Job) -> AsyncIterator[str]:
-    gen, tt, name = job.gen, state.tt, state.served.name
+    gen, tt = job.gen, state.tt
+    name = gen.model or state.served.name
     rid = new_id("chatcmpl" if gen.chat else "cmpl")
     started: set[int] = set()
     status = "200"

@@ -12,6 +12,7 @@ from kiln.config import Config
 from kiln.config.rundir import RunDir
 from kiln.formats.checkpoint import load_model, resolve_checkpoint
 from kiln.formats.peft import apply_adapter
+from kiln.infer.adapters import AdapterBank
 from kiln.infer.engine import Engine
 from kiln.infer.fuse import fuse_projections
 from kiln.infer.quant import describe, quantize_int8, weight_bytes
@@ -34,6 +35,19 @@ class Served:
     def max_len(self) -> int:
         return self.engine.max_len
 
+    @property
+    def names(self) -> list[str]:
+        """Every model name the API answers to: the base's, then each LoRA adapter's (`serve.lora_modules`)."""
+        bank = self.engine.adapters
+        return [self.name, *(bank.names if bank is not None else [])]
+
+    def adapter_of(self, model: str | None) -> int | None:
+        """The engine's adapter index for a request's `model` (0: the base; None: not served here)."""
+        if model is None or model == self.name:
+            return 0
+        bank = self.engine.adapters
+        return bank.index(model) if bank is not None and model in bank.names else None
+
 
 def load_served(cfg: Config, start: bool = True) -> Served:
     """The run's checkpoint (with `serve.adapter` merged in) in the engine (on `serve.device`, in `serve.dtype`,
@@ -49,6 +63,13 @@ def load_served(cfg: Config, start: bool = True) -> Served:
     if s.adapter:   # merged before int8 and the stacked projections, which take the weights as they then are
         lora = apply_adapter(model, s.adapter)
         adapter = f" + LoRA adapter {s.adapter} (rank {lora.rank}, alpha {lora.alpha:g}, {', '.join(lora.targets)})"
+    bank = None
+    if s.lora_modules:   # before int8, which would leave the adapted layers unplain
+        if s.compile:
+            raise ValueError("serve.lora_modules and serve.compile: a compiled decode step cannot choose adapters "
+                             "per row yet; serve without --serve.compile true, or merge one adapter (serve.adapter)")
+        bank = AdapterBank(model, s.lora_dirs())
+        adapter += f"; LoRA adapters by model name: {bank.describe()}"
     if tok.vocab_size > model.cfg.vocab_size:
         raise ValueError(f"{rd.tokenizer_file()} has {tok.vocab_size} tokens but the model at {ckpt} embeds "
                          f"{model.cfg.vocab_size}: they are not from the same run")
@@ -61,7 +82,7 @@ def load_served(cfg: Config, start: bool = True) -> Served:
         print(f"compiling the decode step for {s.max_batch} slots (minutes; `--serve.compile false` starts at once)",
               flush=True)
     engine = Engine(model, tok, max_slots=s.max_batch, max_len=s.max_len, max_queue=s.max_queue,
-                    cuda_graphs=s.cuda_graphs and device.type == "cuda", compile=s.compile)
+                    cuda_graphs=s.cuda_graphs and device.type == "cuda", compile=s.compile, adapters=bank)
     if s.max_len and s.max_len > engine.max_len:
         print(f"warning: serve.max_len={s.max_len} is beyond the model's context of {model.cfg.max_seq_len} "
               f"positions: sequences get {engine.max_len}", flush=True)

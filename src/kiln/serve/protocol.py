@@ -59,6 +59,7 @@ class GenRequest:
     discard_output: bool = False     # max_tokens=0 with echo: the prompt's log-probabilities only
     chat: bool = False
     texts: list[str | None] | None = None   # the prompts as sent, where sent as text (echoed as given)
+    model: str = ""                  # the model name asked for (the base's or a LoRA adapter's)
 
     def prompt_text(self, i: int, tok: Tokenizer) -> str:
         text = self.texts[i] if self.texts else None
@@ -142,11 +143,17 @@ def check_keys(body: Any, known: set[str]) -> None:
                   "unrecognized_argument")
 
 
-def check_model(body: dict, name: str) -> None:
+def check_model(body: dict, names: str | list[str]) -> str:
+    """The model asked for: one of `names` (the base's first, then any LoRA adapters'); the base when none."""
+    names = [names] if isinstance(names, str) else names
     model = body.get("model")
-    if model is not None and model != name:
+    if model is None:
+        return names[0]
+    if model not in names:
         raise ApiError(404, f"The model `{model}` does not exist or you do not have access to it. This server "
-                       f"serves `{name}` (GET /v1/models).", param="model", code="model_not_found")
+                       f"serves {', '.join(f'`{n}`' for n in names)} (GET /v1/models).", param="model",
+                       code="model_not_found")
+    return model
 
 
 def _logit_bias(body: dict, vocab_size: int) -> dict[int, float] | None:
@@ -226,9 +233,9 @@ def _stream(body: dict) -> tuple[bool, bool]:
 
 # ---------------------------------------------------------------- the two endpoints
 
-def completion_request(body: Any, tok: Tokenizer, limits: Limits, name: str) -> GenRequest:
+def completion_request(body: Any, tok: Tokenizer, limits: Limits, names: str | list[str]) -> GenRequest:
     check_keys(body, COMPLETION_KEYS)
-    check_model(body, name)
+    model = check_model(body, names)
     _refuse(body, "suffix")
     params = _sampling(body, limits, tok)
     best_of = _int(body, "best_of", None, 1)
@@ -246,7 +253,7 @@ def completion_request(body: Any, tok: Tokenizer, limits: Limits, name: str) -> 
     params.prompt_logprobs = k if echo and k is not None else None
     stream, usage = _stream(body)
     return GenRequest(prompts, params, stream, usage, echo=echo, discard_output=max_tokens == 0,
-                      texts=texts if len(texts) == len(prompts) else None)
+                      texts=texts if len(texts) == len(prompts) else None, model=model)
 
 
 def _prompts(prompt: Any, tok: Tokenizer) -> list[list[int]]:
@@ -274,9 +281,9 @@ def _prompts(prompt: Any, tok: Tokenizer) -> list[list[int]]:
     return out
 
 
-def chat_request(body: Any, tok: Tokenizer, limits: Limits, name: str) -> GenRequest:
+def chat_request(body: Any, tok: Tokenizer, limits: Limits, names: str | list[str]) -> GenRequest:
     check_keys(body, CHAT_KEYS)
-    check_model(body, name)
+    model = check_model(body, names)
     for key in ("tools", "functions", "audio", "prediction"):
         _refuse(body, key)
     _refuse(body, "tool_choice", (None, "none", "auto"))
@@ -297,7 +304,7 @@ def chat_request(body: Any, tok: Tokenizer, limits: Limits, name: str) -> GenReq
         raise bad("'top_logprobs' needs 'logprobs' set to true.", "top_logprobs")
     params.logprobs = (top or 0) if want else None
     stream, usage = _stream(body)
-    return GenRequest([ids], params, stream, usage, chat=True)
+    return GenRequest([ids], params, stream, usage, chat=True, model=model)
 
 
 ROLES = {"system", "developer", "user", "assistant", "tool"}
