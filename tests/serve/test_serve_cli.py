@@ -177,3 +177,8 @@ def test_lora_flags_name_each_adapter(run):
     for bad, says in ((["--lora", "/a"], "is not NAME=DIR"), (["--lora", "x=/a", "--lora", "x=/b"], "used twice")):
         with pytest.raises(ConfigError, match=says):
             parse("serve", _expand("serve", ["--run_dir", str(run), *bad]))
+    for other in (["--serve.quantize", "int8"], ["--serve.compile", "true"]):
+        cfg = parse("serve", _expand("serve", ["--run_dir", str(run), "--lora", "m=/a", "--serve.device", "cpu",
+                                               *other]))
+        with pytest.raises(ValueError, match="serve.lora_modules with serve.(quantize|compile): not supported"):
+            load_served(cfg, start=False)

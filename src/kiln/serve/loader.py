@@ -65,9 +65,10 @@ def load_served(cfg: Config, start: bool = True) -> Served:
         adapter = f" + LoRA adapter {s.adapter} (rank {lora.rank}, alpha {lora.alpha:g}, {', '.join(lora.targets)})"
     bank = None
     if s.lora_modules:   # before int8, which would leave the adapted layers unplain
-        if s.compile:
-            raise ValueError("serve.lora_modules and serve.compile: a compiled decode step cannot choose adapters "
-                             "per row yet; serve without --serve.compile true, or merge one adapter (serve.adapter)")
+        if s.compile or s.quantize != "none":
+            raise ValueError(f"serve.lora_modules with serve.{'compile' if s.compile else 'quantize'}: not supported "
+                             "yet (a compiled step cannot choose adapters per row; int8 takes plain linears only); "
+                             "serve the adapters without it, or merge one adapter (serve.adapter)")
         bank = AdapterBank(model, s.lora_dirs())
         adapter += f"; LoRA adapters by model name: {bank.describe()}"
     if tok.vocab_size > model.cfg.vocab_size:
