@@ -67,16 +67,39 @@ def sync():
         torch.cuda.synchronize()
 
 
+def lora_bank(model: Transformer, n: int, rank: int = 16):
+    """`n` random rank-`rank` PEFT adapters on every linear of `model`, as an AdapterBank applied to it."""
+    import tempfile
+
+    from kiln.config.post import LORA_TARGETS, LoRAConfig
+    from kiln.formats.peft import write_adapter
+    from kiln.infer.adapters import AdapterBank
+    dirs, tmp = {}, Path(tempfile.mkdtemp(prefix="kiln_lora_bench_"))
+    for i in range(n):
+        g = torch.Generator().manual_seed(i)
+        tensors = {}
+        for name, m in model.named_modules():
+            if name.rsplit(".", 1)[-1] in LORA_TARGETS:
+                tensors[f"{name}.lora_A.weight"] = torch.randn(rank, m.in_features, generator=g) * 0.01
+                tensors[f"{name}.lora_B.weight"] = torch.randn(m.out_features, rank, generator=g) * 0.01
+        cfg = LoRAConfig(enabled=True, rank=rank, alpha=2.0 * rank, targets=list(LORA_TARGETS))
+        dirs[f"a{i}"] = write_adapter(tmp / f"a{i}", tensors, cfg, "bench")
+    return AdapterBank(model, dirs)
+
+
 def kiln_model(model: Transformer, peer: str) -> Transformer:
     """The model a kiln peer runs: `-int8` in its name quantises a copy (weight-only int8), `-fused` stacks a
-    copy's q/k/v and gate/up projections (kiln/infer/fuse.py)."""
-    if "int8" not in peer and "fused" not in peer:
+    copy's q/k/v and gate/up projections (kiln/infer/fuse.py), `-loraN` gives a copy N LoRA adapters (rank 16, every
+    linear; kiln/infer/adapters.py) that the rows take in turn."""
+    if "int8" not in peer and "fused" not in peer and "-lora" not in peer:
         return model
     import copy
 
     from kiln.infer.fuse import fuse_projections
     from kiln.infer.quant import quantize_int8
     model = copy.deepcopy(model)
+    if "-lora" in peer:   # before stacking: the adapted layers stay unstacked
+        model.bank = lora_bank(model, int(peer.split("-lora")[1].split("-")[0]))
     if "int8" in peer:
         quantize_int8(model)
     if "fused" in peer:
@@ -110,7 +133,7 @@ def kiln_engine(model, batch: int, max_len: int, peer: str, device: str) -> tupl
             engine = Engine(model, max_slots=batch, max_len=max_len, prefill_tokens=batch * max_len,
                             max_queue=batch, cuda_graphs="eager" not in peer and device == "cuda", compile=compile,
                             overlap="sync" not in peer, fused_attention=False if "sdpa" in peer else None,
-                            fused_layers="layers" in peer)
+                            fused_layers="layers" in peer, adapters=getattr(model, "bank", None))
     finally:
         DecodeStep.fused_attention_rows = rows
         attention.MERGE_IN_KERNEL = merge
@@ -129,8 +152,10 @@ def time_kiln(engine: Engine, prompts, new: int) -> tuple[float, float | None]:
     params = SamplingParams(max_tokens=new, temperature=0, ignore_stop_ids=True)
     engine.generate(prompts[:1], SamplingParams(max_tokens=4, temperature=0, ignore_stop_ids=True))  # warm-up
     done = [0]
-    for p in prompts:
-        engine.submit(p, params, lambda o: done.__setitem__(0, done[0] + (o.finish_reason is not None)))
+    kinds = len(engine.adapters.names) + 1 if engine.adapters is not None else 1   # the base and each adapter
+    for i, p in enumerate(prompts):
+        engine.submit(p, params, lambda o: done.__setitem__(0, done[0] + (o.finish_reason is not None)),
+                      adapter=i % kinds)
     engine.step()   # prefill of every row (+ its first decode step)
     sync()
     steps0, t0 = engine.stats["decode_steps"], time.perf_counter()
@@ -196,6 +221,7 @@ def main(argv=None) -> int:
                          "-layers (with -fused): whole layers through kiln/infer/fused_step.py's kernels, "
                          "-merge / -combine: the decode attention's merge in its kernel / as a launch of its own, "
                          "-pdl: kiln's Triton kernels with programmatic dependent launch (KILN_PDL=1; Hopper), "
+                         "-loraN: N LoRA adapters served beside the base (rank 16, every linear), rows in turn, "
                          "hf (default cache), hf-static (static cache, compiled)")
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--new", type=int, default=256)
