@@ -155,7 +155,7 @@ def time_kiln(engine: Engine, prompts, new: int) -> tuple[float, float | None]:
     kinds = len(engine.adapters.names) + 1 if engine.adapters is not None else 1   # the base and each adapter
     for i, p in enumerate(prompts):
         engine.submit(p, params, lambda o: done.__setitem__(0, done[0] + (o.finish_reason is not None)),
-                      adapter=i % kinds)
+                      adapter=(i + 1) % kinds)   # row 0 an adapter: batch 1 times one adapter alone
     engine.step()   # prefill of every row (+ its first decode step)
     sync()
     steps0, t0 = engine.stats["decode_steps"], time.perf_counter()
@@ -221,7 +221,7 @@ def main(argv=None) -> int:
                          "-layers (with -fused): whole layers through kiln/infer/fused_step.py's kernels, "
                          "-merge / -combine: the decode attention's merge in its kernel / as a launch of its own, "
                          "-pdl: kiln's Triton kernels with programmatic dependent launch (KILN_PDL=1; Hopper), "
-                         "-loraN: N LoRA adapters served beside the base (rank 16, every linear), rows in turn, "
+                         "-loraN: N LoRA adapters served beside the base (rank 16, every linear), rows in turn from adapter 1, "
                          "hf (default cache), hf-static (static cache, compiled)")
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--new", type=int, default=256)

@@ -9,7 +9,8 @@ the i-th name's. Ranks may differ (smaller ones are padded with zeros, which add
 
 so rows of different adapters, and rows of none, share one batch. The rows' adapters are set before a forward
 (`select`, one index per row); the engine's decode step selects its per-slot buffer, so a captured CUDA graph
-reads each step's choice. The base weights are untouched, so the base model stays served beside its adapters.
+reads each step's choice. Where the host knows that every row takes one adapter (or none), the forward uses
+that adapter's factors directly (or skips them): no gather. The base weights are untouched, so the base model stays served beside its adapters.
 
 Costs: two batched matmuls per adapted layer per forward (r columns), and the layers are no longer plain
 linears, so the engine's stacked projections and Triton decode layers do not apply (one merged adapter,
@@ -39,6 +40,11 @@ class MultiLoRALinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight, self.bias)
+        one = self.bank.uniform
+        if one == 0:        # every row is the base's
+            return y
+        if one is not None:   # every row one adapter's: its factors as they are, nothing gathered
+            return y + F.linear(F.linear(x, self.lora_A_NRI[one]), self.lora_B_NOR[one])
         rows_B = self.bank.rows_B
         x_BTI = x.reshape(rows_B.numel(), -1, x.size(-1))
         h_BTR = torch.bmm(x_BTI, self.lora_A_NRI[rows_B].transpose(1, 2))
@@ -88,14 +94,19 @@ class AdapterBank:
             layer.bank, layer.lora_A_NRI, layer.lora_B_NOR = self, a_NRI, b_NOR
         self.modules = adapted
         self.rows_B = torch.zeros(1, dtype=torch.long, device=device)
+        self.uniform: int | None = None
 
     def index(self, name: str | None) -> int:
         """The adapter's index (0 for None: the base model alone)."""
         return 0 if name is None else self.names.index(name) + 1
 
-    def select(self, rows_B: torch.Tensor) -> None:
-        """Each row's adapter index for the next forward (a long tensor on the model's device, one per row)."""
+    def select(self, rows_B: torch.Tensor, host: list[int] | None = None) -> None:
+        """Each row's adapter index for the next forward (a long tensor on the model's device, one per row).
+        `host`: the same indices known on the host, when they are: a forward whose rows all take one adapter
+        (or none) then skips the per-row gather (or the adapters altogether). Without it (a CUDA graph being
+        captured, replayed later with other rows) every forward gathers."""
         self.rows_B = rows_B
+        self.uniform = host[0] if host and len(set(host)) == 1 else None
 
     def describe(self) -> str:
         return ", ".join(f"{name} (rank {c['r']}, alpha {c['lora_alpha']:g})" for name, c in self.configs.items())

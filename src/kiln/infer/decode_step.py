@@ -54,6 +54,7 @@ class DecodeStep:
         self.tokens_N = torch.zeros(max_slots, dtype=torch.long, device=device)
         self.pos_N = torch.zeros(max_slots, dtype=torch.long, device=device)
         self.adapter_N = torch.zeros(max_slots, dtype=torch.long, device=device)   # each slot's LoRA adapter
+        self.adapter_hint: list[int] | None = None   # the same for the next step's rows, as the host knows them
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}   # (B, S) -> graph, out
         # Dynamic shapes: the (batch, length) buckets share a few compiled graphs (a batch of 1, a whole-slots
         # batch and a whole-slot length are specialised), whatever the number of buckets, under dynamo's limit.
@@ -87,7 +88,8 @@ class DecodeStep:
         fused = self.fused_attention and B <= self.fused_attention_rows
         mask_B11S = None if fused else self.cache.keys_mask(self.pos_N[:B], S)
         if self.adapters is not None:   # a view of the slots' buffer: a captured graph reads each step's choice
-            self.adapters.select(self.adapter_N[:B])
+            # (the hint is None while graphs are captured, at construction: a graph must gather for any rows)
+            self.adapters.select(self.adapter_N[:B], self.adapter_hint[:B] if self.adapter_hint is not None else None)
         logits_BV = self._step_logits(self.tokens_N[:B], self.pos_N[:B],
                                       self.cache.decode(self.pos_N[:B], S, fused), mask_B11S)
         self.tokens_N[:B].copy_(logits_BV.argmax(dim=-1))

@@ -326,7 +326,8 @@ class Engine:
             pos_BT = torch.arange(T, device=dev).expand(len(plain), T)
             slots_B = torch.tensor([first_slots[b] for b in plain], device=dev)
             if self.adapters is not None:
-                self.adapters.select(torch.tensor([batch[b].adapter for b in plain], device=dev))
+                host = [batch[b].adapter for b in plain]
+                self.adapters.select(torch.tensor(host, device=dev), host)
             h_BTD = self.model.hidden(ids_BT.to(dev), pos_BT, self.cache.prefill(slots_B))
             last_B = torch.tensor([lens[b] for b in plain], device=dev) - 1
             logits_BV = self.model.lm_head(h_BTD[torch.arange(len(plain), device=dev), last_B]).float()
@@ -373,7 +374,7 @@ class Engine:
         P, dev = len(req.prompt_ids), self.device
         ids_1T = torch.tensor([req.prompt_ids[start:]], device=dev)
         if self.adapters is not None:
-            self.adapters.select(torch.tensor([req.adapter], device=dev))
+            self.adapters.select(torch.tensor([req.adapter], device=dev), [req.adapter])
         pos_1T = torch.arange(start, P, device=dev)[None]
         h_1TD = self.model.hidden(ids_1T, pos_1T, self.cache.extend(slot, start, P), self.cache.extend_mask(start, P))
         return self.model.lm_head(h_1TD[0, -1]).float()
@@ -400,6 +401,9 @@ class Engine:
         dec = self.decoder
         B = dec.bucket(seqs[-1].slot + 1)
         S = dec.length(max(s.length for s in seqs) + 1)   # this step writes position `length`, reads 0 .. it
+        if self.adapters is not None:   # free rows take any adapter: their tokens are thrown away
+            kinds = {s.request.adapter for s in seqs}
+            dec.adapter_hint = [kinds.pop()] * B if len(kinds) == 1 else None
         logits_BV = dec.logits(B, S)   # the step also wrote greedy's tokens and moved every row on one position
         rows: list[_Sequence | None] = [None] * B      # free slots inside the bucket: throwaway greedy rows
         for s in seqs:
