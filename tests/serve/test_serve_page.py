@@ -53,3 +53,41 @@ def test_chat_page_streams_keeps_the_conversation_and_shows_errors(tmp_path):
         assert second == want2
         assert page.locator(".msg.user").count() == 3 and page.locator(".msg.error").count() == 1
         browser.close()
+
+
+@pytest.mark.timeout(120)
+def test_the_page_picks_a_lora_adapter_by_model(tmp_path):
+    """With adapters served (`--lora`), the page lists every model and sends the one picked: the streamed answer
+    is the API's for that model, and differs from the base's."""
+    import torch
+    from kiln.config import LoRAConfig
+    from kiln.formats.checkpoint import latest_checkpoint, load_model
+    from kiln.formats.peft import write_adapter
+    run = make_run(tmp_path, max_seq_len=256)
+    base, _ = load_model(latest_checkpoint(run / "checkpoints"), "cpu", torch.float32)
+    g = torch.Generator().manual_seed(3)
+    tensors = {}
+    for name, m in base.named_modules():
+        if name.endswith(("q_proj", "down_proj")):
+            tensors[f"{name}.lora_A.weight"] = torch.randn(4, m.in_features, generator=g) * 0.5
+            tensors[f"{name}.lora_B.weight"] = torch.randn(m.out_features, 4, generator=g) * 0.5
+    folder = write_adapter(tmp_path / "a", tensors, LoRAConfig(enabled=True, rank=4, alpha=8,
+                                                              targets=["q_proj", "down_proj"]), str(run))
+    with Server(run, max_batch=2, lora_modules=[f"tuned={folder}"]) as srv, sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
+        page = browser.new_page()
+        page.goto(srv.base + "/")
+        page.wait_for_selector("#pick:not([hidden])", timeout=20_000)
+        assert page.eval_on_selector_all("#models option", "os => os.map(o => o.value)") == ["run", "tuned"]
+        page.select_option("#models", "tuned")
+        page.fill("#temperature", "0")
+        page.fill("#max_tokens", "12")
+        page.fill("#input", "Hello there")
+        page.click("#send")
+        page.wait_for_selector(".msg.assistant[data-done='1']", timeout=20_000)
+        got = page.inner_text(".msg.assistant")
+        ask = {"messages": [{"role": "user", "content": "Hello there"}], "temperature": 0, "max_tokens": 12}
+        want = {m: httpx.post(srv.url + "/chat/completions", json={**ask, "model": m}, timeout=30).json()
+                ["choices"][0]["message"]["content"] for m in ("run", "tuned")}
+        assert want["tuned"] != want["run"] and got == want["tuned"]
+        browser.close()

@@ -35,7 +35,7 @@ def run_serve(cfg: Config) -> None:
             print(f"warning: serving on {s.host} without an API key: anyone who can reach this port can use the "
                   "model (set --serve.api_key or KILN_API_KEY)", flush=True)
         print(f"kiln serve: http://{s.host}:{s.port}/ (chat page), OpenAI API at http://{s.host}:{s.port}/v1, "
-              f"model `{served.name}`", flush=True)
+              f"model {', '.join(f'`{n}`' for n in served.names)}", flush=True)
         config = uvicorn.Config(build_app(served, s), log_level="warning", timeout_graceful_shutdown=5)
         try:
             uvicorn.Server(config).run(sockets=[sock])
