@@ -92,7 +92,6 @@ class AdapterBank:
                     b_NOR[i, :, :r] = (tensors[module + LORA_B].to(device, torch.float32) * scale).to(dtype)
             layer.__class__ = MultiLoRALinear
             layer.bank, layer.lora_A_NRI, layer.lora_B_NOR = self, a_NRI, b_NOR
-        self.modules = adapted
         self.rows_B = torch.zeros(1, dtype=torch.long, device=device)
         self.uniform: int | None = None
 

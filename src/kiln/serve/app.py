@@ -80,7 +80,7 @@ class Job:
 
     def submit(self) -> None:
         engine = self.state.served.engine
-        adapter = self.state.served.adapter_of(self.gen.model) or 0
+        adapter = self.state.served.adapter_of(self.gen.model)   # a name check_model accepted
         try:
             for i, ids in enumerate(self.gen.prompts):
                 self.handles.append(engine.submit(ids, self.gen.params, self.state.bridge.sink(self.queue, i),
@@ -297,7 +297,7 @@ async def _answer(state: _State, request: Request, gen: GenRequest, endpoint: st
         if any(c.finish_reason == "abort" for c in choices):   # the client is gone: nobody reads this
             return Response(status_code=499)
         rid = new_id("chatcmpl" if gen.chat else "cmpl")
-        name, tt = gen.model or state.served.name, state.tt
+        name, tt = gen.model, state.tt
         body = chat_body(gen, rid, name, tt, choices) if gen.chat else \
             completion_body(gen, rid, name, tt, choices, job.prompt_logprobs())
         return JSONResponse(body)
@@ -317,8 +317,7 @@ async def _cancel_on_disconnect(request: Request, job: Job) -> None:
 
 
 async def _stream(state: _State, job: Job) -> AsyncIterator[str]:
-    gen, tt = job.gen, state.tt
-    name = gen.model or state.served.name
+    gen, tt, name = job.gen, state.tt, job.gen.model
     rid = new_id("chatcmpl" if gen.chat else "cmpl")
     started: set[int] = set()
     status = "200"

@@ -41,12 +41,9 @@ class Served:
         bank = self.engine.adapters
         return [self.name, *(bank.names if bank is not None else [])]
 
-    def adapter_of(self, model: str | None) -> int | None:
-        """The engine's adapter index for a request's `model` (0: the base; None: not served here)."""
-        if model is None or model == self.name:
-            return 0
-        bank = self.engine.adapters
-        return bank.index(model) if bank is not None and model in bank.names else None
+    def adapter_of(self, model: str) -> int:
+        """The engine's adapter index for one of `names` (0: the base)."""
+        return 0 if model == self.name else self.engine.adapters.index(model)
 
 
 def load_served(cfg: Config, start: bool = True) -> Served:

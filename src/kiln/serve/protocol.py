@@ -143,9 +143,8 @@ def check_keys(body: Any, known: set[str]) -> None:
                   "unrecognized_argument")
 
 
-def check_model(body: dict, names: str | list[str]) -> str:
+def check_model(body: dict, names: list[str]) -> str:
     """The model asked for: one of `names` (the base's first, then any LoRA adapters'); the base when none."""
-    names = [names] if isinstance(names, str) else names
     model = body.get("model")
     if model is None:
         return names[0]
@@ -233,7 +232,7 @@ def _stream(body: dict) -> tuple[bool, bool]:
 
 # ---------------------------------------------------------------- the two endpoints
 
-def completion_request(body: Any, tok: Tokenizer, limits: Limits, names: str | list[str]) -> GenRequest:
+def completion_request(body: Any, tok: Tokenizer, limits: Limits, names: list[str]) -> GenRequest:
     check_keys(body, COMPLETION_KEYS)
     model = check_model(body, names)
     _refuse(body, "suffix")
@@ -281,7 +280,7 @@ def _prompts(prompt: Any, tok: Tokenizer) -> list[list[int]]:
     return out
 
 
-def chat_request(body: Any, tok: Tokenizer, limits: Limits, names: str | list[str]) -> GenRequest:
+def chat_request(body: Any, tok: Tokenizer, limits: Limits, names: list[str]) -> GenRequest:
     check_keys(body, CHAT_KEYS)
     model = check_model(body, names)
     for key in ("tools", "functions", "audio", "prediction"):
