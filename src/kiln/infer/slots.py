@@ -85,8 +85,11 @@ class _Prefill:
         T = k_BKTE.size(2)
         if T > self.cache.max_len:
             raise ValueError(f"a prompt of {T} tokens does not fit a slot of {self.cache.max_len} positions")
-        self.cache.k_NKME[layer_idx][self.slots_B, :, :T] = k_BKTE
-        self.cache.v_NKME[layer_idx][self.slots_B, :, :T] = v_BKTE
+        # .to: under autocast (a training model sampling its own rollouts) keys come in bf16 to a cache in
+        # the weights' dtype
+        k_NKME, v_NKME = self.cache.k_NKME[layer_idx], self.cache.v_NKME[layer_idx]
+        k_NKME[self.slots_B, :, :T] = k_BKTE.to(k_NKME.dtype)
+        v_NKME[self.slots_B, :, :T] = v_BKTE.to(v_NKME.dtype)
         return k_BKTE, v_BKTE
 
     def advance(self, n_tokens: int) -> None:
@@ -103,8 +106,8 @@ class _Extend:
         assert k_1KTE.size(2) == self.end - self.start
         s = self.slot
         k_NKME, v_NKME = self.cache.k_NKME[layer_idx], self.cache.v_NKME[layer_idx]
-        k_NKME[s, :, self.start:self.end] = k_1KTE[0]
-        v_NKME[s, :, self.start:self.end] = v_1KTE[0]
+        k_NKME[s, :, self.start:self.end] = k_1KTE[0].to(k_NKME.dtype)
+        v_NKME[s, :, self.start:self.end] = v_1KTE[0].to(v_NKME.dtype)
         return k_NKME[s:s + 1, :, :self.end], v_NKME[s:s + 1, :, :self.end]
 
     def advance(self, n_tokens: int) -> None:
@@ -123,8 +126,8 @@ class _Decode:
         k_NKME, v_NKME = self.cache.k_NKME[layer_idx], self.cache.v_NKME[layer_idx]
         # Advanced indices around a slice: the indexed shape is (B, K, E). index_put_ takes device
         # tensors, so no host sync and the step stays capturable.
-        k_NKME[self.rows_B, :, self.pos_B] = k_BK1E[:, :, 0]
-        v_NKME[self.rows_B, :, self.pos_B] = v_BK1E[:, :, 0]
+        k_NKME[self.rows_B, :, self.pos_B] = k_BK1E[:, :, 0].to(k_NKME.dtype)
+        v_NKME[self.rows_B, :, self.pos_B] = v_BK1E[:, :, 0].to(v_NKME.dtype)
         return k_NKME[:B, :, :self.S], v_NKME[:B, :, :self.S]
 
     def advance(self, n_tokens: int) -> None:
