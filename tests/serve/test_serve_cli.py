@@ -182,3 +182,8 @@ def test_lora_flags_name_each_adapter(run):
                                                *other]))
         with pytest.raises(ValueError, match="serve.lora_modules with serve.(quantize|compile): not supported"):
             load_served(cfg, start=False)
+    # the base's own name (the run directory's, when --serve.model_name is not given) is not an adapter's
+    cfg = parse("serve", _expand("serve", ["--run_dir", str(run), "--lora", f"{run.resolve().name}=/a",
+                                           "--serve.device", "cpu"]))
+    with pytest.raises(ValueError, match="is the base model's name"):
+        load_served(cfg, start=False)

@@ -66,7 +66,12 @@ def load_served(cfg: Config, start: bool = True) -> Served:
             raise ValueError(f"serve.lora_modules with serve.{'compile' if s.compile else 'quantize'}: not supported "
                              "yet (a compiled step cannot choose adapters per row; int8 takes plain linears only); "
                              "serve the adapters without it, or merge one adapter (serve.adapter)")
-        bank = AdapterBank(model, s.lora_dirs())
+        served = s.model_name or cfg.run_path.resolve().name
+        dirs = s.lora_dirs()
+        if served in dirs:   # its requests would reach the base: the adapter could never be asked for
+            raise ValueError(f"serve.lora_modules: {served!r} is the base model's name (the run directory's; "
+                             "--serve.model_name renames it); give the adapter another name")
+        bank = AdapterBank(model, dirs)
         adapter += f"; LoRA adapters by model name: {bank.describe()}"
     if tok.vocab_size > model.cfg.vocab_size:
         raise ValueError(f"{rd.tokenizer_file()} has {tok.vocab_size} tokens but the model at {ckpt} embeds "
