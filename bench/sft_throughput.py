@@ -106,6 +106,7 @@ class Variant:
     varlen: bool = False         # kiln only: packed documents through variable-length flash attention
     #                              (ChatBatches' document_bounds) instead of the dense masked SDPA
     scope: str = "model"         # kiln only: train.compile_scope (the whole model, or each block in place)
+    grouped: bool = True         # kiln only: q/k/v and gate/up as one matmul each (training's setup does it)
 
     @property
     def group(self) -> str:
@@ -139,6 +140,8 @@ VARIANTS = {
     "kiln_full_both_blocks": Variant("kiln", rows=True, varlen=True, scope="blocks"),
     "kiln_lora_both_blocks": Variant("kiln", lora="bf16", rows=True, varlen=True, scope="blocks"),
     "kiln_lora_both_selective": Variant("kiln", lora="bf16", rows=True, varlen=True, checkpointing="selective"),
+    "kiln_full_both_ungrouped": Variant("kiln", rows=True, varlen=True, grouped=False),
+    "kiln_lora_both_ungrouped": Variant("kiln", lora="bf16", rows=True, varlen=True, grouped=False),
     "kiln_qlora": Variant("kiln", lora="nf4"),
     "kiln_qlora_eager": Variant("kiln", lora="nf4", compile=False),
 }
@@ -238,6 +241,7 @@ def build_kiln(var: Variant, shape: str, device: torch.device):
             enabled=True, rank=16, alpha=32.0, base_dtype="nf4" if var.lora == "nf4" else "bfloat16"), device)
     else:
         model.to(device)
+    model.group_projections(var.grouped)
     # Always on (train.fused_cross_entropy=auto turns it on only on CUDA with Triton): elsewhere the same
     # arithmetic in PyTorch, so the smoke run goes through the same code.
     apply_fused_cross_entropy(model)

@@ -158,3 +158,28 @@ def test_overfits_one_batch():
         opt.step()
     assert first == pytest.approx(math.log(64), rel=0.05)  # near-uniform predictions at init
     assert loss.item() < 0.2 * first
+
+
+@pytest.mark.parametrize("qkv_bias", [False, True], ids=["plain", "qkv_bias"])
+def test_grouped_projections_match_the_layers_one_by_one(qkv_bias):
+    """Training's grouping (q/k/v and gate/up as one matmul each) computes the same loss and gradients."""
+    model = build(qkv_bias=qkv_bias).double()
+    if qkv_bias:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("_proj.bias"):
+                    p.normal_(0, 0.1)
+    ids, targets = batch(model)
+    grads = []
+    for on in (False, True):
+        model.group_projections(on)
+        model.zero_grad(set_to_none=True)
+        loss = model(ids, targets)
+        loss.backward()
+        grads.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (loss0, g0), (loss1, g1) = grads
+    torch.testing.assert_close(loss1, loss0, rtol=1e-12, atol=1e-12)
+    assert g1.keys() == g0.keys()
+    for name in g0:
+        torch.testing.assert_close(g1[name], g0[name], rtol=1e-10, atol=1e-12, msg=name)
+    assert model.model.layers[0].self_attn.grouped and model.model.layers[1].mlp.grouped

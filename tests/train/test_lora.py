@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from kiln.config import LoRAConfig, ModelConfig, TrainConfig
@@ -261,6 +262,7 @@ def test_fused_head_and_compile(base_dtype):
     model.zero_grad(set_to_none=True)
 
     apply_fused_cross_entropy(model)
+    model.group_projections(True)   # as training's setup does: the grouped projection traced in the graph too
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     loss = compiled(x[:, :-1], x[:, 1:])
     loss.backward()
@@ -272,3 +274,62 @@ def test_fused_head_and_compile(base_dtype):
     # Same T as above, so the only recompile is the one the switch causes.
     with torch.no_grad(), adapters_disabled(model):   # the switch reaches the compiled graph (a recompile)
         assert (compiled(x[:, :-1]) - logits(base, x[:, :-1])).abs().max().item() <= 1e-5
+
+
+def lora_grads(model: Transformer, x: torch.Tensor, autocast: bool = False) -> tuple[torch.Tensor, dict]:
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+        loss = model(x[:, :-1], x[:, 1:])
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("targets,qkv_bias,ffn", [(ALL, False, 96), (ALL, True, 40),
+                                                  (["q_proj", "v_proj", "down_proj"], False, 96)],
+                         ids=["all", "qkv-bias-narrow-mlp", "some"])
+def test_grouped_adapters_match_the_layers_one_by_one(monkeypatch, targets, qkv_bias, ffn):
+    """Training's LoRA projection (stacked base, stacked A, block-diagonal B; one function with its own
+    backward) gives the loss and adapter gradients of the plain layers, in float64 to rounding, under bf16
+    autocast to bf16's precision. The narrow MLP (ffn 40 < d_model + 2 r) takes the other forward branch."""
+    import kiln.train.lora as lora
+    model = lora_model(tiny_cfg(qkv_bias=qkv_bias, ffn_hidden=ffn), targets=targets).double().train()
+    randomise_adapters(model)
+    model.group_projections(True)
+    x = ids(model.cfg, seed=3)
+    calls = []
+    real = lora._LoRAProjection.apply
+    monkeypatch.setattr(lora._LoRAProjection, "apply", lambda *a: calls.append(1) or real(*a))
+    loss1, g1 = lora_grads(model, x)
+    assert calls, "the grouped projection did not run"
+    monkeypatch.setattr(lora, "_project", lambda x, linears: None)   # the plain layers, one by one
+    model.group_projections(False)
+    loss0, g0 = lora_grads(model, x)
+    assert sorted(g1) == sorted(g0) and all(".lora_" in n for n in g0)
+    torch.testing.assert_close(loss1, loss0, rtol=1e-12, atol=1e-12)
+    for name in g0:
+        torch.testing.assert_close(g1[name], g0[name], rtol=1e-9, atol=1e-12, msg=name)
+
+    model.float()
+    loss_ref, g_ref = lora_grads(model, x, autocast=True)
+    monkeypatch.undo()
+    model.group_projections(True)
+    loss_bf, g_bf = lora_grads(model, x, autocast=True)
+    torch.testing.assert_close(loss_bf, loss_ref, rtol=2e-2, atol=2e-2)
+    for name in g_ref:
+        cos = F.cosine_similarity(g_bf[name].flatten(), g_ref[name].flatten(), dim=0)
+        assert cos > 0.99, (name, float(cos))
+
+
+def test_grouped_adapters_fall_back_where_their_arithmetic_does_not_hold(monkeypatch):
+    """Dropout while training, adapters switched off and evaluation without autograd run the plain layers."""
+    import kiln.train.lora as lora
+    model = lora_model(tiny_cfg(), dropout=0.1).train()
+    model.group_projections(True)
+    monkeypatch.setattr(lora._LoRAProjection, "apply", lambda *a: pytest.fail("grouped projection used"))
+    x = ids(model.cfg)
+    model(x[:, :-1], x[:, 1:]).backward()
+    model.eval()
+    with adapters_disabled(model):
+        model(x[:, :-1], x[:, 1:])
+    with torch.no_grad():
+        model(x)

@@ -146,7 +146,34 @@ def apply_rope(x_BHTE: torch.Tensor, cos_TE: torch.Tensor, sin_TE: torch.Tensor)
     return x_BHTE * cos + rotated * sin
 
 
+def project(x: torch.Tensor, linears: tuple[nn.Module, ...]) -> tuple[torch.Tensor, ...]:
+    """The outputs of linear layers that read the same input (q/k/v, gate/up), as one matmul where it can be:
+    the input is read once, the backward's input gradient is one matmul instead of a sum, and the narrow k/v
+    products stop being matmuls of their own. Weights are concatenated on the fly (each keeps its Parameter,
+    name and gradient); a class of linear that knows better (LoRA's, kiln/train/lora.py) provides
+    `group_forward(x, linears)`; any other mix runs one by one (fp8's linears, DeepSpeed ZeRO-3's gathered
+    ones: callers switch grouping off there, `Transformer.group_projections`). Without autograd (evaluation,
+    sampling during training) they also run one by one: a concatenation per forward would copy the weights
+    once per decoded token."""
+    kind = type(linears[0])
+    if not torch.is_grad_enabled() or any(type(m) is not kind for m in linears):
+        return tuple(m(x) for m in linears)
+    group = getattr(kind, "group_forward", None)
+    if group is not None:
+        return group(x, linears)
+    if kind is not nn.Linear:
+        return tuple(m(x) for m in linears)
+    biases = [m.bias for m in linears]
+    if any(b is None for b in biases) and not all(b is None for b in biases):
+        return tuple(m(x) for m in linears)
+    weight = torch.cat([m.weight for m in linears])
+    bias = None if biases[0] is None else torch.cat(biases)
+    return F.linear(x, weight, bias).split([m.out_features for m in linears], -1)
+
+
 class Attention(nn.Module):
+    grouped = False   # training: q/k/v as one matmul (`project`); set by Transformer.group_projections
+
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx  # which slot of a KVCache this layer writes
@@ -168,6 +195,8 @@ class Attention(nn.Module):
         if self.qkv_weight is not None:
             q, k, v = F.linear(x_BTD, self.qkv_weight, self.qkv_bias).split(
                 [self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.head_dim], -1)
+        elif self.grouped:
+            q, k, v = project(x_BTD, (self.q_proj, self.k_proj, self.v_proj))
         else:
             q, k, v = self.q_proj(x_BTD), self.k_proj(x_BTD), self.v_proj(x_BTD)
         q_BTHE = q.view(B, T, self.n_heads, self.head_dim)
@@ -207,6 +236,8 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
 
+    grouped = False   # training: gate/up as one matmul, as Attention.grouped
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.gate_proj = nn.Linear(cfg.d_model, cfg.ffn_hidden, bias=False)
@@ -217,6 +248,8 @@ class MLP(nn.Module):
     def forward(self, x_BTD):
         if self.gate_up_weight is not None:
             gate, up = F.linear(x_BTD, self.gate_up_weight).chunk(2, dim=-1)
+        elif self.grouped:
+            gate, up = project(x_BTD, (self.gate_proj, self.up_proj))
         else:
             gate, up = self.gate_proj(x_BTD), self.up_proj(x_BTD)
         return self.down_proj(F.silu(gate) * up)
@@ -286,6 +319,15 @@ class Transformer(nn.Module):
         model.tie_weights()
         model.init_weights()
         return model
+
+    def group_projections(self, on: bool = True) -> None:
+        """Training: compute each layer's q/k/v, and its gate/up, as one matmul (`project`). Off by default, so
+        that inference and evaluation run the plain layers (the inference engine stacks the weights once
+        instead, kiln/infer/fuse.py); the training setup turns it on, except where each linear's weights are
+        only gathered inside its own forward (DeepSpeed ZeRO-3)."""
+        for m in self.modules():
+            if isinstance(m, (Attention, MLP)):
+                m.grouped = on
 
     def tie_weights(self) -> None:
         """With tie_embeddings, make lm_head.weight the very Parameter model.embed_tokens.weight

@@ -60,6 +60,10 @@ class LoRALinear(nn.Linear):
     lora_enabled: bool
 
     def forward(self, x_NI: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled():
+            fast = _project(x_NI, (self,))
+            if fast is not None:
+                return fast[0]
         y_NO = F.linear(x_NI, self.weight, self.bias)   # an NF4 weight dequantises in its __torch_function__
         if not self.lora_enabled:
             return y_NO
@@ -71,6 +75,80 @@ class LoRALinear(nn.Linear):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, rank={self.lora_A.out_features}, scaling={self.scaling:g}"
+
+    @staticmethod
+    def group_forward(x_NI: torch.Tensor, linears: tuple[LoRALinear, ...]) -> tuple[torch.Tensor, ...]:
+        """Adapted linears that read the same input (q/k/v, gate/up; kiln/model/llama.py's `project`)."""
+        fast = _project(x_NI, linears)
+        return fast if fast is not None else tuple(m(x_NI) for m in linears)
+
+
+def _project(x_NI: torch.Tensor, linears: tuple[LoRALinear, ...]) -> tuple[torch.Tensor, ...] | None:
+    """Adapted linears that read `x_NI` as one `_LoRAProjection`: the stacked base weights, the stacked A (the
+    group's rank n r) and a block-diagonal B. None where that arithmetic does not hold: dropout while
+    training, adapters off, a base that is not a plain tensor (QLoRA's NF4), a trainable base, unequal
+    scalings, a bf16 base without autocast (the adapters' products then stay in fp32, `forward`)."""
+    m0 = linears[0]
+    if any(type(m.weight) is not nn.Parameter or not m.lora_enabled or m.weight.requires_grad
+           or m.scaling != m0.scaling or (m.training and not isinstance(m.lora_dropout, nn.Identity))
+           for m in linears):
+        return None
+    biases = [m.bias for m in linears]
+    if any(b is None for b in biases) and not all(b is None for b in biases):
+        return None
+    if torch.is_autocast_enabled(x_NI.device.type):   # the function runs in one dtype: autocast's
+        dtype = torch.get_autocast_dtype(x_NI.device.type)
+    elif m0.weight.dtype == m0.lora_A.weight.dtype:
+        dtype = m0.weight.dtype
+    else:
+        return None
+    a_RI = torch.cat([m.lora_A.weight for m in linears]).to(dtype)
+    b_OR = torch.block_diag(*[m.lora_B.weight for m in linears]).to(dtype)
+    frozen = [m.weight for m in linears] + ([] if biases[0] is None else biases)
+    y_NO = _LoRAProjection.apply(x_NI.to(dtype), a_RI, b_OR, m0.scaling, len(linears), *frozen)
+    return tuple(y_NO.split([m.out_features for m in linears], -1)) if len(linears) > 1 else (y_NO,)
+
+
+class _LoRAProjection(torch.autograd.Function):
+    """y = x W^T + s (x A^T) B^T (+ bias) over a frozen W, with fewer passes over the activations than the
+    three matmuls and the sum that autograd records one by one (which materialise s (x A^T) B^T at full width
+    and add it). Forward: u = x A^T, then one matmul over [x | u] against [W | s B] where the output is wider
+    than the input (q/k/v, gate/up), else x W^T with s u B^T added in the same matmul (addmm). Backward: the
+    input gradient through the merged weight W + s B A in one matmul (a weight-sized product, not an
+    activation-sized one), dB = s g^T u, dA = s (g B)^T x. Saved: x and u; the stacked W is rebuilt in the
+    backward from the frozen weights, never kept (it would be a second copy of the base).
+    Legend: N tokens, I in, O out (the group's), R the group's rank."""
+
+    @staticmethod
+    def forward(ctx, x, a_RI, b_OR, scaling: float, n: int, *frozen):
+        weights, biases = frozen[:n], frozen[n:]
+        w_OI = torch.cat(weights).to(x.dtype) if n > 1 else weights[0].to(x.dtype)
+        bias = (torch.cat(biases) if n > 1 else biases[0]).to(x.dtype) if biases else None
+        x_NI = x.reshape(-1, x.shape[-1])
+        u_NR = x_NI @ a_RI.t()
+        if x_NI.shape[1] + u_NR.shape[1] <= w_OI.shape[0]:
+            y_NO = F.linear(torch.cat([x_NI, u_NR], 1), torch.cat([w_OI, b_OR * scaling], 1), bias)
+        else:
+            y_NO = torch.addmm(x_NI @ w_OI.t() if bias is None else torch.addmm(bias, x_NI, w_OI.t()),
+                               u_NR, b_OR.t(), alpha=scaling)
+        ctx.save_for_backward(x_NI, u_NR, a_RI, b_OR, *weights)
+        ctx.scaling = scaling
+        return y_NO.view(*x.shape[:-1], y_NO.shape[-1])
+
+    @staticmethod
+    def backward(ctx, g):
+        x_NI, u_NR, a_RI, b_OR, *weights = ctx.saved_tensors
+        s = ctx.scaling
+        g_NO = g.reshape(-1, g.shape[-1])
+        gx = ga = gb = None
+        if ctx.needs_input_grad[0]:
+            w_OI = torch.cat(weights).to(g.dtype) if len(weights) > 1 else weights[0].to(g.dtype)
+            gx = (g_NO @ torch.addmm(w_OI, b_OR, a_RI, alpha=s)).view(*g.shape[:-1], x_NI.shape[1])
+        if ctx.needs_input_grad[1]:
+            ga = (g_NO @ b_OR).t() @ x_NI * s
+        if ctx.needs_input_grad[2]:
+            gb = g_NO.t() @ u_NR * s
+        return (gx, ga, gb, None, None) + (None,) * (len(ctx.needs_input_grad) - 5)   # the frozen tensors
 
 
 def frozen_dtype(cfg: LoRAConfig, device: torch.device) -> torch.dtype:

@@ -42,6 +42,8 @@ def prepare(cfg: Config, model: nn.Module, d: Dist, device: torch.device, finger
     fused_ce, warning = fuse_for_run(model, t.fused_cross_entropy, device, d.parallel, t.zero_stage)
     if warning is not None:
         say(warning, file=sys.stderr)
+    # q/k/v and gate/up as one matmul each; not under ZeRO-3, which gathers each linear's weights in its forward
+    model.group_projections(not (d.parallel == "deepspeed" and t.zero_stage == 3))
     apply_activation_checkpointing(model, t.activation_checkpointing)   # before sharding, as torchtitan does
     if t.compile and t.compile_scope == "blocks":   # in place, before sharding: names and hooks unchanged
         compile_blocks(model)
