@@ -198,7 +198,8 @@ def test_load_model_of_a_lora_checkpoint_is_the_merged_model(tmp_path):
     loaded, _ = load_model(ckpt, "cpu")
     assert type(loaded) is Transformer and not any("lora" in k for k in loaded.state_dict())
     x = ids(cfg.model)
-    assert (kiln_logits(loaded, x) - kiln_logits(model, x)).abs().max().item() <= 1e-5
+    want = kiln_logits(model, x)   # merged in fp32: equal to fp32's rounding, relative to the logits' size
+    assert (kiln_logits(loaded, x) - want).abs().max().item() <= 1e-5 * max(1.0, want.abs().max().item())
     streamed = dict(iter_merged_weights(ckpt))
     assert streamed.keys() == load_merged_state(ckpt).keys()
     assert all(torch.equal(v, load_merged_state(ckpt)[k]) for k, v in streamed.items())
