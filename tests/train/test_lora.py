@@ -333,3 +333,26 @@ def test_grouped_adapters_fall_back_where_their_arithmetic_does_not_hold(monkeyp
         model(x[:, :-1], x[:, 1:])
     with torch.no_grad():
         model(x)
+
+
+def test_grouped_adapters_over_an_nf4_base(monkeypatch):
+    """QLoRA takes the grouped projection too (each NF4 weight dequantised inside it, forward and backward):
+    the loss and adapter gradients of the plain NF4 layers, to fp32's rounding."""
+    pytest.importorskip("torchao")
+    import kiln.train.lora as lora
+    model = lora_model(tiny_cfg(), base_dtype="nf4").train()
+    randomise_adapters(model)
+    x = ids(model.cfg, seed=3)
+    model.group_projections(True)
+    calls = []
+    real = lora._LoRAProjection.apply
+    monkeypatch.setattr(lora._LoRAProjection, "apply", lambda *a: calls.append(1) or real(*a))
+    loss1, g1 = lora_grads(model, x)
+    assert len(calls) == 4 * model.cfg.depth   # a layer: q/k/v, o, gate/up, down
+    monkeypatch.setattr(lora, "_project", lambda x, linears: None)
+    model.group_projections(False)
+    loss0, g0 = lora_grads(model, x)
+    torch.testing.assert_close(loss1, loss0, rtol=1e-5, atol=1e-5)
+    assert sorted(g1) == sorted(g0)
+    for name in g0:
+        torch.testing.assert_close(g1[name], g0[name], rtol=1e-4, atol=1e-6, msg=name)

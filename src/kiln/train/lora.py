@@ -86,10 +86,10 @@ class LoRALinear(nn.Linear):
 def _project(x_NI: torch.Tensor, linears: tuple[LoRALinear, ...]) -> tuple[torch.Tensor, ...] | None:
     """Adapted linears that read `x_NI` as one `_LoRAProjection`: the stacked base weights, the stacked A (the
     group's rank n r) and a block-diagonal B. None where that arithmetic does not hold: dropout while
-    training, adapters off, a base that is not a plain tensor (QLoRA's NF4), a trainable base, unequal
+    training, adapters off, a base that is neither a plain tensor nor QLoRA's NF4, a trainable base, unequal
     scalings, a bf16 base without autocast (the adapters' products then stay in fp32, `forward`)."""
     m0 = linears[0]
-    if any(type(m.weight) is not nn.Parameter or not m.lora_enabled or m.weight.requires_grad
+    if any(not (type(m.weight) is nn.Parameter or _is_nf4(m.weight)) or not m.lora_enabled or m.weight.requires_grad
            or m.scaling != m0.scaling or (m.training and not isinstance(m.lora_dropout, nn.Identity))
            for m in linears):
         return None
@@ -109,6 +109,17 @@ def _project(x_NI: torch.Tensor, linears: tuple[LoRALinear, ...]) -> tuple[torch
     return tuple(y_NO.split([m.out_features for m in linears], -1)) if len(linears) > 1 else (y_NO,)
 
 
+def _is_nf4(w: torch.Tensor) -> bool:
+    return hasattr(w, "get_original_weight")   # torchao's NF4Tensor (QLoRA's base)
+
+
+def _stacked(weights, dtype: torch.dtype) -> torch.Tensor:
+    """The frozen weights of a group as one (O, I) matrix in `dtype`; NF4 ones dequantised (a transient, as
+    torchao's own linear does in its forward and again in its backward)."""
+    dense = [w.get_original_weight() if _is_nf4(w) else w for w in weights]
+    return (torch.cat(dense) if len(dense) > 1 else dense[0]).to(dtype)
+
+
 class _LoRAProjection(torch.autograd.Function):
     """y = x W^T + s (x A^T) B^T (+ bias) over a frozen W, with fewer passes over the activations than the
     three matmuls and the sum that autograd records one by one (which materialise s (x A^T) B^T at full width
@@ -122,7 +133,7 @@ class _LoRAProjection(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, a_RI, b_OR, scaling: float, n: int, *frozen):
         weights, biases = frozen[:n], frozen[n:]
-        w_OI = torch.cat(weights).to(x.dtype) if n > 1 else weights[0].to(x.dtype)
+        w_OI = _stacked(weights, x.dtype)
         bias = (torch.cat(biases) if n > 1 else biases[0]).to(x.dtype) if biases else None
         x_NI = x.reshape(-1, x.shape[-1])
         u_NR = x_NI @ a_RI.t()
@@ -142,7 +153,7 @@ class _LoRAProjection(torch.autograd.Function):
         g_NO = g.reshape(-1, g.shape[-1])
         gx = ga = gb = None
         if ctx.needs_input_grad[0]:
-            w_OI = torch.cat(weights).to(g.dtype) if len(weights) > 1 else weights[0].to(g.dtype)
+            w_OI = _stacked(weights, g.dtype)
             gx = (g_NO @ torch.addmm(w_OI, b_OR, a_RI, alpha=s)).view(*g.shape[:-1], x_NI.shape[1])
         if ctx.needs_input_grad[1]:
             ga = (g_NO @ b_OR).t() @ x_NI * s
