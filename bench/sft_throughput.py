@@ -144,6 +144,7 @@ VARIANTS = {
     "kiln_lora_both_ungrouped": Variant("kiln", lora="bf16", rows=True, varlen=True, grouped=False),
     "kiln_qlora": Variant("kiln", lora="nf4"),
     "kiln_qlora_eager": Variant("kiln", lora="nf4", compile=False),
+    "kiln_qlora_ungrouped": Variant("kiln", lora="nf4", grouped=False),
 }
 DEFAULT = ("hf_full,hf_full_eager,kiln_full,kiln_full_both,kiln_full_eager,kiln_full_pad,kiln_full_pad_eager,"
            "hf_lora,hf_lora_eager,hf_lora_bf16,kiln_lora,kiln_lora_both,kiln_lora_eager,kiln_lora_pad,"
