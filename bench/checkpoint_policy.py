@@ -42,6 +42,7 @@ def kept_bytes(rule, tokens: int, rank: int) -> int:
     model = Transformer(ModelConfig(**SHAPE, max_seq_len=tokens // 2))
     if rank:
         apply_lora(model, LoRAConfig(enabled=True, rank=rank, alpha=2.0 * rank), "cpu")
+    model.group_projections(True)   # as training's setup does
     memory.apply_activation_checkpointing(model, "selective")
     kept = [0]
 
