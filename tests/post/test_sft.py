@@ -244,14 +244,16 @@ def test_sft_refuses_to_overwrite_its_checkpoints(base_run, tmp_path):
         run_sft(cfg)
 
 
-def test_sft_lora_writes_a_peft_adapter_and_a_mergeable_checkpoint(base_run, tmp_path):
+def test_sft_lora_writes_a_peft_adapter_and_a_mergeable_checkpoint(base_run, tmp_path, capsys):
     from kiln.formats.checkpoint import latest_checkpoint, load_model
     from kiln.post.sft import run_sft
     chats = _write_chats(tmp_path / "chats.jsonl")
     cfg = _sft_cfg(base_run, chats, max_steps=3, lr=1e-2)
     cfg.sft.lora.enabled = True
     cfg.sft.lora.rank = 4
+    cfg.sft.lora.dropout = 0.05
     run_sft(cfg)
+    assert "--sft.lora.dropout 0 takes the grouped projection" in capsys.readouterr().err   # the slower path, said
     out = base_run / "sft"
     assert (out / "adapter" / "adapter_config.json").is_file()
     assert (out / "adapter" / "adapter_model.safetensors").is_file()

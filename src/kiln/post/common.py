@@ -14,6 +14,7 @@ import dataclasses
 import hashlib
 import json
 import shutil
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -195,6 +196,9 @@ def load_base(st: Stage) -> torch.nn.Module:
     total = sum(p.numel() for p in model.parameters())
     st.say(f"lora: rank {lora.rank}, alpha {lora.alpha:g} on {', '.join(lora.targets)}: {n / 1e6:.3f}M trainable "
            f"of {total / 1e6:.2f}M ({100 * n / max(total, 1):.2f}%), base {lora.base_dtype}")
+    if lora.dropout > 0:   # kiln/train/lora.py's _LoRAProjection cannot drop the adapters' input alone
+        st.say(f"lora: dropout {lora.dropout:g} runs each adapted layer as three matmuls and a sum (slower, more "
+               f"memory); --{st.name}.lora.dropout 0 takes the grouped projection", file=sys.stderr)
     return model
 
 
