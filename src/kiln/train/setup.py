@@ -43,7 +43,11 @@ def prepare(cfg: Config, model: nn.Module, d: Dist, device: torch.device, finger
     if warning is not None:
         say(warning, file=sys.stderr)
     # q/k/v and gate/up as one matmul each; not under ZeRO-3, which gathers each linear's weights in its forward
-    model.group_projections(not (d.parallel == "deepspeed" and t.zero_stage == 3))
+    zero3 = d.parallel == "deepspeed" and t.zero_stage == 3
+    model.group_projections(not zero3)
+    if zero3:
+        say("train: under ZeRO-3 the q/k/v and gate/up projections run one by one (it gathers each layer's weights "
+            "in that layer's own forward), a few % slower than grouped", file=sys.stderr)
     apply_activation_checkpointing(model, t.activation_checkpointing)   # before sharding, as torchtitan does
     if t.compile and t.compile_scope == "blocks":   # in place, before sharding: names and hooks unchanged
         compile_blocks(model)
