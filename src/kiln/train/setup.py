@@ -47,7 +47,7 @@ def prepare(cfg: Config, model: nn.Module, d: Dist, device: torch.device, finger
     model.group_projections(not zero3)
     if zero3:
         say("train: under ZeRO-3 the q/k/v and gate/up projections run one by one (it gathers each layer's weights "
-            "in that layer's own forward), a few % slower than grouped", file=sys.stderr)
+            "in that layer's own forward)", file=sys.stderr)
     apply_activation_checkpointing(model, t.activation_checkpointing)   # before sharding, as torchtitan does
     if t.compile and t.compile_scope == "blocks":   # in place, before sharding: names and hooks unchanged
         compile_blocks(model)
