@@ -143,6 +143,7 @@ def main() -> None:
     torch.manual_seed(0)
     cfg = SHAPES[args.shape]
     model = Transformer.from_config(cfg, device)
+    model.group_projections(True)   # as training's setup does
     model.train()
     fused, _ = fuse_for_run(model, "auto", device)
     B, seq_len = args.pairs, cfg.max_seq_len

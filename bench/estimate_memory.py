@@ -92,6 +92,7 @@ def build(model_fields: dict, s: TrainSetup, device: torch.device):
     from kiln.train.optim import build_optimizer
     torch.manual_seed(0)
     model = Transformer.from_config(ModelConfig(**model_fields), device=device)
+    model.group_projections(True)   # as training's setup does
     if s.finetune == "lora":
         add_lora(model, s.lora_rank, s.lora_targets)
     if s.fused_head:

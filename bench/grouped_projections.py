@@ -14,6 +14,7 @@ step on a GPU). Writes bench/results/grouped_projections.json.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import statistics
 import sys
@@ -82,12 +83,9 @@ def main(argv=None) -> int:
     batch = (ids[:, :-1], ids[:, 1:])
     rows = []
     for mode in args.modes.split(","):
-        if mode == "qlora":
-            try:
-                import torchao  # noqa: F401
-            except ImportError:
-                print("qlora: skipped (torchao is not installed)")
-                continue
+        if mode == "qlora" and importlib.util.find_spec("torchao") is None:
+            print("qlora: skipped (torchao is not installed)")
+            continue
         model = build(shape, mode, device)
         opt = build_optimizer(model, TrainConfig(lr=1e-4, weight_decay=0.0), device)
         for on in (False, True):   # warm-up of both paths

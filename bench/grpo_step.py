@@ -99,6 +99,7 @@ def main() -> None:
     torch.manual_seed(0)
     cfg = SHAPES[args.shape]
     model = Transformer.from_config(cfg, device)
+    model.group_projections(True)   # as training's setup does
     model.eval()
     raw = [make_batch(args.prompts, args.group, args.prompt_len, args.completion_len, cfg.vocab_size,
                       cfg.max_seq_len, seed) for seed in range(3)]

@@ -38,6 +38,7 @@ def probe(model_over: dict, mode: str, mb: int, compile_: bool, fused_ce: bool =
     model = opt = None
     try:
         model = Transformer.from_config(cfg, device="cuda")
+        model.group_projections(True)   # as training's setup does
         if fused_ce:
             apply_fused_cross_entropy(model)
         apply_activation_checkpointing(model, mode)

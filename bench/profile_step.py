@@ -104,6 +104,7 @@ def main() -> None:
         torch._dynamo.reset()
         torch.manual_seed(0)
         model = Transformer(dataclasses.replace(cfg, vocab_size=VOCAB, max_seq_len=args.seq)).cuda()
+        model.group_projections(True)   # as training's setup does
         if fused:
             apply_fused_cross_entropy(model)
         opt = build_optimizer(model, dataclasses.replace(TrainConfig(), lr=6e-4), torch.device("cuda"))

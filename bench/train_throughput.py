@@ -88,7 +88,9 @@ def run(name: str, model, opt, loss_fn, batches, warmup: int, steps: int, attent
 
 def kiln_model(seq: int, vocab: int = VOCAB, **overrides) -> Transformer:
     cfg = load_recipe("gpt2-small").model
-    return Transformer(dataclasses.replace(cfg, vocab_size=vocab, max_seq_len=seq, **overrides)).cuda()
+    model = Transformer(dataclasses.replace(cfg, vocab_size=vocab, max_seq_len=seq, **overrides)).cuda()
+    model.group_projections(True)   # as training's setup does (q/k/v and gate/up as one matmul each)
+    return model
 
 
 def fused_projections(model: Transformer) -> Transformer:
