@@ -107,8 +107,8 @@ def main(argv=None) -> int:
               f"x{row['speedup_median']:.3f} (rounds {row['speedup_min']:.3f}..{row['speedup_max']:.3f})", flush=True)
         del model, opt
     dev = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
-    print(f"\n{dev}, torch {torch.__version__}, {args.shape} {shape['model']}, {shape['batch']} x {shape['seq']} tokens, "
-          f"{'bf16 autocast' if bf16 else 'fp32'}, eager; {args.rounds} rounds of {args.steps} steps\n")
+    print(f"\n{dev}, torch {torch.__version__}, {args.shape} {shape['model']}, {shape['batch']} x {shape['seq']} "
+          f"tokens, {'bf16 autocast' if bf16 else 'fp32'}, eager; {args.rounds} rounds of {args.steps} steps\n")
     print("| mode | one by one ms/step | grouped ms/step | speed-up (median of rounds) | rounds min..max |")
     print("|---|---:|---:|---:|---|")
     for r in rows:
