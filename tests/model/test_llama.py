@@ -161,25 +161,41 @@ def test_overfits_one_batch():
 
 
 @pytest.mark.parametrize("qkv_bias", [False, True], ids=["plain", "qkv_bias"])
-def test_grouped_projections_match_the_layers_one_by_one(qkv_bias):
-    """Training's grouping (q/k/v and gate/up as one matmul each) computes the same loss and gradients."""
-    model = build(qkv_bias=qkv_bias).double()
+def test_grouped_projections_match_the_layers_one_by_one(qkv_bias, monkeypatch):
+    """Training's grouping (q/k/v and gate/up as one matmul each, under autocast) computes the loss and the
+    gradients of the layers one by one, to bf16's rounding; without autocast it leaves them one by one (the
+    stacked weight would be kept for backward beside the weights)."""
+    model = build(qkv_bias=qkv_bias, ffn_hidden=96)
     if qkv_bias:
         with torch.no_grad():
             for name, p in model.named_parameters():
                 if name.endswith("_proj.bias"):
                     p.normal_(0, 0.1)
     ids, targets = batch(model)
-    grads = []
-    for on in (False, True):
+    widths = []
+    linear = F.linear
+    monkeypatch.setattr(F, "linear", lambda x, w, b=None: widths.append(w.shape[0]) or linear(x, w, b))
+
+    def run(on: bool, autocast: bool):
         model.group_projections(on)
         model.zero_grad(set_to_none=True)
-        loss = model(ids, targets)
+        widths.clear()
+        with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+            loss = model(ids, targets)
         loss.backward()
-        grads.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
-    (loss0, g0), (loss1, g1) = grads
-    torch.testing.assert_close(loss1, loss0, rtol=1e-12, atol=1e-12)
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}, sorted(set(widths))
+
+    qkv, gate_up = 64 + 2 * 2 * 16, 2 * 96
+    loss0, g0, w0 = run(False, True)
+    loss1, g1, w1 = run(True, True)
+    assert qkv in w1 and gate_up in w1 and qkv not in w0 and gate_up not in w0
+    torch.testing.assert_close(loss1, loss0, rtol=1e-2, atol=1e-2)
     assert g1.keys() == g0.keys()
     for name in g0:
-        torch.testing.assert_close(g1[name], g0[name], rtol=1e-10, atol=1e-12, msg=name)
+        cos = F.cosine_similarity(g1[name].flatten().float(), g0[name].flatten().float(), dim=0)
+        assert cos > 0.99, (name, float(cos))
+    model.double()
+    loss0, g0, _ = run(False, False)
+    loss1, g1, w1 = run(True, False)
+    assert qkv not in w1 and gate_up not in w1 and torch.equal(loss1, loss0)
     assert model.model.layers[0].self_attn.grouped and model.model.layers[1].mlp.grouped

@@ -152,16 +152,19 @@ def project(x: torch.Tensor, linears: tuple[nn.Module, ...]) -> tuple[torch.Tens
     products stop being matmuls of their own. Weights are concatenated on the fly (each keeps its Parameter,
     name and gradient); a class of linear that knows better (LoRA's, kiln/train/lora.py) provides
     `group_forward(x, linears)`; any other mix runs one by one (fp8's linears, DeepSpeed ZeRO-3's gathered
-    ones: callers switch grouping off there, `Transformer.group_projections`). Without autograd (evaluation,
-    sampling during training) they also run one by one: a concatenation per forward would copy the weights
-    once per decoded token."""
+    ones: callers switch grouping off there, `Transformer.group_projections`), as do plain linears without
+    autocast (see below). Without autograd (evaluation, sampling during training) they also run one by one: a
+    concatenation per forward would copy the weights once per decoded token."""
     kind = type(linears[0])
     if not torch.is_grad_enabled() or any(type(m) is not kind for m in linears):
         return tuple(m(x) for m in linears)
     group = getattr(kind, "group_forward", None)
     if group is not None:
         return group(x, linears)
-    if kind is not nn.Linear:
+    # Plain linears group under autocast only: backward keeps the weight it multiplied by, and under autocast
+    # that is a bf16 cast either way (of each weight, or of the stack); without it, the stack would be a
+    # second copy of these weights kept until backward (a whole unsharded one under FSDP2's bf16 params).
+    if kind is not nn.Linear or not torch.is_autocast_enabled(x.device.type):
         return tuple(m(x) for m in linears)
     biases = [m.bias for m in linears]
     if any(b is None for b in biases) and not all(b is None for b in biases):
@@ -197,6 +200,9 @@ class Attention(nn.Module):
                 [self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.head_dim], -1)
         elif self.grouped:
             q, k, v = project(x_BTD, (self.q_proj, self.k_proj, self.v_proj))
+            # attention keeps v for its backward: as a view it would keep the whole q/k/v block (RoPE's outputs
+            # are what it keeps of q and k); a copy of v alone lets the block go
+            v = v.contiguous()
         else:
             q, k, v = self.q_proj(x_BTD), self.k_proj(x_BTD), self.v_proj(x_BTD)
         q_BTHE = q.view(B, T, self.n_heads, self.head_dim)

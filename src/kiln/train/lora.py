@@ -102,8 +102,11 @@ def _project(x_NI: torch.Tensor, linears: tuple[LoRALinear, ...]) -> tuple[torch
         dtype = m0.weight.dtype
     else:
         return None
-    a_RI = torch.cat([m.lora_A.weight for m in linears]).to(dtype)
-    b_OR = torch.block_diag(*[m.lora_B.weight for m in linears]).to(dtype)
+    if len(linears) == 1:   # the adapters themselves (no stacked copy kept for backward)
+        a_RI, b_OR = m0.lora_A.weight.to(dtype), m0.lora_B.weight.to(dtype)
+    else:
+        a_RI = torch.cat([m.lora_A.weight for m in linears]).to(dtype)
+        b_OR = torch.block_diag(*[m.lora_B.weight for m in linears]).to(dtype)
     frozen = [m.weight for m in linears] + ([] if biases[0] is None else biases)
     y_NO = _LoRAProjection.apply(x_NI.to(dtype), a_RI, b_OR, m0.scaling, len(linears), *frozen)
     return tuple(y_NO.split([m.out_features for m in linears], -1)) if len(linears) > 1 else (y_NO,)
