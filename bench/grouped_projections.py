@@ -6,7 +6,8 @@ the same model's layers one by one, interleaved in one process.
 One model per mode (full fine-tuning, LoRA r=16 on every linear, QLoRA when torchao is there), eager, bf16
 autocast where the device has it: each round times `--steps` steps with grouping off, then on (the order
 alternating from round to round), so that a drifting machine moves both alike; the figure is the median of
-the rounds' ratios. Eager, not compiled: switching the layers' path recompiles a compiled model, and what
+the rounds' ratios. Without bf16 autocast the full mode compares two equal paths (plain linears group under
+autocast only, kiln/model/llama.py's `project`). Eager, not compiled: switching the layers' path recompiles a compiled model, and what
 Inductor then fuses differs by device (bench/sft_throughput.py's `*_ungrouped` variants measure the compiled
 step on a GPU). Writes bench/results/grouped_projections.json.
 """
