@@ -299,7 +299,7 @@ def test_a_tiny_model_learns_to_answer_in_the_chat_format_and_stop(base_run):
     from kiln.tokenizer import Tokenizer
     cfg = post_config(base_run, "sft", packing="pad",
                       data={"sources": ["chatterbot"], "max_examples": 16, "val_fraction": 0.0},
-                      train={"max_steps": 120, "micro_batch_size": 8, "lr": 1e-2, "warmup_steps": 5,
+                      train={"max_steps": 200, "micro_batch_size": 8, "lr": 1e-2, "warmup_steps": 5,
                              "eval_every": 1000, "checkpoint_every": 1000, "log_every": 20, "precision": "fp32",
                              "threads": 2, "sample_prompts": ["What is AI?", "Are you sentient?",
                                                               "Are you sapient?"]})

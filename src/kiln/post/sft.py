@@ -296,7 +296,9 @@ def _sft(st: Stage) -> dict:
     summary = loop.run(tr, task, ts, st.say)
     summary.update(epochs=round(epochs, 3), train_conversations=len(train), val_conversations=len(val))
     if sample_here:
-        samples = chat_samples(model, st.tok, t.sample_prompts or DEFAULT_PROMPTS, t.seed)
+        # room for a whole answer (bounded by the context): a 64-token cap counted long, right answers as
+        # replies that never stop
+        samples = chat_samples(model, st.tok, t.sample_prompts or DEFAULT_PROMPTS, t.seed, max_new_tokens=256)
         (st.rd.root / "samples.json").write_text(json.dumps(samples, indent=2) + "\n", encoding="utf-8")
         summary["replies_stopped"] = sum(s["stopped"] for s in samples) / len(samples)
     return finish(st, tr, summary)
