@@ -7,13 +7,14 @@ import pytest
 import torch
 
 from kiln.config import ModelConfig
-from kiln.config.post import LoRAConfig
-from kiln.formats.peft import apply_adapter, write_adapter
+from kiln.formats.peft import apply_adapter
 from kiln.infer.adapters import AdapterBank
 from kiln.infer.engine import Engine
 from kiln.infer.generate import generate
 from kiln.infer.sampling import SamplingParams
 from kiln.model.llama import Transformer
+
+from lorakit import random_adapter
 
 PROMPTS = [[5], [1, 2, 3], [7, 7, 7, 7, 7, 9, 11], list(range(20, 40)), [3, 1, 4, 1, 5, 9, 2, 6]]
 GREEDY = SamplingParams(max_tokens=16, temperature=0)
@@ -28,14 +29,7 @@ def make(**kw) -> Transformer:
 
 def adapter(tmp_path, name, rank, targets, seed, model) -> str:
     """A PEFT adapter of `model` with random (large) factors, so that it changes the greedy tokens."""
-    g = torch.Generator().manual_seed(seed)
-    tensors = {}
-    for mod_name, mod in model.named_modules():
-        if mod_name.rsplit(".", 1)[-1] in targets:
-            tensors[f"{mod_name}.lora_A.weight"] = torch.randn(rank, mod.in_features, generator=g) * 0.3
-            tensors[f"{mod_name}.lora_B.weight"] = torch.randn(mod.out_features, rank, generator=g) * 0.3
-    cfg = LoRAConfig(enabled=True, rank=rank, alpha=2.0 * rank, targets=list(targets))
-    return str(write_adapter(tmp_path / name, tensors, cfg, "base"))
+    return random_adapter(tmp_path / name, model, rank, targets, seed, 0.3, "base")
 
 
 @pytest.fixture

@@ -60,19 +60,11 @@ def test_the_page_picks_a_lora_adapter_by_model(tmp_path):
     """With adapters served (`--lora`), the page lists every model and sends the one picked: the streamed answer
     is the API's for that model, and differs from the base's."""
     import torch
-    from kiln.config import LoRAConfig
     from kiln.formats.checkpoint import latest_checkpoint, load_model
-    from kiln.formats.peft import write_adapter
+    from lorakit import random_adapter
     run = make_run(tmp_path, max_seq_len=256)
     base, _ = load_model(latest_checkpoint(run / "checkpoints"), "cpu", torch.float32)
-    g = torch.Generator().manual_seed(3)
-    tensors = {}
-    for name, m in base.named_modules():
-        if name.endswith(("q_proj", "down_proj")):
-            tensors[f"{name}.lora_A.weight"] = torch.randn(4, m.in_features, generator=g) * 0.5
-            tensors[f"{name}.lora_B.weight"] = torch.randn(m.out_features, 4, generator=g) * 0.5
-    folder = write_adapter(tmp_path / "a", tensors, LoRAConfig(enabled=True, rank=4, alpha=8,
-                                                              targets=["q_proj", "down_proj"]), str(run))
+    folder = random_adapter(tmp_path / "a", base, 4, ["q_proj", "down_proj"], 3, 0.5, str(run))
     with Server(run, max_batch=2, lora_modules=[f"tuned={folder}"]) as srv, sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
         page = browser.new_page()

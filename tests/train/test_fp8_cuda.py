@@ -6,6 +6,8 @@ import torch
 from kiln.config import ModelConfig
 from kiln.model.llama import Transformer
 
+from cuda_steps import bf16_losses
+
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
                                  reason="needs a GPU with float8 tensor cores (sm89+)")]
@@ -19,19 +21,7 @@ def _train(fp8: str, steps: int = 30) -> list[float]:
     if fp8 != "off":
         check_fp8(fp8, torch.device("cuda"))
         apply_fp8(model, fp8)
-    step = torch.compile(model)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, fused=True)
-    g = torch.Generator(device="cuda").manual_seed(1)
-    x = torch.randint(0, 512, (16, 128), device="cuda", generator=g)
-    losses = []
-    for _ in range(steps):
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = step(x, torch.roll(x, -1, dims=1))
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-    return losses
+    return bf16_losses(torch.compile(model), model.parameters(), 16, steps)
 
 
 @pytest.mark.parametrize("recipe", ["tensorwise", "rowwise"])

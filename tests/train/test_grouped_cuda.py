@@ -7,6 +7,8 @@ import torch
 from kiln.config import LoRAConfig, ModelConfig
 from kiln.model.llama import Transformer
 
+from cuda_steps import bf16_losses
+
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
@@ -21,19 +23,8 @@ def _train(mode: str, grouped: bool, steps: int = 12) -> list[float]:
         apply_lora(model, LoRAConfig(enabled=True, rank=8, alpha=16.0,
                                      base_dtype="nf4" if mode == "qlora" else "bfloat16"), "cuda")
     model.group_projections(grouped)
-    step = torch.compile(model) if grouped else model
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3, fused=True)
-    g = torch.Generator(device="cuda").manual_seed(1)
-    x = torch.randint(0, 512, (8, 128), device="cuda", generator=g)
-    losses = []
-    for _ in range(steps):
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = step(x, torch.roll(x, -1, dims=1))
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-    return losses
+    return bf16_losses(torch.compile(model) if grouped else model, [p for p in model.parameters() if p.requires_grad],
+                       8, steps)
 
 
 @pytest.mark.parametrize("mode", ["full", "lora", "qlora"])
